@@ -1,0 +1,1 @@
+"""Node executables (one module per node, each with ``main``)."""

@@ -1,0 +1,92 @@
+"""eloftr_node: EfficientLoFTR matches between each frame and the previous one.
+
+Subscribes ``image`` (or ``image/compressed``), publishes ``matches``
+(kp_ros/Matches: header of the newer frame, stamp0/frame_id0 of the older one) and
+``~/debug_image``. "Previous" means the previously *processed* frame: frames dropped
+by the keep-latest hand-off are skipped, not matched.
+"""
+from __future__ import annotations
+
+from rclpy.time import Time
+
+from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
+from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
+from kp_ros.core.visualize import draw_matches
+from kp_ros.msg import Matches
+from kp_ros.ros.conversions import matches_to_msg
+from kp_ros.ros.feature_node import FeatureNode, Param, run_node
+from kp_ros.ros.qos import output_qos
+
+VERIFICATION_PARAMS = ("geometric_verification", "ransac_reproj_threshold")
+
+
+class EfficientLoFTRNode(FeatureNode):
+    MODEL_PARAMS = (
+        Param("model", "zju-community/efficientloftr", "Hugging Face hub id or local directory of an "
+              "EfficientLoFTRForKeypointMatching checkpoint.", runtime=False),
+        Param("match_threshold", 0.2, "Minimum coarse matching confidence of a match.", 0.0, 1.0),
+        Param("max_matches", 2048, "Keep the top-k matches by score; <= 0 keeps all.", -1, 1000000),
+        Param("geometric_verification", "none", "Mark geometric inliers with OpenCV USAC on a "
+              "fundamental matrix or a homography.", choices=("none", "fundamental", "homography")),
+        Param("ransac_reproj_threshold", 1.0, "Inlier threshold in source pixels.", 0.01, 100.0),
+        Param("max_frame_gap", 1.5, "Reset the stream (no matches for that frame) when stamps jump "
+              "by more than this many seconds; 0 disables.", 0.0, 3600.0),
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__("eloftr_node", **kwargs)
+        self._pub = self.create_publisher(Matches, "matches", output_qos())
+        self._continuity = StreamContinuity(self.values["max_frame_gap"])
+        self._previous = None  # (header, image) of the last processed frame
+        self.resets = 0
+
+    def build_core(self, values: dict) -> EfficientLoFTRStreamMatcher:
+        return EfficientLoFTRStreamMatcher(
+            values["model"], device=values["device"], match_threshold=values["match_threshold"],
+            max_matches=values["max_matches"], resize=values["resize"],
+            geometric_verification=values["geometric_verification"],
+            ransac_reproj_threshold=values["ransac_reproj_threshold"], fp16=values["fp16"])
+
+    def apply_params(self, changes: dict) -> None:
+        if "max_frame_gap" in changes:
+            self._continuity.max_frame_gap = changes["max_frame_gap"]
+        self.core.set_params(**{k: v for k, v in changes.items() if k in (
+            "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
+
+    def describe(self) -> str:
+        return f"EfficientLoFTR {self.core.model_id} on {self.core.device}"
+
+    def process(self, msg, image) -> None:
+        height, width = image.shape[:2]
+        encoding = getattr(msg, "encoding", None) or getattr(msg, "format", "")
+        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
+        broken = self._continuity.check(FrameInfo(stamp_ns, height, width, encoding))
+        if broken:
+            self.resets += 1
+            self.get_logger().warning(f"stream reset, no matches for this frame: {broken}")
+            self.core.reset()
+        result = self.core.push(image)
+        previous, self._previous = self._previous, (msg.header, image)
+        if result is None:
+            return
+        header0 = previous[0]
+        self._pub.publish(matches_to_msg(
+            msg.header, header0.stamp, header0.frame_id, height, width, self.core.model_id,
+            result["keypoints0"], result["keypoints1"], result["scores"], result["inliers"]))
+        if self.debug_wanted():
+            self.publish_debug(draw_matches(previous[1], image, result["keypoints0"].numpy(),
+                                            result["keypoints1"].numpy(), result["scores"].numpy(),
+                                            result["inliers"].numpy() if len(result["inliers"]) else None),
+                               msg.header)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.get_logger().info(f"stream resets: {self.resets}")
+
+
+def main(args=None) -> int:
+    return run_node(EfficientLoFTRNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""superpoint_node: SuperPoint keypoints and descriptors for every camera frame.
+
+Subscribes ``image`` (or ``image/compressed``), publishes ``keypoints``
+(kp_ros/Keypoints, header copied from the image) and ``~/debug_image``.
+"""
+from __future__ import annotations
+
+from kp_ros.core.superpoint import SuperPointDetector
+from kp_ros.core.visualize import draw_keypoints
+from kp_ros.msg import Keypoints
+from kp_ros.ros.conversions import keypoints_to_msg
+from kp_ros.ros.feature_node import FeatureNode, Param, run_node
+from kp_ros.ros.qos import output_qos
+
+
+class SuperPointNode(FeatureNode):
+    MODEL_PARAMS = (
+        Param("model", "magic-leap-community/superpoint", "Hugging Face hub id or local directory "
+              "of a SuperPointForKeypointDetection checkpoint.", runtime=False),
+        Param("keypoint_threshold", 0.005, "Minimum detection score of a keypoint.", 0.0, 1.0),
+        Param("nms_radius", 4, "Non-maximum suppression radius in model pixels.", 0, 64),
+        Param("max_keypoints", 1024, "Keep the top-k keypoints by score; <= 0 keeps all.", -1, 100000),
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__("superpoint_node", **kwargs)
+        self._pub = self.create_publisher(Keypoints, "keypoints", output_qos())
+
+    def build_core(self, values: dict) -> SuperPointDetector:
+        return SuperPointDetector(
+            values["model"], device=values["device"], keypoint_threshold=values["keypoint_threshold"],
+            nms_radius=values["nms_radius"], max_keypoints=values["max_keypoints"],
+            resize=values["resize"], fp16=values["fp16"])
+
+    def apply_params(self, changes: dict) -> None:
+        self.core.set_params(**{k: v for k, v in changes.items() if k in (
+            "keypoint_threshold", "nms_radius", "max_keypoints", "resize")})
+
+    def describe(self) -> str:
+        return f"SuperPoint {self.core.model_id} on {self.core.device}"
+
+    def process(self, msg, image) -> None:
+        features = self.core.detect(image)
+        height, width = image.shape[:2]
+        self._pub.publish(keypoints_to_msg(
+            msg.header, height, width, self.core.model_id,
+            features["keypoints"], features["scores"], features["descriptors"]))
+        if self.debug_wanted():
+            self.publish_debug(draw_keypoints(image, features["keypoints"].numpy(),
+                                              features["scores"].numpy()), msg.header)
+
+
+def main(args=None) -> int:
+    return run_node(SuperPointNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

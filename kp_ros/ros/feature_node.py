@@ -1,0 +1,228 @@
+"""What superpoint_node and eloftr_node share: parameters, image subscription,
+keep-latest worker, bad-input accounting, diagnostics and clean shutdown.
+
+A subclass declares its model parameters, builds its core model, and implements
+``process(frame)``: decode -> core -> message -> publish, in that order.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from sensor_msgs.msg import CompressedImage, Image
+
+from kp_ros.core.image_codec import ImageDecodeError
+from kp_ros.core.model_loading import ModelUnavailableError
+from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
+from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
+from kp_ros.ros.qos import image_input_qos, output_qos
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: default, description, optional range, and whether it can
+    change while running (those that cannot are rejected with a reason)."""
+    name: str
+    default: object
+    description: str
+    low: float | None = None
+    high: float | None = None
+    runtime: bool = True
+    choices: tuple[str, ...] = ()
+
+    def descriptor(self) -> ParameterDescriptor:
+        text = self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
+        desc = ParameterDescriptor(description=text)
+        if self.low is not None and isinstance(self.default, bool) is False:
+            if isinstance(self.default, int):
+                desc.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+            elif isinstance(self.default, float):
+                desc.floating_point_range = [FloatingPointRange(from_value=float(self.low),
+                                                                to_value=float(self.high), step=0.0)]
+        return desc
+
+
+COMMON_PARAMS = (
+    Param("device", "auto", "Torch device for inference: auto (cuda when available), cpu, cuda or cuda:N.",
+          runtime=False),
+    Param("fp16", False, "Run the model in half precision (CUDA only; ignored on CPU).", runtime=False),
+    Param("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
+          "'native' = the camera size rounded to what the model needs.", choices=("model", "native")),
+    Param("use_compressed", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed "
+          "instead of sensor_msgs/Image on image.", runtime=False),
+    Param("reliable_input", False, "Subscribe with reliable QoS instead of the sensor-data "
+          "(best-effort) profile, e.g. to take every frame of a reliable bag replay.", runtime=False),
+    Param("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
+          "someone subscribes to it)."),
+    Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0, runtime=False),
+)
+
+
+class FeatureNode(Node):
+    """Base class; see module docstring. Subclasses set ``MODEL_PARAMS`` and implement
+    ``build_core(values)``, ``apply_params(changes)`` and ``process(msg, image)``."""
+
+    MODEL_PARAMS: tuple[Param, ...] = ()
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(name, **kwargs)
+        self._params = {p.name: p for p in self.MODEL_PARAMS + COMMON_PARAMS}
+        for p in self._params.values():
+            self.declare_parameter(p.name, p.default, p.descriptor())
+        self.values = {name: self.get_parameter(name).value for name in self._params}
+        for name, value in self.values.items():
+            reason = self._choice_error(name, value)
+            if reason:
+                raise ValueError(reason)
+
+        self.core = self.build_core(self.values)  # may raise ModelUnavailableError / ValueError
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.worker = LatestFrameWorker(self._process_frame, self._log_rejected)
+        self._last_reject_log = 0.0
+        self._diag_prev = (time.monotonic(), 0, 0)
+        self._started = time.monotonic()
+
+        if self.values["use_compressed"]:
+            topic, msg_type = "image/compressed", CompressedImage
+        else:
+            topic, msg_type = "image", Image
+        self._sub = self.create_subscription(msg_type, topic, self.worker.submit,
+                                             image_input_qos(self.values["reliable_input"]))
+        self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
+        self.get_logger().info(
+            f"{self.describe()} on {self.resolve_topic_name(topic)} "
+            f"({'reliable' if self.values['reliable_input'] else 'sensor-data'} QoS)")
+
+    # --- for subclasses -------------------------------------------------------------
+    def build_core(self, values: dict):
+        raise NotImplementedError
+
+    def apply_params(self, changes: dict) -> None:
+        """Pass runtime changes to the core; raise ValueError with the reason to reject."""
+        raise NotImplementedError
+
+    def process(self, msg, image: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.get_name()
+
+    # --- shared machinery -----------------------------------------------------------
+    def debug_wanted(self) -> bool:
+        return self.values["debug_image"] or self._debug_pub.get_subscription_count() > 0
+
+    def publish_debug(self, image_rgb: np.ndarray, header) -> None:
+        self._debug_pub.publish(array_to_image_msg(image_rgb, "rgb8", header))
+
+    def _process_frame(self, msg) -> None:
+        try:
+            image = image_msg_to_model_input(msg)
+        except ImageDecodeError as exc:
+            raise FrameRejected(str(exc)) from exc
+        self.process(msg, image)
+
+    def _log_rejected(self, msg, reason: str, exc: BaseException) -> None:
+        # Throttled by hand: rclpy's throttle_duration_sec needs a ROS clock tick.
+        now = time.monotonic()
+        if now - self._last_reject_log < 1.0:
+            return
+        self._last_reject_log = now
+        counts = self.worker.snapshot()
+        detail = "" if isinstance(exc, FrameRejected) else f": {exc!r}"
+        self.get_logger().error(f"frame rejected: {reason}{detail} (rejected so far: {counts.rejected})")
+
+    def _choice_error(self, name: str, value) -> str | None:
+        choices = self._params[name].choices
+        if choices and value not in choices:
+            return f"{name} must be one of {', '.join(choices)}, got {value!r}"
+        return None
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        changes = {}
+        for param in params:
+            spec = self._params.get(param.name)
+            if spec is None:
+                continue
+            if not spec.runtime and param.value != self.values[param.name]:
+                return SetParametersResult(successful=False, reason=(
+                    f"{param.name} cannot change while running: restart the node "
+                    f"(ros2 launch / ros2 run) with the new value"))
+            reason = self._choice_error(param.name, param.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+            changes[param.name] = param.value
+        try:
+            self.apply_params(changes)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.values.update(changes)
+        return SetParametersResult(successful=True)
+
+    def _publish_diagnostics(self) -> None:
+        counts = self.worker.snapshot()
+        now = time.monotonic()
+        then, received0, processed0 = self._diag_prev
+        self._diag_prev = (now, counts.received, counts.processed)
+        elapsed = max(now - then, 1e-6)
+        latencies = sorted(self.worker.latencies)
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: feature pipeline",
+                                  hardware_id=str(self.core.device))
+        status.level = DiagnosticStatus.OK
+        status.message = "ok"
+        if counts.rejected:
+            status.level, status.message = DiagnosticStatus.WARN, f"{counts.rejected} frames rejected"
+        values = {
+            "input rate (Hz)": (counts.received - received0) / elapsed,
+            "processed rate (Hz)": (counts.processed - processed0) / elapsed,
+            "received": counts.received, "processed": counts.processed,
+            "dropped": counts.dropped, "rejected": counts.rejected,
+            "latency median (ms)": 1e3 * statistics.median(latencies) if latencies else 0.0,
+            "latency max (ms)": 1e3 * latencies[-1] if latencies else 0.0,
+            "device": str(self.core.device), "model": self.core.model_id,
+        }
+        status.values = [KeyValue(key=k, value=f"{v:.2f}" if isinstance(v, float) else str(v))
+                         for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+    def shutdown(self) -> None:
+        """Finish the frame in progress and log the counters."""
+        self.worker.stop()
+        self.get_logger().info(f"shutting down: {self.worker.snapshot().summary()}")
+
+
+def run_node(node_class, args=None) -> int:
+    """main() body shared by the node executables: init, spin, clean SIGINT shutdown.
+
+    A model that cannot be loaded or an invalid parameter ends the process with one
+    clear error line and exit code 1, not a traceback."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = node_class()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ModelUnavailableError, ValueError) as exc:
+        name = node_class.__name__ if node is None else node.get_name()
+        rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
+        return 1
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.try_shutdown()
+    return 0

@@ -1,0 +1,19 @@
+"""QoS profiles (REP-2003): sensor-data input, small reliable outputs."""
+from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+
+OUTPUT_DEPTH = 5
+
+
+def image_input_qos(reliable: bool) -> QoSProfile:
+    """Sensor-data (best effort, keep last 5) so best-effort cameras connect; reliable on request
+    (e.g. for bag replays where every frame must arrive)."""
+    if not reliable:
+        return qos_profile_sensor_data
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def output_qos() -> QoSProfile:
+    """Reliable, shallow: matches both reliable and best-effort subscribers."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=OUTPUT_DEPTH,
+                      reliability=ReliabilityPolicy.RELIABLE)
