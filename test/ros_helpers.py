@@ -85,3 +85,73 @@ def stop_node(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, st
 
 def wait_for_subscribers(publisher, count: int, executor, timeout: float) -> bool:
     return spin_until(executor, lambda: publisher.get_subscription_count() >= count, timeout)
+
+
+class NodeHarness:
+    """The test's side of a running node: publishes frames, collects outputs by stamp,
+    reads /diagnostics and sets parameters through the node's parameter services."""
+
+    def __init__(self, node, executor, image_topic: str, output_type, output_topic: str):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from sensor_msgs.msg import Image
+        from kp_ros.ros.qos import output_qos
+        self.node, self.executor = node, executor
+        self.image_pub = node.create_publisher(Image, image_topic, output_qos())
+        self.outputs = []
+        self.diagnostics = {}
+        node.create_subscription(output_type, output_topic, self.outputs.append, output_qos())
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            self.diagnostics[status.name.split(":")[0]] = {kv.key: kv.value for kv in status.values}
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        return wait_for_subscribers(self.image_pub, 1, self.executor, timeout)
+
+    def publish(self, msg) -> None:
+        self.image_pub.publish(msg)
+
+    def publish_frame(self, image, stamp_sec: float, frame_id: str = "camera", encoding=None):
+        from builtin_interfaces.msg import Time
+        from kp_ros.ros.conversions import array_to_image_msg
+        msg = array_to_image_msg(image, encoding)
+        msg.header.stamp = Time(sec=int(stamp_sec), nanosec=int(round((stamp_sec % 1) * 1e9)))
+        msg.header.frame_id = frame_id
+        self.publish(msg)
+        return msg
+
+    def wait_output(self, stamp, timeout: float = 30.0):
+        """The output whose header stamp equals ``stamp`` (a builtin_interfaces/Time)."""
+        def find():
+            return next((m for m in self.outputs if m.header.stamp == stamp), None)
+        spin_until(self.executor, lambda: find() is not None, timeout)
+        return find()
+
+    def counters(self, node_fqn: str) -> dict:
+        return {k: int(v) for k, v in self.diagnostics.get(node_fqn, {}).items()
+                if k in ("received", "processed", "dropped", "rejected")}
+
+    def wait_counters(self, node_fqn: str, predicate, timeout: float = 20.0) -> dict:
+        spin_until(self.executor, lambda: predicate(self.counters(node_fqn)), timeout)
+        return self.counters(node_fqn)
+
+    def set_params(self, node_fqn: str, values: dict, timeout: float = 10.0):
+        from rclpy.parameter import Parameter
+        from rcl_interfaces.srv import SetParameters
+        client = self.node.create_client(SetParameters, f"{node_fqn}/set_parameters")
+        assert client.wait_for_service(timeout_sec=timeout), f"{node_fqn}/set_parameters not available"
+        request = SetParameters.Request(
+            parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+        future = client.call_async(request)
+        spin_until(self.executor, future.done, timeout)
+        self.node.destroy_client(client)
+        return future.result().results
+
+
+def parse_counters(log: str) -> dict:
+    """The counters of a node's shutdown line 'received=.. processed=.. dropped=.. rejected=..'."""
+    import re
+    found = re.findall(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)", log)
+    assert found, f"no counters line in the node's log:\n{log[-2000:]}"
+    return dict(zip(("received", "processed", "dropped", "rejected"), map(int, found[-1])))

@@ -60,13 +60,17 @@ def _hub_cache_dir() -> str:
         return "~/.cache/huggingface/hub"
 
 
-def _unavailable(model: str, why: str) -> ModelUnavailableError:
+def _unavailable(model: str, why: str, is_path: bool = False) -> ModelUnavailableError:
+    if is_path:
+        return ModelUnavailableError(
+            f"cannot load model {model!r}: {why}. Pass a directory written by save_pretrained "
+            f"or `hf download <hub id> --local-dir DIR`, or a hub id such as "
+            f"magic-leap-community/superpoint / zju-community/efficientloftr.")
     return ModelUnavailableError(
-        f"cannot load model {model!r}: {why}. Looked in: the local directory {model!r}, "
-        f"the Hugging Face cache {_hub_cache_dir()}, and the hub. To provide the weights, "
-        f"on a connected machine run `hf download {model} --local-dir DIR` (or "
-        f"`huggingface-cli download ...`), copy DIR here and pass model:=DIR; or pre-fill "
-        f"the cache (HF_HOME) by loading it once while online.")
+        f"cannot load model {model!r}: {why}. Looked in: the Hugging Face cache "
+        f"{_hub_cache_dir()} and the hub. To provide the weights, on a connected machine run "
+        f"`hf download {model} --local-dir DIR` (or `huggingface-cli download ...`), copy DIR "
+        f"here and pass model:=DIR; or pre-fill the cache (HF_HOME) by loading it once online.")
 
 
 def load_pretrained(loader, model: str, **kwargs):
@@ -75,6 +79,8 @@ def load_pretrained(loader, model: str, **kwargs):
     A hub id is looked up in the local cache first; the network is tried only when
     the hub answers at all, and every failure becomes one ModelUnavailableError.
     """
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one log line per node start, not a progress bar
     model = str(model).strip()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -85,7 +91,7 @@ def load_pretrained(loader, model: str, **kwargs):
                 f"cannot load model from directory {str(path)!r}: {err}. It must hold the "
                 f"files of save_pretrained (config.json and model.safetensors).") from err
     if _looks_like_path(model):
-        raise _unavailable(model, "no such directory")
+        raise _unavailable(model, "no such directory", is_path=True)
     try:
         return loader.from_pretrained(model, local_files_only=True, **kwargs)
     except OSError:

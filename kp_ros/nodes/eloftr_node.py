@@ -21,6 +21,7 @@ VERIFICATION_PARAMS = ("geometric_verification", "ransac_reproj_threshold")
 
 
 class EfficientLoFTRNode(FeatureNode):
+    NODE_NAME = "eloftr_node"
     MODEL_PARAMS = (
         Param("model", "zju-community/efficientloftr", "Hugging Face hub id or local directory of an "
               "EfficientLoFTRForKeypointMatching checkpoint.", runtime=False),
@@ -34,7 +35,7 @@ class EfficientLoFTRNode(FeatureNode):
     )
 
     def __init__(self, **kwargs):
-        super().__init__("eloftr_node", **kwargs)
+        super().__init__(self.NODE_NAME, **kwargs)
         self._pub = self.create_publisher(Matches, "matches", output_qos())
         self._continuity = StreamContinuity(self.values["max_frame_gap"])
         self._previous = None  # (header, image) of the last processed frame

@@ -14,6 +14,7 @@ from kp_ros.ros.qos import output_qos
 
 
 class SuperPointNode(FeatureNode):
+    NODE_NAME = "superpoint_node"
     MODEL_PARAMS = (
         Param("model", "magic-leap-community/superpoint", "Hugging Face hub id or local directory "
               "of a SuperPointForKeypointDetection checkpoint.", runtime=False),
@@ -23,7 +24,7 @@ class SuperPointNode(FeatureNode):
     )
 
     def __init__(self, **kwargs):
-        super().__init__("superpoint_node", **kwargs)
+        super().__init__(self.NODE_NAME, **kwargs)
         self._pub = self.create_publisher(Keypoints, "keypoints", output_qos())
 
     def build_core(self, values: dict) -> SuperPointDetector:

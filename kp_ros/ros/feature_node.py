@@ -17,6 +17,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 SetParametersResult)
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from kp_ros.core.image_codec import ImageDecodeError
@@ -70,6 +71,7 @@ class FeatureNode(Node):
     """Base class; see module docstring. Subclasses set ``MODEL_PARAMS`` and implement
     ``build_core(values)``, ``apply_params(changes)`` and ``process(msg, image)``."""
 
+    NODE_NAME = "feature_node"
     MODEL_PARAMS: tuple[Param, ...] = ()
 
     def __init__(self, name: str, **kwargs):
@@ -208,7 +210,9 @@ def run_node(node_class, args=None) -> int:
 
     A model that cannot be loaded or an invalid parameter ends the process with one
     clear error line and exit code 1, not a traceback."""
-    rclpy.init(args=args)
+    # Our own SIGINT handling: rclpy's handler would invalidate the context before the
+    # shutdown log line (and its /rosout copy) is written.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
         node = node_class()
@@ -216,7 +220,7 @@ def run_node(node_class, args=None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ModelUnavailableError, ValueError) as exc:
-        name = node_class.__name__ if node is None else node.get_name()
+        name = node_class.NODE_NAME if node is None else node.get_name()
         rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
         return 1
     finally:

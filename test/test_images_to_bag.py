@@ -1,0 +1,97 @@
+"""kp_ros.tools.images_to_bag: image folders -> Image / CompressedImage bags."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from conftest import TUM_DIR, synthetic_frame, tum_frame_paths
+
+from kp_ros.core import bag_io
+from kp_ros.tools.images_to_bag import main, stamp_from_name
+
+
+def read_topic(path):
+    typestore = bag_io.kp_ros_typestore()
+    reader = bag_io.open_bag(path)
+    topic, msgtype, connections = bag_io.image_connections(reader, None)
+    out = [(log_ns, typestore.deserialize_cdr(data, msgtype))
+           for _, log_ns, data in bag_io.read_messages(reader, connections)]
+    reader.close()
+    return topic, msgtype, out
+
+
+def write_folder(folder, names, size=(48, 64)):
+    folder.mkdir()
+    frames = []
+    for i, name in enumerate(names):
+        frame = synthetic_frame(*size, seed=i)
+        cv2.imwrite(str(folder / name), frame[:, :, ::-1])
+        frames.append(frame)
+    return frames
+
+
+def test_stamp_from_name_is_exact():
+    assert stamp_from_name("1341847980.722988.png") == 1_341_847_980_722_988_000
+    assert stamp_from_name("/x/12.000000001.jpg") == 12_000_000_001
+    assert stamp_from_name("17.png") == 17_000_000_000
+    assert stamp_from_name("frame_0001.png") is None
+
+
+def test_tum_folder(tmp_path, capsys):
+    paths = tum_frame_paths()
+    if not paths:
+        pytest.skip(f"shared TUM frames not found at {TUM_DIR}")
+    assert main([str(TUM_DIR), str(tmp_path / "tum"), "--limit", "3"]) == 0
+    assert "wrote 3 frames" in capsys.readouterr().out
+    topic, msgtype, messages = read_topic(tmp_path / "tum")
+    assert (topic, msgtype) == ("/camera/image_raw", bag_io.IMAGE_TYPE)
+    for path, (log_ns, msg) in zip(paths, messages):
+        assert log_ns == bag_io.stamp_to_ns(msg.header.stamp) == stamp_from_name(path)
+        assert (msg.encoding, msg.height, msg.width, msg.step, msg.header.frame_id) == \
+            ("rgb8", 480, 640, 1920, "camera")
+        expected = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(bag_io.decode_image_msg(msg, msgtype), expected)
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8"])
+def test_rate_and_encodings(tmp_path, encoding):
+    frames = write_folder(tmp_path / "imgs", ["b.png", "a.png", "c.jpg"])
+    out = tmp_path / "bag"
+    assert main([str(tmp_path / "imgs"), str(out), "--rate", "4", "--start", "10", "--encoding", encoding,
+                 "--topic", "/cam/image", "--frame-id", "optical", "--storage", "mcap"]) == 0
+    topic, _, messages = read_topic(out)
+    assert topic == "/cam/image" and bag_io.detect_storage(out) == "mcap"
+    assert [log for log, _ in messages] == [10_000_000_000, 10_250_000_000, 10_500_000_000]
+    first = messages[0][1]
+    assert first.encoding == encoding and first.header.frame_id == "optical"
+    decoded = bag_io.decode_image_msg(first, bag_io.IMAGE_TYPE)  # a.png: name order
+    expected = frames[1] if encoding != "mono8" else cv2.cvtColor(frames[1], cv2.COLOR_RGB2GRAY)
+    assert np.array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_compressed(tmp_path, fmt):
+    frames = write_folder(tmp_path / "imgs", ["1.5.png", "1.png"])
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--compressed", fmt,
+                 "--topic", "/cam/image/compressed"]) == 0
+    _, msgtype, messages = read_topic(tmp_path / "bag")
+    assert msgtype == bag_io.COMPRESSED_TYPE
+    assert [log for log, _ in messages] == [1_000_000_000, 1_500_000_000]  # sorted by stamp
+    assert messages[0][1].format == fmt
+    decoded = bag_io.decode_image_msg(messages[0][1], msgtype)
+    error = np.abs(decoded.astype(int) - frames[1]).mean()
+    assert error == 0 if fmt == "png" else error < 8
+
+
+def test_errors(tmp_path, capsys):
+    write_folder(tmp_path / "imgs", ["frame_1.png"])
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag")]) == 1
+    assert "--rate" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), str(tmp_path / "bag")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), str(tmp_path / "bag")]) == 1
+    assert "no .png" in capsys.readouterr().err
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--rate", "1"]) == 0
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--rate", "1"]) == 1
+    assert "exists already" in capsys.readouterr().err
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--rate", "1", "--overwrite"]) == 0
