@@ -9,7 +9,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
@@ -37,11 +37,11 @@ def generate_launch_description():
                         "~5x lower latency for full frames on one machine, works across machines "
                         "with peers that use it too. Ignored if FASTDDS_BUILTIN_TRANSPORTS is set."),
     ]
+    # The user's own FASTDDS_BUILTIN_TRANSPORTS, if any, wins.
     transports = SetEnvironmentVariable(
-        "FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA",
-        condition=IfCondition(PythonExpression([
-            "'", LaunchConfiguration("large_data"), "'.lower() == 'true' and '",
-            os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", ""), "' == ''"])))
+        "FASTDDS_BUILTIN_TRANSPORTS",
+        EnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", default_value="LARGE_DATA"),
+        condition=IfCondition(LaunchConfiguration("large_data")))
 
     image_topic = LaunchConfiguration("image_topic")
     overrides = {
