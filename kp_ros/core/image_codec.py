@@ -71,7 +71,8 @@ def to_model_input(image: np.ndarray, encoding: str) -> np.ndarray:
     if image.shape[2] == 4:
         image = image[:, :, :3]
     if encoding in _BGR_ORDER:
-        image = image[:, :, ::-1]
+        # OpenCV swaps channels ~5x faster than a numpy [..., ::-1] copy.
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(image)
 
 
