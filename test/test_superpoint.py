@@ -236,6 +236,7 @@ def test_output_contract(detector, tiny_superpoint_dir):
     assert (result["scores"][:-1] >= result["scores"][1:]).all()
     torch.testing.assert_close(result["descriptors"].norm(dim=1), torch.ones(n))
     assert (result["keypoints"] != result["keypoints"].round()).any()  # sub-pixel: 480/120 scale
+    result["keypoints"] += 1  # ordinary tensors, not inference-mode ones: callers may edit them
     assert detector.descriptor_size == 256
     assert detector.model_id == str(tiny_superpoint_dir)
     assert detector.device == torch.device("cpu")
@@ -293,3 +294,17 @@ def test_cuda_matches_cpu(tiny_superpoint_dir, detector):
     common = min(len(a["scores"]), len(b["scores"]))
     assert abs(len(a["scores"]) - len(b["scores"])) <= 0.01 * common
     torch.testing.assert_close(a["scores"][:100], b["scores"][:100], rtol=0, atol=1e-4)
+
+
+def test_pre_and_post_processing_restore_the_thread_count(detector):
+    """They run single-threaded on CPU (see one_cpu_thread) and must give the threads back."""
+    from kp_ros.core.superpoint import one_cpu_thread
+    before = torch.get_num_threads()
+    with one_cpu_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    detector.detect(synthetic_frame(32, 32))
+    assert torch.get_num_threads() == before

@@ -30,7 +30,8 @@ def test_keypoints_change_pixels_only_near_the_keypoints():
     for x, y in np.rint(points).astype(int):
         assert changed[y, x]
     ys, xs = np.nonzero(changed)
-    distance = np.min(np.hypot(xs[:, None] - np.rint(points[:, 0]), ys[:, None] - np.rint(points[:, 1])), axis=1)
+    centres = np.rint(points)
+    distance = np.hypot(xs[:, None] - centres[:, 0], ys[:, None] - centres[:, 1]).min(axis=1)
     assert distance.max() <= 5  # within the biggest dot's radius (4) + rasterization
 
 

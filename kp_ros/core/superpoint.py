@@ -1,0 +1,246 @@
+"""SuperPoint keypoints + descriptors for one image, matching the transformers reference.
+
+Reference pipeline: ``AutoImageProcessor(do_grayscale=True)`` -> ``SuperPointForKeypointDetection``
+-> ``processor.post_process_keypoint_detection``. The model reads threshold / NMS radius /
+max keypoints from its config once, at load, so this module runs the loaded model's
+submodules itself (encoder, score head, descriptor head, same weights) and does the
+keypoint selection here, where the settings can change between frames.
+
+Differences from the reference, all deliberate:
+  - true grayscale input (the stock processor feeds the R channel; see preprocess.py),
+  - keypoints stay float source-pixel coordinates (the reference truncates to int32;
+    ``keypoints.int()`` here equals its output),
+  - keypoints are sorted by descending score (the reference keeps raster order unless
+    max_keypoints is set), and ``max_keypoints <= 0`` means unbounded (reference: only < 0),
+  - ``border_removal_distance`` applies on all four sides: transformers passes the
+    full-resolution score size times 8 again, so its bottom/right border is never
+    removed (keypoints at y = h - 1 survive there),
+  - NMS uses separable window maxima instead of 9x9 ``max_pool2d`` (same result, ~50x
+    faster on CPU), and the network runs channels_last (~1.5x faster oneDNN kernels;
+    scores and descriptors then differ by float rounding, <= 4e-7 observed).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kp_ros.core.model_loading import load_pretrained, resolve_device
+from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
+
+CELL = 8  # SuperPoint's score/descriptor cell: the model runs at multiples of 8
+
+
+@dataclass(frozen=True)
+class SuperPointParams:
+    """Runtime settings; the one place their defaults live."""
+    keypoint_threshold: float = 0.005
+    nms_radius: int = 4
+    max_keypoints: int = -1  # <= 0: unbounded
+    resize: str = "model"  # 'model' (480x640, as the reference) | 'native' (source size, multiple of 8)
+
+    def validated(self) -> "SuperPointParams":
+        threshold = self.keypoint_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(threshold) or not 0.0 <= threshold < 1.0:
+            raise ValueError(f"keypoint_threshold must be a number in [0, 1), got {threshold!r}")
+        for name in ("nms_radius", "max_keypoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.nms_radius < 0:
+            raise ValueError(f"nms_radius must be >= 0, got {self.nms_radius}")
+        if self.resize not in ("model", "native"):
+            raise ValueError(f"resize must be 'model' or 'native', got {self.resize!r}")
+        return SuperPointParams(float(threshold), int(self.nms_radius), int(self.max_keypoints),
+                                self.resize)
+
+
+class SuperPointDetector:
+    """``detect(image) -> {'keypoints', 'scores', 'descriptors'}``, composed of the stages
+    ``preprocess`` -> ``forward`` -> ``postprocess`` (public so a benchmark can time them).
+
+    ``fp16`` runs the network in half precision on CUDA only; on CPU it is ignored with
+    a warning (CPU half convolutions are slower and less exact), see ``self.fp16``.
+    """
+
+    def __init__(self, model: str, device: str = "auto",
+                 keypoint_threshold: float = SuperPointParams.keypoint_threshold,
+                 nms_radius: int = SuperPointParams.nms_radius,
+                 max_keypoints: int = SuperPointParams.max_keypoints,
+                 resize: str = SuperPointParams.resize, fp16: bool = False):
+        from transformers import SuperPointForKeypointDetection
+
+        self.device = resolve_device(device)
+        self.model_id = str(model)
+        self.fp16 = bool(fp16) and self.device.type == "cuda"
+        if fp16 and not self.fp16:
+            warnings.warn("fp16 is only used on CUDA; running float32 on "
+                          f"{self.device}", RuntimeWarning, stacklevel=2)
+        net = load_pretrained(SuperPointForKeypointDetection, self.model_id)
+        net = net.eval().to(self.device, torch.float16 if self.fp16 else torch.float32)
+        self._net = net.to(memory_format=torch.channels_last)
+        self.descriptor_size = int(net.config.descriptor_decoder_dim)
+        self.border = int(net.config.border_removal_distance)
+        self.params = SuperPointParams()
+        self.set_params(keypoint_threshold, nms_radius, max_keypoints, resize)
+
+    def set_params(self, keypoint_threshold=None, nms_radius=None, max_keypoints=None,
+                   resize=None) -> None:
+        """Change settings (None keeps one); all are validated before any is applied,
+        and they take effect on the next ``detect``."""
+        changes = {name: value for name, value in (
+            ("keypoint_threshold", keypoint_threshold), ("nms_radius", nms_radius),
+            ("max_keypoints", max_keypoints), ("resize", resize)) if value is not None}
+        # One attribute swap, so a detect() running in another thread sees old or new, not a mix.
+        self.params = replace(self.params, **changes).validated()
+
+    @torch.no_grad()  # not inference_mode here: callers may modify the returned tensors in place
+    def detect(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        """uint8 HxW or HxWx3 (RGB) -> keypoints (N, 2) float32 x, y in source pixels,
+        scores (N,) float32 descending, descriptors (N, D) float32 L2-normalized; on CPU."""
+        params = self.params
+        pixels = self.preprocess(image, params.resize)
+        maps = self.forward(pixels)
+        return self.postprocess(maps, tuple(image.shape[:2]), params)
+
+    def preprocess(self, image: np.ndarray, resize: str | None = None) -> torch.Tensor:
+        """Image -> (1, 1, h, w) gray in [0, 1] on the device, as the reference processor."""
+        height, width = image.shape[:2]
+        size = target_size(resize or self.params.resize, height, width, CELL)
+        with one_cpu_thread(self.device):
+            pixels = preprocess_gray(image, size, self.device)
+            return pixels.to(self._net.dtype).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The network: dense score map (1, h, w) before NMS, descriptor map (1, D, h/8, w/8)
+        L2-normalized; the same ops as SuperPointForKeypointDetection, minus selection."""
+        net = self._net
+        encoded = net.encoder(pixels, return_dict=False)[0]
+        head = net.keypoint_decoder
+        logits = head.conv_score_b(head.relu(head.conv_score_a(encoded)))
+        probs = F.softmax(logits.float(), 1)[:, :-1]  # the last channel is the "no keypoint" bin
+        batch, _, rows, cols = probs.shape
+        scores = probs.permute(0, 2, 3, 1).reshape(batch, rows, cols, CELL, CELL)
+        scores = scores.permute(0, 1, 3, 2, 4).reshape(batch, rows * CELL, cols * CELL)
+        head = net.descriptor_decoder
+        descriptors = head.conv_descriptor_b(head.relu(head.conv_descriptor_a(encoded)))
+        descriptors = F.normalize(descriptors.float(), p=2, dim=1)
+        return {"scores": scores, "descriptors": descriptors}
+
+    @torch.no_grad()
+    def postprocess(self, maps: dict[str, torch.Tensor], source_size: tuple[int, int],
+                    params: SuperPointParams | None = None) -> dict[str, torch.Tensor]:
+        """NMS, threshold, border, top-k, descriptor sampling, source coordinates, to CPU."""
+        with one_cpu_thread(self.device):
+            return self._select(maps, source_size, params or self.params)
+
+    def _select(self, maps, source_size, params: SuperPointParams) -> dict[str, torch.Tensor]:
+        scores = simple_nms(maps["scores"], params.nms_radius)[0]
+        height, width = scores.shape
+        yx = torch.nonzero(scores > params.keypoint_threshold)
+        yx = yx[remove_borders_mask(yx, self.border, height, width)]
+        kept = scores[yx[:, 0], yx[:, 1]]
+        if 0 < params.max_keypoints < len(kept):
+            kept, top = torch.topk(kept, params.max_keypoints)
+            yx = yx[top]
+        kept, order = torch.sort(kept, descending=True, stable=True)
+        xy = yx[order].flip(1).float()
+        descriptors = sample_descriptors(xy, maps["descriptors"])
+        keypoints = scale_to_source(xy, (height, width), source_size)
+        return {"keypoints": keypoints.cpu().contiguous(), "scores": kept.cpu().contiguous(),
+                "descriptors": descriptors.cpu().contiguous()}
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 1
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device):
+    """Run the small pre/post-processing ops single-threaded on CPU. Each op on a
+    640x480 map is a separate OpenMP region; when another process (say, the other
+    kp_ros node) keeps the cores busy, every region waits for a descheduled worker:
+    measured 1.3 -> 300 ms (preprocess) and 13 -> 1900 ms (post-process) with two
+    threads, 10 / 90 ms with one. Uncontended, one thread costs ~1 ms + ~5 ms.
+    The convolutions keep all threads. Nested / concurrent users restore the count once."""
+    global _threads_users, _threads_saved
+    if device.type != "cpu":
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
+
+
+def simple_nms(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
+    """transformers' ``simple_nms`` (keep local maxima, twice re-admit suppressed
+    neighbourhoods' maxima), with every (2r+1)^2 max pool done as two separable window maxima."""
+    zeros = torch.zeros_like(scores)
+    max_mask = scores == _max_pool(scores, nms_radius)
+    for _ in range(2):
+        supp_mask = _max_pool(max_mask, nms_radius)
+        supp_scores = torch.where(supp_mask, zeros, scores)
+        new_max_mask = supp_scores == _max_pool(supp_scores, nms_radius)
+        max_mask = max_mask | (new_max_mask & ~supp_mask)
+    return torch.where(max_mask, scores, zeros)
+
+
+def remove_borders_mask(yx: torch.Tensor, border: int, height: int, width: int) -> torch.Tensor:
+    """Keypoints (y, x) at least ``border`` pixels from every edge (the reference means
+    to do this but only applies the top/left side, see the module docstring)."""
+    return ((yx[:, 0] >= border) & (yx[:, 0] < height - border)
+            & (yx[:, 1] >= border) & (yx[:, 1] < width - border))
+
+
+def sample_descriptors(xy: torch.Tensor, descriptors: torch.Tensor, scale: int = CELL) -> torch.Tensor:
+    """Bilinear descriptor at model-pixel (x, y), re-normalized: (N, D). The reference's
+    ``_sample_descriptors`` arithmetic, step for step, so the values are bit-identical."""
+    _, channels, rows, cols = descriptors.shape
+    points = xy - scale / 2 + 0.5
+    points = points / points.new_tensor([cols * scale - scale / 2 - 0.5, rows * scale - scale / 2 - 0.5])
+    points = points * 2 - 1
+    sampled = F.grid_sample(descriptors, points.view(1, 1, -1, 2), mode="bilinear", align_corners=True)
+    sampled = F.normalize(sampled.reshape(1, channels, -1), p=2, dim=1)
+    return sampled[0].t()
+
+
+def _max_pool(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """``max_pool2d(kernel 2r+1, stride 1, padding r)`` over the last two dims."""
+    return _window_max(_window_max(x, radius, -1), radius, -2)
+
+
+def _window_max(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Max over [i - r, i + r] along ``dim`` (out of range ignored), by doubling spans:
+    about log2(2r+1) elementwise maxima instead of 2r+1."""
+    if radius == 0:
+        return x
+    size, window = x.shape[dim], 2 * radius + 1
+    pad = [0, 0] * (-1 - dim) + [radius, radius]
+    if x.dtype == torch.bool:
+        padded = F.pad(x.view(torch.uint8), pad).view(torch.bool)
+    else:
+        padded = F.pad(x, pad, value=float("-inf"))
+    span, out = 1, padded  # out[i] = max(padded[i : i + span])
+    while 2 * span <= window:
+        length = out.shape[dim] - span
+        out = torch.maximum(out.narrow(dim, 0, length), out.narrow(dim, span, length))
+        span *= 2
+    return torch.maximum(out.narrow(dim, 0, size), out.narrow(dim, window - span, size))
