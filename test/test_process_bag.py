@@ -11,7 +11,7 @@ import pytest
 from conftest import TUM_DIR, synthetic_frame, tum_frame_paths
 
 from kp_ros.core import bag_io
-from kp_ros.core.bag_io import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, BagError
+from kp_ros.core.bag_io import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE, BagError
 from kp_ros.tools import process_bag as pb
 
 T0 = 1_700_000_000_000_000_000

@@ -1,0 +1,599 @@
+"""process_bag: every frame of a recorded image topic through SuperPoint and/or
+EfficientLoFTR, into an output bag. Offline and deterministic; no ROS install needed.
+
+Reads a rosbag2 bag (sqlite3 or MCAP) and one image topic (sensor_msgs/msg/Image or
+CompressedImage, detected from the bag). Frames are processed in header-stamp order
+(--order receive: in recorded order, as a live node would see a replay). Writes:
+
+  <prefix>/keypoints                  kp_ros/msg/Keypoints, one per frame
+  <prefix>/matches                    kp_ros/msg/Matches, each frame against the previous
+                                      one (header = newer frame, stamp0 = older frame)
+  <prefix>/superpoint_node/debug_image, <prefix>/eloftr_node/debug_image
+                                      with --debug-images (sensor_msgs/Image rgb8)
+
+<prefix> defaults to the image topic's namespace (/camera/image_raw -> /camera), the
+names superpoint_node / eloftr_node publish under when launched in that namespace.
+Header stamps are copied from the images; each output's bag (receive) time is its
+input frame's. The message definitions go into the bag, so `ros2 bag info/play` work.
+
+A frame where the stream breaks (stamp backwards or jumping more than --max-frame-gap,
+size or encoding change) resets the matcher: no Matches for it. Undecodable frames are
+skipped. Both are counted, with reasons, in the summary. The bag is written under a
+temporary name and renamed when complete: a failed run leaves no partial output.
+
+Options default to the core models' defaults; --params-file reads the nodes' ROS YAML
+(superpoint_node: ros__parameters: {...}, eloftr_node: ...); flags override it.
+
+Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 interrupted.
+
+    process_bag tum.bag tum_features.bag --topic /camera/image_raw --max-keypoints 1024
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kp_ros.core.bag_io import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE,
+                                STORAGES, AtomicBagWriter, BagError, decode_image_msg,
+                                detect_storage, image_connections, image_encoding, image_msg,
+                                iter_frames, keypoints_msg, kp_ros_typestore, matches_msg,
+                                open_bag, read_messages, stamp_to_ns)
+from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
+
+SUPERPOINT_MODEL = "magic-leap-community/superpoint"
+ELOFTR_MODEL = "zju-community/efficientloftr"
+MAX_FRAME_GAP = inspect.signature(StreamContinuity).parameters["max_frame_gap"].default
+
+# The nodes' ROS parameters that map 1:1 to keywords of the core classes.
+DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
+                   "resize", "fp16")
+MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
+                  "geometric_verification", "ransac_reproj_threshold", "fp16")
+EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# --- topics and parameters -----------------------------------------------------------
+
+def default_prefix(image_topic: str) -> str:
+    """The namespace of an image topic: /camera/image_raw[/compressed] -> /camera; /image -> ''."""
+    parts = image_topic.strip("/").split("/")
+    if len(parts) > 1 and parts[-1] == "compressed":
+        parts = parts[:-1]
+    return "/" + "/".join(parts[:-1]) if len(parts) > 1 else ""
+
+
+def output_topics(prefix: str) -> dict[str, str]:
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    return {"keypoints": f"{prefix}/keypoints", "matches": f"{prefix}/matches",
+            "keypoints_debug": f"{prefix}/superpoint_node/debug_image",
+            "matches_debug": f"{prefix}/eloftr_node/debug_image"}
+
+
+def load_params_file(path: str | Path) -> tuple[dict, dict]:
+    """(superpoint_node, eloftr_node) ros__parameters from a ROS 2 params YAML.
+
+    Node keys may carry a namespace (/camera/superpoint_node); ``/**`` applies to both.
+    Parameters that only make sense live (QoS, debug_image, ...) are ignored.
+    """
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise BagError(f"cannot read params file {str(path)!r}: {err}") from err
+    if not isinstance(document, dict):
+        raise BagError(f"params file {str(path)!r}: expected a mapping of node names")
+    found = {"**": {}, "superpoint_node": {}, "eloftr_node": {}}
+    for key, entry in document.items():
+        name = str(key).rstrip("/").split("/")[-1]
+        if name in found and isinstance(entry, dict):
+            found[name].update(entry.get("ros__parameters") or {})
+    superpoint = {**found["**"], **found["superpoint_node"]}
+    eloftr = {**found["**"], **found["eloftr_node"]}
+    return superpoint, eloftr
+
+
+def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
+    """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
+    file_sp, file_lo = load_params_file(args.params_file) if args.params_file else ({}, {})
+    detector = {"model": SUPERPOINT_MODEL} | {k: file_sp[k] for k in DETECTOR_PARAMS if k in file_sp}
+    matcher = {"model": ELOFTR_MODEL} | {k: file_lo[k] for k in MATCHER_PARAMS if k in file_lo}
+    max_frame_gap = float(file_lo.get("max_frame_gap", MAX_FRAME_GAP))
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    for flag, name in (("superpoint_model", "model"), ("keypoint_threshold", "keypoint_threshold"),
+                       ("nms_radius", "nms_radius"), ("max_keypoints", "max_keypoints")):
+        if flag in flags:
+            detector[name] = flags[flag]
+    for flag, name in (("eloftr_model", "model"), ("match_threshold", "match_threshold"),
+                       ("max_matches", "max_matches"),
+                       ("geometric_verification", "geometric_verification"),
+                       ("ransac_reproj_threshold", "ransac_reproj_threshold")):
+        if flag in flags:
+            matcher[name] = flags[flag]
+    for shared in ("device", "resize", "fp16"):
+        if shared in flags:
+            detector[shared] = matcher[shared] = flags[shared]
+    if "max_frame_gap" in flags:
+        max_frame_gap = float(flags["max_frame_gap"])
+    return detector, matcher, max_frame_gap
+
+
+# --- summary -------------------------------------------------------------------------
+
+def reason_key(reason: str) -> str:
+    """Group reasons that differ only in numbers ('stamp jumped 3.1 s' ~ 'stamp jumped 7.0 s')."""
+    return re.sub(r"-?\d+(\.\d+)?", "#", reason)[:120]
+
+
+@dataclass
+class Summary:
+    input: str = ""
+    output: str = ""
+    topic: str = ""
+    msgtype: str = ""
+    storage: str = ""
+    frames: int = 0             # image messages read
+    processed: int = 0          # frames that produced their outputs
+    keypoints_msgs: int = 0
+    keypoints_total: int = 0
+    matches_msgs: int = 0
+    matches_total: int = 0
+    inliers_total: int = 0
+    copied: int = 0             # input messages copied through
+    seconds: float = 0.0
+    rejected: Counter = field(default_factory=Counter)  # reason_key -> frames
+    resets: Counter = field(default_factory=Counter)    # reason_key -> stream resets
+    examples: dict = field(default_factory=dict)        # reason_key -> first full reason
+    events: list = field(default_factory=list)          # (kind, reason) of the current frame
+
+    def note(self, counter: Counter, reason: str) -> None:
+        key = reason_key(reason)
+        counter[key] += 1
+        self.examples.setdefault(key, reason)
+        self.events.append(("frame rejected" if counter is self.rejected else "stream reset", reason))
+
+    def text(self) -> str:
+        def per(total, msgs):
+            return f"{total / msgs:.1f}" if msgs else "-"
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"process_bag: {self.input} {self.topic} ({self.msgtype}) -> {self.output} ({self.storage})",
+            f"  frames            {self.frames} read, {self.processed} processed "
+            f"in {self.seconds:.1f} s ({rate:.2f} frames/s)",
+            f"  keypoints         {self.keypoints_msgs} messages, {per(self.keypoints_total, self.keypoints_msgs)} keypoints/frame",
+            f"  matches           {self.matches_msgs} messages, {per(self.matches_total, self.matches_msgs)} matches/frame"
+            + (f", {per(self.inliers_total, self.matches_msgs)} inliers/frame" if self.inliers_total else ""),
+            f"  rejected frames   {sum(self.rejected.values())}",
+        ]
+        lines += [f"    {n} x {self.examples[k]}" for k, n in self.rejected.most_common()]
+        lines.append(f"  stream resets     {sum(self.resets.values())}")
+        lines += [f"    {n} x {self.examples[k]}" for k, n in self.resets.most_common()]
+        if self.copied:
+            lines.append(f"  copied through    {self.copied} input messages")
+        return "\n".join(lines)
+
+
+# --- processing ----------------------------------------------------------------------
+
+class FrameProcessor:
+    """One frame in, its output messages out: decode -> detect -> continuity -> match.
+
+    A frame either yields all its outputs or is rejected (with the reason) and yields
+    none; a failure inside the matcher also restarts the stream, so the next Matches
+    never pairs with a frame the matcher did not finish.
+    """
+
+    def __init__(self, typestore, topics: dict, detector=None, matcher=None,
+                 max_frame_gap: float = MAX_FRAME_GAP, debug_images: bool = False,
+                 detector_name: str | None = None, matcher_name: str | None = None):
+        self.typestore, self.topics = typestore, topics
+        self.detector, self.matcher = detector, matcher
+        self.detector_name = detector_name or (detector.model_id if detector else "")
+        self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
+        self.continuity = StreamContinuity(max_frame_gap)
+        self.debug_images = debug_images
+        self._previous = None  # (header, image) of the last frame the matcher took
+        if matcher is not None:
+            matcher.reset()
+
+    def process(self, data, msgtype: str, summary: Summary) -> list[tuple[str, str, object]] | None:
+        """[(topic, msgtype, message)] for one serialized frame, or None if rejected."""
+        try:
+            msg = self.typestore.deserialize_cdr(data, msgtype)
+        except Exception as err:  # noqa: BLE001 - any garbage in a message is that frame's problem
+            summary.note(summary.rejected, f"undeserializable {msgtype} ({type(err).__name__}: {err})")
+            return None
+        try:
+            image = decode_image_msg(msg, msgtype)
+        except ValueError as err:
+            summary.note(summary.rejected, f"undecodable image: {err}")
+            return None
+        try:
+            outputs = self._detect(msg, image) if self.detector is not None else []
+        except ValueError as err:
+            summary.note(summary.rejected, f"detector: {err}")
+            return None
+        if self.matcher is not None:
+            try:
+                outputs += self._match(msg, msgtype, image, summary)
+            except ValueError as err:
+                self._restart()
+                summary.note(summary.rejected, f"matcher: {err}")
+                return None
+            except BaseException:
+                self._restart()
+                raise
+        return outputs
+
+    def _detect(self, msg, image) -> list:
+        features = self.detector.detect(image)
+        height, width = image.shape[:2]
+        out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
+            self.typestore, msg.header, height, width, self.detector_name,
+            features["keypoints"], features["scores"], features["descriptors"]))]
+        if self.debug_images:
+            from kp_ros.core.visualize import draw_keypoints
+            overlay = draw_keypoints(image, features["keypoints"].numpy(), features["scores"].numpy())
+            out.append((self.topics["keypoints_debug"], IMAGE_TYPE,
+                        image_msg(self.typestore, overlay, "rgb8", msg.header)))
+        return out
+
+    def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
+        height, width = image.shape[:2]
+        broken = self.continuity.check(FrameInfo(stamp_to_ns(msg.header.stamp), height, width,
+                                                 image_encoding(msg, msgtype)))
+        if broken:
+            summary.note(summary.resets, broken)
+            self.matcher.reset()
+        result = self.matcher.push(image)
+        previous, self._previous = self._previous, (msg.header, image)
+        if result is None:
+            return []
+        header0 = previous[0]
+        inliers = result["inliers"] if len(result["inliers"]) else None
+        out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
+            self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
+            self.matcher_name, result["keypoints0"], result["keypoints1"], result["scores"], inliers))]
+        if self.debug_images:
+            from kp_ros.core.visualize import draw_matches
+            overlay = draw_matches(previous[1], image, result["keypoints0"].numpy(),
+                                   result["keypoints1"].numpy(), result["scores"].numpy(),
+                                   None if inliers is None else inliers.numpy().astype(bool))
+            out.append((self.topics["matches_debug"], IMAGE_TYPE,
+                        image_msg(self.typestore, overlay, "rgb8", msg.header)))
+        return out
+
+    def _restart(self) -> None:
+        self.matcher.reset()
+        self.continuity.reset()
+        self._previous = None
+
+
+def _copy_connection(writer: AtomicBagWriter, typestore, connection):
+    """The output connection for an input one: its own definition and QoS when the bag
+    carries them, else the typestore's; None when neither knows the type."""
+    msgdef = connection.msgdef
+    qos = getattr(connection.ext, "offered_qos_profiles", ())
+    if msgdef.data and connection.digest and (msgdef.format.name == "MSG" or msgdef.data.startswith("=" * 80)):
+        return writer.add_connection(connection.topic, connection.msgtype, msgdef=msgdef.data,
+                                     rihs01=connection.digest, qos=qos)
+    if connection.msgtype in typestore.fielddefs:
+        return writer.add_connection(connection.topic, connection.msgtype, typestore=typestore, qos=qos)
+    return None
+
+
+def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: str | None = None,
+                storage: str | None = None, prefix: str | None = None,
+                max_frame_gap: float = MAX_FRAME_GAP, order: str = "stamp",
+                debug_images: bool = False, copy_input: bool = False, overwrite: bool = False,
+                progress: bool = False, detector_name: str | None = None,
+                matcher_name: str | None = None, log=None) -> Summary:
+    """Run ``detector`` (SuperPointDetector) and/or ``matcher`` (EfficientLoFTRStreamMatcher)
+    on every frame of ``topic`` and write the output bag; returns the counts.
+
+    Raises BagError for unusable input (missing, corrupt, wrong topic) or output (exists
+    and not ``overwrite``); on any error no output bag is left behind.
+    """
+    from tqdm import tqdm
+
+    if detector is None and matcher is None:
+        raise ValueError("nothing to do: enable the detector, the matcher or both")
+    log = log or (lambda text: tqdm.write(text, file=sys.stderr))
+    typestore = kp_ros_typestore()
+    storage = storage or detect_storage(input_path)
+    reader = open_bag(input_path)
+    try:
+        topic, msgtype, connections = image_connections(reader, topic)
+        topics = output_topics(default_prefix(topic) if prefix is None else prefix)
+        if copy_input:
+            clash = {c.topic for c in reader.connections} & set(topics.values())
+            if clash:
+                raise BagError(f"--copy-input: input topic(s) {', '.join(sorted(clash))} clash with "
+                               f"the outputs; choose another --output-prefix")
+        summary = Summary(str(input_path), str(output_path), topic, msgtype, storage)
+        processor = FrameProcessor(typestore, topics, detector, matcher, max_frame_gap,
+                                   debug_images, detector_name, matcher_name)
+        total = sum(c.msgcount for c in connections)
+        logged = Counter()
+        with AtomicBagWriter(output_path, storage, overwrite) as writer:
+            out_connections = {}
+            image_copy = _copy_connection(writer, typestore, connections[0]) if copy_input else None
+            started = time.perf_counter()
+            bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True,
+                       desc="process_bag", file=sys.stderr)
+            try:
+                for frame in iter_frames(reader, connections, order):
+                    summary.frames += 1
+                    summary.events.clear()
+                    outputs = processor.process(frame.data, msgtype, summary)
+                    for what, reason in summary.events:
+                        logged[what] += 1
+                        if logged[what] <= 5:  # the summary has them all, grouped
+                            log(f"{what} (frame stamped {frame.stamp_ns / 1e9:.6f}): {reason}")
+                    if image_copy is not None:
+                        writer.write(image_copy, frame.log_ns, frame.data)
+                        summary.copied += 1
+                    bar.update(1)
+                    if outputs is None:
+                        continue
+                    summary.processed += 1
+                    for out_topic, out_type, message in outputs:
+                        if out_topic not in out_connections:
+                            out_connections[out_topic] = writer.add_connection(out_topic, out_type, typestore)
+                        writer.write(out_connections[out_topic], frame.log_ns,
+                                     typestore.serialize_cdr(message, out_type))
+                        if out_type == KEYPOINTS_TYPE:
+                            summary.keypoints_msgs += 1
+                            summary.keypoints_total += len(message.x)
+                        elif out_type == MATCHES_TYPE:
+                            summary.matches_msgs += 1
+                            summary.matches_total += len(message.x0)
+                            summary.inliers_total += int(np.count_nonzero(message.inliers))
+            finally:
+                bar.close()
+            summary.seconds = time.perf_counter() - started
+            if copy_input:
+                summary.copied += _copy_other_topics(reader, writer, typestore, topic, log)
+            # Declare every output topic, also when no message came (e.g. one frame, no
+            # Matches), so a consumer of the bag finds the topics it expects.
+            wanted = [("keypoints", KEYPOINTS_TYPE)] if detector is not None else []
+            wanted += [("matches", MATCHES_TYPE)] if matcher is not None else []
+            for key, out_type in wanted:
+                if topics[key] not in out_connections:
+                    writer.add_connection(topics[key], out_type, typestore)
+    finally:
+        reader.close()
+    return summary
+
+
+def _copy_other_topics(reader, writer: AtomicBagWriter, typestore, image_topic: str, log) -> int:
+    copied, targets = 0, {}
+    for connection in reader.connections:
+        if connection.topic == image_topic:
+            continue
+        target = _copy_connection(writer, typestore, connection)
+        if target is None:
+            log(f"--copy-input: skipping {connection.topic} ({connection.msgtype}): the bag has "
+                f"no definition for that type")
+            continue
+        targets[connection.id] = (connection, target)
+    if not targets:
+        return 0
+    for connection, log_ns, data in read_messages(reader, [c for c, _ in targets.values()]):
+        writer.write(targets[connection.id][1], log_ns, data)
+        copied += 1
+    return copied
+
+
+# --- models and determinism ----------------------------------------------------------
+
+@contextmanager
+def deterministic_torch(threads: int | None):
+    """Deterministic algorithms (warn where none exists) and an optional fixed thread
+    count, restored afterwards: the same bag, options and thread count give
+    byte-identical messages."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_flush_denormal(True)  # random-init weights make denormals, ~8x slower on CPU
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        import cv2
+        cv2.setRNGSeed(0)  # geometric verification (RANSAC) draws from OpenCV's RNG
+        torch.manual_seed(0)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.set_num_threads(saved[2])
+
+
+def loud_warning(text: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\n{text}\n{bar}\n", file=sys.stderr)
+
+
+def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
+                random_init_fallback: bool, workdir: Path):
+    """(detector, matcher, detector_name, matcher_name); ModelUnavailableError unless
+    ``random_init_fallback``, which substitutes full-size random-init models saved in
+    ``workdir`` and names them so in every message."""
+    from kp_ros.core.model_loading import ModelUnavailableError
+
+    def load(kind: str, kwargs: dict):
+        if kind == "superpoint":
+            from kp_ros.core.random_init import save_random_superpoint as save
+            from kp_ros.core.superpoint import SuperPointDetector as cls
+        else:
+            from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher as cls
+            from kp_ros.core.random_init import save_random_eloftr as save
+        try:
+            return cls(**kwargs), None
+        except ModelUnavailableError as err:
+            if not random_init_fallback:
+                raise
+            loud_warning(f"WARNING: {err}\nWARNING: --random-init-fallback: using a RANDOM-INIT "
+                         f"full-size {kind} model instead. Its outputs are meaningless (the "
+                         f"pipeline runs, the features are noise).")
+            directory = save(workdir / kind, "full", seed=0)
+            return cls(**{**kwargs, "model": str(directory)}), f"random-init({kwargs['model']})"
+
+    detector, detector_name = load("superpoint", detector_kwargs) if detector_kwargs else (None, None)
+    matcher, matcher_name = load("eloftr", matcher_kwargs) if matcher_kwargs else (None, None)
+    return detector, matcher, detector_name, matcher_name
+
+
+# --- command line --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="process_bag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="rosbag2 bag (directory, or a .db3/.mcap file)")
+    parser.add_argument("output", help="output bag directory to create")
+    parser.add_argument("--topic", help="image topic (default: the bag's only image topic)")
+    parser.add_argument("--output-prefix", dest="prefix", default=None,
+                        help="namespace of the output topics (default: the image topic's namespace)")
+    parser.add_argument("--storage", choices=STORAGES, help="output storage (default: as the input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
+    parser.add_argument("--detector", action=argparse.BooleanOptionalAction, default=True,
+                        help="run SuperPoint -> <prefix>/keypoints (default: on)")
+    parser.add_argument("--matcher", action=argparse.BooleanOptionalAction, default=True,
+                        help="run EfficientLoFTR -> <prefix>/matches (default: on)")
+    parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")
+    parser.add_argument("--copy-input", action="store_true",
+                        help="copy every input topic into the output bag too")
+    parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
+                        help="process frames by header stamp (default) or in recorded order")
+    parser.add_argument("--params-file", metavar="YAML",
+                        help="the nodes' ROS 2 params file (superpoint_node/eloftr_node ros__parameters)")
+
+    # Defaults shown are the core's own (the one place they live); None here = not given.
+    from kp_ros.core.eloftr import DEFAULT_CONF as LOFTR
+    from kp_ros.core.superpoint import SuperPointParams
+    sp = SuperPointParams()
+    models = parser.add_argument_group("models (default: the core defaults, or the params file)")
+    models.add_argument("--superpoint-model", metavar="ID_OR_DIR", help=f"default {SUPERPOINT_MODEL}")
+    models.add_argument("--eloftr-model", metavar="ID_OR_DIR", help=f"default {ELOFTR_MODEL}")
+    models.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    models.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                        help="half precision (CUDA only)")
+    models.add_argument("--resize", choices=("model", "native"),
+                        help="model input size: 'model' = 480x640 as the reference pipeline, "
+                             f"'native' = the camera size (default {sp.resize})")
+    models.add_argument("--keypoint-threshold", type=float, metavar="S",
+                        help=f"SuperPoint minimum score (default {sp.keypoint_threshold})")
+    models.add_argument("--nms-radius", type=int, metavar="PX",
+                        help=f"SuperPoint NMS radius in model pixels (default {sp.nms_radius})")
+    models.add_argument("--max-keypoints", type=int, metavar="N",
+                        help=f"SuperPoint top-k; <= 0 keeps all (default {sp.max_keypoints})")
+    models.add_argument("--match-threshold", type=float, metavar="S",
+                        help=f"EfficientLoFTR minimum confidence (default {LOFTR['match_threshold']})")
+    models.add_argument("--max-matches", type=int, metavar="N",
+                        help=f"EfficientLoFTR top-k; <= 0 keeps all (default {LOFTR['max_matches']})")
+    models.add_argument("--geometric-verification", choices=("none", "fundamental", "homography"),
+                        help=f"mark inliers with OpenCV USAC (default {LOFTR['geometric_verification']})")
+    models.add_argument("--ransac-reproj-threshold", type=float, metavar="PX",
+                        help=f"inlier threshold in source pixels (default {LOFTR['ransac_reproj_threshold']})")
+    models.add_argument("--max-frame-gap", type=float, metavar="SECONDS",
+                        help=f"a larger stamp jump resets the matcher; 0 disables (default {MAX_FRAME_GAP})")
+    models.add_argument("--random-init-fallback", action="store_true",
+                        help="if pretrained weights are unavailable, use RANDOM-INIT models "
+                             "(meaningless features; for demos and pipeline tests) instead of failing")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="torch CPU threads (default: torch's); fix it for reproducible runs")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="tqdm progress bar on stderr (default: on)")
+    return parser
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def fail(code: int, text: str) -> int:
+    print(f"process_bag: error: {text}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.detector or args.matcher):
+        return fail(EXIT_INPUT, "--no-detector and --no-matcher: nothing to do")
+    try:
+        detector_kwargs, matcher_kwargs, max_frame_gap = resolve_options(args)
+        # Check the input before spending time on the models.
+        reader = open_bag(args.input)
+        try:
+            image_connections(reader, args.topic)
+        finally:
+            reader.close()
+        if Path(args.output).exists() and not args.overwrite:
+            raise BagError(f"output {args.output!r} exists already (use --overwrite to replace it)")
+    except (BagError, ValueError) as err:
+        return fail(EXIT_INPUT, str(err))
+
+    # SIGTERM ends the run like Ctrl-C: the partial output is removed, not left behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
+    except KeyboardInterrupt:
+        print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
+    """main() after the argument checks: load the models, process, print the summary."""
+    from kp_ros.core.model_loading import ModelUnavailableError
+
+    with tempfile.TemporaryDirectory(prefix="kp_ros_random_init_") as workdir, \
+            deterministic_torch(args.threads), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deterministic.*")
+        try:
+            detector, matcher, detector_name, matcher_name = load_models(
+                detector_kwargs if args.detector else None, matcher_kwargs if args.matcher else None,
+                args.random_init_fallback, Path(workdir))
+        except ModelUnavailableError as err:
+            return fail(EXIT_MODEL, f"{err}\n(or pass --random-init-fallback to run the pipeline "
+                                    f"with random-init models)")
+        except ValueError as err:
+            return fail(EXIT_INPUT, str(err))
+        try:
+            summary = process_bag(
+                args.input, args.output, detector, matcher, topic=args.topic, storage=args.storage,
+                prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
+                debug_images=args.debug_images, copy_input=args.copy_input,
+                overwrite=args.overwrite, progress=args.progress, detector_name=detector_name,
+                matcher_name=matcher_name)
+        except (BagError, ValueError) as err:
+            return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
+        except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
+            traceback.print_exc()
+            return fail(EXIT_INPUT, f"processing failed; no output bag written ({args.output} untouched)")
+    print(summary.text())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
