@@ -278,7 +278,15 @@ def test_default_prefix_and_option_resolution(tmp_path):
     assert pb.default_prefix("/camera/image_raw/compressed") == "/camera"
     assert pb.default_prefix("/image") == ""
     assert pb.output_topics("")["keypoints"] == "/keypoints"
+    # Default: the nodes' config/matcher.yaml, so a bag gives what the live nodes give.
     args = pb.build_parser().parse_args(["in", "out", "--device", "cpu", "--max-matches", "7"])
+    detector, matcher, gap = pb.resolve_options(args)
+    assert detector["max_keypoints"] == 1024 and detector["device"] == "cpu"
+    assert matcher["max_matches"] == 7 and matcher["match_threshold"] == 0.2
+    assert gap == 1.5
+    # --params-file none: the core defaults.
+    args = pb.build_parser().parse_args(["in", "out", "--device", "cpu", "--max-matches", "7",
+                                         "--params-file", "none"])
     detector, matcher, gap = pb.resolve_options(args)
     assert detector == {"model": pb.SUPERPOINT_MODEL, "device": "cpu"}
     assert matcher == {"model": pb.ELOFTR_MODEL, "device": "cpu", "max_matches": 7}

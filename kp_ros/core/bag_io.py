@@ -47,24 +47,30 @@ class BagError(RuntimeError):
 
 # --- types -------------------------------------------------------------------------
 
-def msg_dir() -> Path:
-    """The directory holding Keypoints.msg and Matches.msg: the installed share/kp_ros/msg
-    when the package is installed (ament index), else the source tree's msg/."""
+def package_file(relative: str) -> Path:
+    """A file of the kp_ros package (e.g. msg/Keypoints.msg, config/matcher.yaml): the
+    installed share/kp_ros copy when the package is installed (ament index), else the
+    source tree's."""
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
-            installed = Path(get_package_share_directory("kp_ros")) / "msg"
-            if (installed / "Keypoints.msg").is_file():
+            installed = Path(get_package_share_directory("kp_ros")) / relative
+            if installed.is_file():
                 return installed
         except (PackageNotFoundError, KeyError, ValueError):
             pass
     except ImportError:
         pass
-    source = Path(__file__).resolve().parents[2] / "msg"
-    if (source / "Keypoints.msg").is_file():
+    source = Path(__file__).resolve().parents[2] / relative
+    if source.is_file():
         return source
-    raise BagError("cannot find kp_ros message definitions (Keypoints.msg): neither in the "
-                   "ament index (AMENT_PREFIX_PATH) nor in the source tree at " + str(source))
+    raise BagError(f"cannot find kp_ros's {relative}: neither in the ament index "
+                   f"(AMENT_PREFIX_PATH) nor in the source tree at {source}")
+
+
+def msg_dir() -> Path:
+    """The directory holding Keypoints.msg and Matches.msg."""
+    return package_file("msg/Keypoints.msg").parent
 
 
 @lru_cache(maxsize=1)

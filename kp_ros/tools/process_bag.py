@@ -21,8 +21,9 @@ size or encoding change) resets the matcher: no Matches for it. Undecodable fram
 skipped. Both are counted, with reasons, in the summary. The bag is written under a
 temporary name and renamed when complete: a failed run leaves no partial output.
 
-Options default to the core models' defaults; --params-file reads the nodes' ROS YAML
-(superpoint_node: ros__parameters: {...}, eloftr_node: ...); flags override it.
+Options default to the nodes' config/matcher.yaml (so a bag gives what the live nodes
+give); --params-file reads another ROS YAML (superpoint_node: ros__parameters: {...},
+eloftr_node: ...), --params-file none uses the core models' defaults; flags override.
 
 Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 interrupted.
 
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kp_ros.core.bag_io import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE,
+from kp_ros.core.bag_io import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, package_file,
                                 STORAGES, AtomicBagWriter, BagError, decode_image_msg,
                                 detect_storage, image_connections, image_encoding, image_msg,
                                 iter_frames, keypoints_msg, kp_ros_typestore, matches_msg,
@@ -107,9 +108,17 @@ def load_params_file(path: str | Path) -> tuple[dict, dict]:
     return superpoint, eloftr
 
 
+def default_params_file() -> str | None:
+    try:
+        return str(package_file("config/matcher.yaml"))
+    except BagError:
+        return None
+
+
 def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
     """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
-    file_sp, file_lo = load_params_file(args.params_file) if args.params_file else ({}, {})
+    use_file = args.params_file and str(args.params_file).lower() != "none"
+    file_sp, file_lo = load_params_file(args.params_file) if use_file else ({}, {})
     detector = {"model": SUPERPOINT_MODEL} | {k: file_sp[k] for k in DETECTOR_PARAMS if k in file_sp}
     matcher = {"model": ELOFTR_MODEL} | {k: file_lo[k] for k in MATCHER_PARAMS if k in file_lo}
     max_frame_gap = float(file_lo.get("max_frame_gap", MAX_FRAME_GAP))
@@ -481,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="copy every input topic into the output bag too")
     parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
                         help="process frames by header stamp (default) or in recorded order")
-    parser.add_argument("--params-file", metavar="YAML",
-                        help="the nodes' ROS 2 params file (superpoint_node/eloftr_node ros__parameters)")
+    parser.add_argument("--params-file", metavar="YAML", default=default_params_file(),
+                        help="the nodes' ROS 2 params file (superpoint_node/eloftr_node "
+                             "ros__parameters); default: %(default)s; 'none': the core defaults")
 
     # Defaults shown are the core's own (the one place they live); None here = not given.
     from kp_ros.core.eloftr import DEFAULT_CONF as LOFTR
