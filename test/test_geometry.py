@@ -1,0 +1,125 @@
+"""verify_matches: inliers of a known homography / fundamental matrix, outliers rejected,
+degenerate input handled without raising."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_frame
+from kp_ros.core.geometry import verify_matches
+
+HOMOGRAPHY = np.array([[0.98, -0.05, 12.0], [0.04, 1.01, -7.0], [2e-5, -1e-5, 1.0]])
+
+
+@pytest.fixture(params=["tum", "synthetic"])
+def frame(request) -> np.ndarray:
+    if request.param == "tum":
+        return request.getfixturevalue("tum_frames")[0]
+    return synthetic_frame(480, 640, seed=5)
+
+
+def corners(image: np.ndarray, count: int = 300) -> np.ndarray:
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    points = cv2.goodFeaturesToTrack(gray, count, 0.01, 8)
+    return points.reshape(-1, 2).astype(np.float64)
+
+
+def with_outliers(points0, points1, fraction, rng, height, width):
+    """Replace ``fraction`` of points1 by random positions > 20 px from the true ones."""
+    points1 = points1.copy()
+    count = int(len(points0) * fraction)
+    bad = rng.choice(len(points0), count, replace=False)
+    for index in bad:
+        while True:
+            candidate = rng.uniform([0, 0], [width, height])
+            if np.linalg.norm(candidate - points1[index]) > 20:
+                points1[index] = candidate
+                break
+    truth = np.ones(len(points0), bool)
+    truth[bad] = False
+    return points1, truth
+
+
+def test_homography_separates_inliers_from_outliers(frame):
+    """Corners of a real frame and their positions in the frame warped by a known
+    homography (detected again in the warped image, so the noise is real)."""
+    rng = np.random.default_rng(0)
+    height, width = frame.shape[:2]
+    warped = cv2.warpPerspective(frame, HOMOGRAPHY, (width, height))
+    points0 = corners(frame)
+    points1 = cv2.perspectiveTransform(points0[None], HOMOGRAPHY)[0]
+    visible = (points1 > 10).all(1) & (points1[:, 0] < width - 10) & (points1[:, 1] < height - 10)
+    points0, points1 = points0[visible], points1[visible]
+    # Re-measure the projected corners on the warped image: real noise, not exact positions.
+    gray1 = cv2.cvtColor(warped, cv2.COLOR_RGB2GRAY)
+    measured = cv2.cornerSubPix(gray1, points1.astype(np.float32).reshape(-1, 1, 2), (3, 3), (-1, -1),
+                                (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.01))
+    measured = measured.reshape(-1, 2).astype(np.float64)
+    stable = np.linalg.norm(measured - points1, axis=1) < 1.0
+    points0, points1 = points0[stable], measured[stable]
+    assert len(points0) > 50
+    points1, truth = with_outliers(points0, points1, 0.3, rng, height, width)
+
+    flags = verify_matches(points0, points1, "homography", reproj_threshold=2.0)
+    assert flags.dtype == np.uint8 and flags.shape == (len(points0),)
+    assert flags[truth].mean() > 0.9, f"only {flags[truth].mean():.0%} of true matches kept"
+    assert flags[~truth].mean() < 0.05, f"{flags[~truth].mean():.0%} of outliers kept"
+
+
+def test_fundamental_separates_inliers_from_outliers():
+    """Two views of a random 3D scene (non-planar), with 0.3 px noise and 30% outliers."""
+    rng = np.random.default_rng(1)
+    K = np.array([[525.0, 0, 319.5], [0, 525.0, 239.5], [0, 0, 1]])
+    scene = rng.uniform([-2, -1.5, 3], [2, 1.5, 8], size=(200, 3))
+    rotation, _ = cv2.Rodrigues(np.array([0.02, -0.08, 0.01]))
+    translation = np.array([0.3, 0.05, 0.1])
+
+    def project(points):
+        image = (K @ points.T).T
+        return image[:, :2] / image[:, 2:]
+
+    points0 = project(scene) + rng.normal(0, 0.3, (200, 2))
+    points1 = project(scene @ rotation.T + translation) + rng.normal(0, 0.3, (200, 2))
+    points1, truth = with_outliers(points0, points1, 0.3, rng, 480, 640)
+
+    flags = verify_matches(torch.from_numpy(points0), torch.from_numpy(points1), "fundamental",
+                           reproj_threshold=1.0)
+    assert flags[truth].mean() > 0.9
+    assert flags[~truth].mean() < 0.1  # an outlier can fall near its epipolar line by chance
+
+
+def test_none_flags_nothing():
+    points = np.random.default_rng(2).uniform(0, 100, (20, 2))
+    assert not verify_matches(points, points + 1, "none", 1.0).any()
+
+
+@pytest.mark.parametrize("method, count", [("fundamental", 7), ("homography", 3), ("homography", 0)])
+def test_too_few_points_gives_no_inliers(method, count):
+    points = np.random.default_rng(3).uniform(0, 100, (count, 2))
+    flags = verify_matches(points, points + 2, method, 1.0)
+    assert flags.shape == (count,) and not flags.any()
+
+
+@pytest.mark.parametrize("method", ["fundamental", "homography"])
+def test_degenerate_input_never_raises(method):
+    rng = np.random.default_rng(4)
+    same = np.tile([[10.0, 20.0]], (30, 1))  # all points identical
+    line = np.stack([np.linspace(0, 100, 30), np.linspace(0, 50, 30)], 1)  # collinear
+    nan = rng.uniform(0, 100, (30, 2))
+    nan[::3] = np.nan
+    for points0, points1 in [(same, same), (line, line + 3), (nan, nan + 1)]:
+        flags = verify_matches(points0, points1, method, 1.0)
+        assert flags.shape == (30,) and flags.dtype == np.uint8
+    assert not verify_matches(nan, nan + 1, method, 1.0)[::3].any(), "a NaN point cannot be an inlier"
+
+
+def test_bad_arguments_are_rejected():
+    points = np.zeros((10, 2))
+    with pytest.raises(ValueError, match="method"):
+        verify_matches(points, points, "essential", 1.0)
+    with pytest.raises(ValueError, match="reproj_threshold"):
+        verify_matches(points, points, "homography", 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        verify_matches(points, points[:5], "homography", 1.0)
