@@ -99,15 +99,26 @@ class NodeHarness:
         self.image_pub = node.create_publisher(Image, image_topic, output_qos())
         self.outputs = []
         self.diagnostics = {}
-        node.create_subscription(output_type, output_topic, self.outputs.append, output_qos())
+        self.output_sub = node.create_subscription(output_type, output_topic, self.outputs.append,
+                                                   output_qos())
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
             self.diagnostics[status.name.split(":")[0]] = {kv.key: kv.value for kv in status.values}
 
-    def wait_ready(self, timeout: float = 60.0) -> bool:
-        return wait_for_subscribers(self.image_pub, 1, self.executor, timeout)
+    def wait_ready(self, timeout: float = 60.0, node_fqn: str | None = None) -> bool:
+        """Until both directions are discovered. DDS discovery is asymmetric: our publisher
+        can see the node's subscription before the node's subscription sees our publisher,
+        and a frame published in that window is lost (a volatile reader never gets it). The
+        node's own /diagnostics reaching us shows its participant has taken in our
+        endpoints; a short settle covers the publication announcement that travels apart."""
+        ready = spin_until(self.executor, lambda: (
+            self.image_pub.get_subscription_count() >= 1
+            and self.output_sub.get_publisher_count() >= 1
+            and (node_fqn is None or node_fqn in self.diagnostics)), timeout)
+        spin_until(self.executor, lambda: False, 1.0)
+        return ready
 
     def publish(self, msg) -> None:
         self.image_pub.publish(msg)
@@ -155,3 +166,51 @@ def parse_counters(log: str) -> dict:
     found = re.findall(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)", log)
     assert found, f"no counters line in the node's log:\n{log[-2000:]}"
     return dict(zip(("received", "processed", "dropped", "rejected"), map(int, found[-1])))
+
+
+class InProcessNode:
+    """A node object in an rclpy context of its own, with a subscriber to its output: for
+    tests that reach into the node (patch its core, time its worker) without DDS timing."""
+
+    def __init__(self, node_class, namespace, output_type, output_topic, overrides):
+        from rclpy.parameter import Parameter
+        from kp_ros.ros.qos import output_qos
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = node_class(context=self.context, namespace=namespace, parameter_overrides=[
+            Parameter(k, value=v) for k, v in overrides.items()])
+        self.driver = rclpy.create_node("fault_driver", context=self.context)
+        self.outputs = []
+        self.driver.create_subscription(output_type, f"{namespace}/{output_topic}",
+                                        self.outputs.append, output_qos())
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.driver)
+        self.executor.add_node(self.node)
+        self.submitted = 0
+
+    def submit(self, image, stamp_sec: float, frame_id="camera", wait: bool = True):
+        """Hand one frame to the node as its subscription callback does; by default wait
+        until the worker is idle again."""
+        from builtin_interfaces.msg import Time
+        from kp_ros.ros.conversions import array_to_image_msg
+        msg = array_to_image_msg(image)
+        msg.header.stamp = Time(sec=int(stamp_sec), nanosec=int(round(stamp_sec % 1 * 1e9)))
+        msg.header.frame_id = frame_id
+        self.node.on_image(msg)
+        self.submitted += 1
+        if wait:
+            assert self.node.worker.wait_idle(60)
+        return msg
+
+    def output_for(self, msg, timeout=5.0):
+        def find():
+            return next((m for m in self.outputs if m.header.stamp == msg.header.stamp), None)
+        spin_until(self.executor, lambda: find() is not None, timeout)
+        return find()
+
+    def close(self) -> str:
+        self.node.shutdown()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.driver.destroy_node()
+        rclpy.shutdown(context=self.context)

@@ -24,7 +24,7 @@ def running(tiny_eloftr_dir, tmp_path_factory):
                          remaps={"image": "/el_test/camera/image_raw"})
     with ros_node("el_test_driver") as (node, executor):
         harness = NodeHarness(node, executor, "/el_test/camera/image_raw", Matches, "/el_test/matches")
-        assert harness.wait_ready(90), f"node never subscribed:\n{log.read_text()}"
+        assert harness.wait_ready(90, NODE), f"node never subscribed:\n{log.read_text()}"
         harness.published = 0
         yield harness, process, log
         stop_node(process)

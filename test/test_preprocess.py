@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kp_ros.core.preprocess import (MODEL_SIZE, image_to_tensor, preprocess_gray, resize_like_pil,
-                                    scale_to_model, scale_to_source, target_size)
+from kp_ros.core.preprocess import (MAX_NATIVE_PIXELS, MODEL_SIZE, image_to_tensor, preprocess_gray,
+                                    resize_like_pil, scale_to_model, scale_to_source, target_size)
 
 CPU = torch.device("cpu")
 
@@ -73,6 +73,19 @@ def test_target_size_model_is_the_processor_size(processor):
     (100, 150, 8, (104, 152)), (100, 150, 32, (96, 160)), (3, 5, 8, (8, 8)), (15, 17, 32, (32, 32))])
 def test_target_size_native_rounds_to_nearest_multiple(height, width, multiple, expected):
     assert target_size("native", height, width, multiple) == expected
+
+
+@pytest.mark.parametrize("height, width, multiple", [
+    (2160, 3840, 32), (2160, 3840, 8), (8192, 8192, 32), (1088, 1921, 32), (100, 40000, 8)])
+def test_target_size_native_is_capped_with_the_aspect_kept(height, width, multiple):
+    out_h, out_w = target_size("native", height, width, multiple)
+    assert out_h * out_w <= MAX_NATIVE_PIXELS and out_h % multiple == out_w % multiple == 0
+    assert abs(out_w / out_h - width / height) <= (width / height) * 2 * multiple / min(out_h, out_w) + 0.05
+    assert out_h * out_w > MAX_NATIVE_PIXELS * 0.8 or min(out_h, out_w) == multiple
+
+
+def test_target_size_native_at_the_cap_is_unchanged():
+    assert target_size("native", 1088, 1920, 32) == (1088, 1920)
 
 
 def test_target_size_rejects_unknown_policy():

@@ -22,7 +22,7 @@ def running(tiny_superpoint_dir, tmp_path_factory):
                          remaps={"image": "/sp_test/camera/image_raw"})
     with ros_node("sp_test_driver") as (node, executor):
         harness = NodeHarness(node, executor, "/sp_test/camera/image_raw", Keypoints, "/sp_test/keypoints")
-        assert harness.wait_ready(90), f"node never subscribed:\n{log.read_text()}"
+        assert harness.wait_ready(90, NODE), f"node never subscribed:\n{log.read_text()}"
         harness.published = 0
         yield harness, process, log
         code, _ = stop_node(process)

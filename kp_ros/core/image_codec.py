@@ -6,8 +6,12 @@ with an ``ImageDecodeError`` that says why.
 """
 from __future__ import annotations
 
+import io
+import warnings
+
 import cv2
 import numpy as np
+from PIL import Image as PILImage
 
 
 class ImageDecodeError(ValueError):
@@ -81,12 +85,30 @@ def decode_compressed(data) -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageDecodeError("empty compressed image")
+    width, height = _compressed_size(data)
+    if width * height > MAX_PIXELS:
+        # A few KB of PNG can claim gigapixels: refuse before decoding, as for raw frames.
+        raise ImageDecodeError(f"compressed image {width}x{height} exceeds {MAX_PIXELS} pixels")
     image = cv2.imdecode(buffer, cv2.IMREAD_ANYCOLOR)
     if image is None:
         raise ImageDecodeError(f"undecodable compressed image ({buffer.size} bytes)")
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
+
+
+def _compressed_size(data) -> tuple[int, int]:
+    """(width, height) from the header alone (Pillow reads no pixels to open); (0, 0)
+    for formats Pillow does not know, which OpenCV then decodes or rejects."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(bytes(data))) as header:
+                return header.size
+    except (PILImage.DecompressionBombWarning, PILImage.DecompressionBombError):
+        return MAX_PIXELS + 1, 1
+    except Exception:  # noqa: BLE001 - unknown or broken header: leave it to OpenCV
+        return 0, 0
 
 
 def model_input_encoding(image: np.ndarray) -> str:

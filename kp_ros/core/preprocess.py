@@ -25,6 +25,9 @@ import torch
 
 MODEL_SIZE = (480, 640)  # (height, width) of the reference processors' resize
 RESIZE_POLICIES = ("model", "native")
+# 'native' caps the model input here (aspect kept): a 4K or corrupt-but-plausible frame
+# would otherwise need tens of GB in EfficientLoFTR; 1920x1088 fits a consumer GPU.
+MAX_NATIVE_PIXELS = 1920 * 1088
 
 _PRECISION_BITS = 32 - 8 - 2  # PIL Resample.c, 8 bits per channel
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # the processors' NTSC weights (R, G, B)
@@ -40,14 +43,17 @@ def target_size(policy: str, height: int, width: int, multiple: int) -> tuple[in
 
     'model': the reference processors' fixed (480, 640). 'native': the source size rounded
     to the nearest multiple of ``multiple`` (8 for SuperPoint, 32 for EfficientLoFTR),
-    at least ``multiple``.
+    at least ``multiple``; a source larger than MAX_NATIVE_PIXELS is first scaled down to
+    that many pixels, aspect kept (coordinates still come back in source pixels).
     """
     if policy == "model":
         return MODEL_SIZE
     if policy == "native":
         if multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
-        return tuple(max(multiple, int(np.floor(s / multiple + 0.5)) * multiple)
+        scale = min(1.0, float(np.sqrt(MAX_NATIVE_PIXELS / max(1, height * width))))
+        return tuple(max(multiple, int(np.floor(s * scale / multiple)) * multiple) if scale < 1
+                     else max(multiple, int(np.floor(s / multiple + 0.5)) * multiple)
                      for s in (height, width))
     raise ValueError(f"unknown resize policy {policy!r}: use one of {RESIZE_POLICIES}")
 

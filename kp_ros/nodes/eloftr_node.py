@@ -3,7 +3,9 @@
 Subscribes ``image`` (or ``image/compressed``), publishes ``matches``
 (kp_ros/Matches: header of the newer frame, stamp0/frame_id0 of the older one) and
 ``~/debug_image``. "Previous" means the previously *processed* frame: frames dropped
-by the keep-latest hand-off are skipped, not matched.
+by the keep-latest hand-off are skipped, not matched. Stamp gaps and backwards stamps
+are judged between consecutive *received* frames, so a device slower than
+``max_frame_gap`` per frame still matches the frames it gets to (it drops the rest).
 """
 from __future__ import annotations
 
@@ -37,7 +39,12 @@ class EfficientLoFTRNode(FeatureNode):
     def __init__(self, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
         self._pub = self.create_publisher(Matches, "matches", output_qos())
-        self._continuity = StreamContinuity(self.values["max_frame_gap"])
+        # Stamps judged on arrival (every frame), size/encoding on processing; an arrival
+        # break starts a new epoch, and the first processed frame of a new epoch resets.
+        self._arrivals = StreamContinuity(self.values["max_frame_gap"])
+        self._epoch = (0, None)  # (number, why it began) of the frames now arriving
+        self._processed = StreamContinuity(max_frame_gap=0)
+        self._processed_epoch = 0
         self._previous = None  # (header, image) of the last processed frame
         self.resets = 0
 
@@ -50,23 +57,44 @@ class EfficientLoFTRNode(FeatureNode):
 
     def apply_params(self, changes: dict) -> None:
         if "max_frame_gap" in changes:
-            self._continuity.max_frame_gap = changes["max_frame_gap"]
+            self._arrivals.max_frame_gap = changes["max_frame_gap"]
         self.core.set_params(**{k: v for k, v in changes.items() if k in (
             "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
 
     def describe(self) -> str:
         return f"EfficientLoFTR {self.core.model_id} on {self.core.device}"
 
-    def process(self, msg, image) -> None:
+    def on_arrival(self, msg) -> tuple[int, str | None]:
+        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
+        broken = self._arrivals.check(FrameInfo(stamp_ns, 0, 0, ""))
+        if broken:
+            self._epoch = (self._epoch[0] + 1, broken)
+        return self._epoch
+
+    def process(self, msg, image, arrival) -> None:
         height, width = image.shape[:2]
         encoding = getattr(msg, "encoding", None) or getattr(msg, "format", "")
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
-        broken = self._continuity.check(FrameInfo(stamp_ns, height, width, encoding))
+        epoch, why = arrival
+        broken = None
+        if epoch != self._processed_epoch:
+            self._processed_epoch = epoch
+            self._processed.reset()
+            broken = why if self._previous is not None else None
+        broken = self._processed.check(FrameInfo(stamp_ns, height, width, encoding)) or broken
         if broken:
             self.resets += 1
             self.get_logger().warning(f"stream reset, no matches for this frame: {broken}")
             self.core.reset()
-        result = self.core.push(image)
+        try:
+            result = self.core.push(image)
+        except Exception:
+            # The core may already hold this frame's features while self._previous does not:
+            # restart both, so a later Matches never pairs one frame's keypoints0 with
+            # another frame's stamp0.
+            self.core.reset()
+            self._previous = None
+            raise
         previous, self._previous = self._previous, (msg.header, image)
         if result is None:
             return

@@ -40,7 +40,7 @@ class SuperPointNode(FeatureNode):
     def describe(self) -> str:
         return f"SuperPoint {self.core.model_id} on {self.core.device}"
 
-    def process(self, msg, image) -> None:
+    def process(self, msg, image, arrival) -> None:
         features = self.core.detect(image)
         height, width = image.shape[:2]
         self._pub.publish(keypoints_to_msg(

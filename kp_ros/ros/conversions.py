@@ -109,6 +109,7 @@ def array_to_image_msg(image: np.ndarray, encoding: str | None = None, header=No
     if header is not None:
         msg.header = header
     msg.is_bigendian = image.dtype.byteorder == ">"
-    msg.step = image.strides[0]
+    # Not strides[0]: a one-row view is contiguous whatever its row stride says.
+    msg.step = image.itemsize * int(np.prod(image.shape[1:]))
     msg.data = image.tobytes()
     return msg

@@ -56,7 +56,8 @@ COMMON_PARAMS = (
           runtime=False),
     Param("fp16", False, "Run the model in half precision (CUDA only; ignored on CPU).", runtime=False),
     Param("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
-          "'native' = the camera size rounded to what the model needs.", choices=("model", "native")),
+          "'native' = the camera size rounded to what the model needs (at most 1920x1088 "
+          "pixels, aspect kept).", choices=("model", "native")),
     Param("use_compressed", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed "
           "instead of sensor_msgs/Image on image.", runtime=False),
     Param("reliable_input", False, "Subscribe with reliable QoS instead of the sensor-data "
@@ -85,7 +86,16 @@ class FeatureNode(Node):
             if reason:
                 raise ValueError(reason)
 
-        self.core = self.build_core(self.values)  # may raise ModelUnavailableError / ValueError
+        try:
+            self.core = self.build_core(self.values)
+        except (ModelUnavailableError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt or mismatched weights raise anything
+            # (SafetensorError, RuntimeError on size mismatch, TypeError on a non-dict config):
+            # still one clear start-up error, not a traceback.
+            raise ModelUnavailableError(
+                f"cannot load model {self.values.get('model')!r}: {type(exc).__name__}: {exc} "
+                f"(corrupt or incomplete weights, or another model type?)") from exc
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
@@ -99,7 +109,7 @@ class FeatureNode(Node):
             topic, msg_type = "image/compressed", CompressedImage
         else:
             topic, msg_type = "image", Image
-        self._sub = self.create_subscription(msg_type, topic, self.worker.submit,
+        self._sub = self.create_subscription(msg_type, topic, self.on_image,
                                              image_input_qos(self.values["reliable_input"]))
         self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
         self.get_logger().info(
@@ -114,7 +124,13 @@ class FeatureNode(Node):
         """Pass runtime changes to the core; raise ValueError with the reason to reject."""
         raise NotImplementedError
 
-    def process(self, msg, image: np.ndarray) -> None:
+    def on_arrival(self, msg):
+        """Called in the subscription callback for every received frame, before the
+        keep-latest hand-off; what it returns reaches ``process`` with that frame. For
+        what must see every frame, even those dropped later (e.g. stamp gaps)."""
+        return None
+
+    def process(self, msg, image: np.ndarray, arrival) -> None:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -127,14 +143,19 @@ class FeatureNode(Node):
     def publish_debug(self, image_rgb: np.ndarray, header) -> None:
         self._debug_pub.publish(array_to_image_msg(image_rgb, "rgb8", header))
 
-    def _process_frame(self, msg) -> None:
+    def on_image(self, msg) -> None:
+        """The subscription callback: never waits for inference."""
+        self.worker.submit((msg, self.on_arrival(msg)))
+
+    def _process_frame(self, item) -> None:
+        msg, arrival = item
         try:
             image = image_msg_to_model_input(msg)
         except ImageDecodeError as exc:
             raise FrameRejected(str(exc)) from exc
-        self.process(msg, image)
+        self.process(msg, image, arrival)
 
-    def _log_rejected(self, msg, reason: str, exc: BaseException) -> None:
+    def _log_rejected(self, item, reason: str, exc: BaseException) -> None:
         # Throttled by hand: rclpy's throttle_duration_sec needs a ROS clock tick.
         now = time.monotonic()
         if now - self._last_reject_log < 1.0:

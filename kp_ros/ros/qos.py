@@ -3,6 +3,9 @@ from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 
 OUTPUT_DEPTH = 5
+# Reliable input: frames wait here only while the executor is starved (the callback just
+# hands them to the keep-latest slot); 5 lost frames under CPU load (scripts/soak.py).
+RELIABLE_INPUT_DEPTH = 50
 
 
 def image_input_qos(reliable: bool) -> QoSProfile:
@@ -10,7 +13,8 @@ def image_input_qos(reliable: bool) -> QoSProfile:
     (e.g. for bag replays where every frame must arrive)."""
     if not reliable:
         return qos_profile_sensor_data
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RELIABLE_INPUT_DEPTH,
+                      reliability=ReliabilityPolicy.RELIABLE)
 
 
 def output_qos() -> QoSProfile:
