@@ -115,7 +115,7 @@ def start_node(key: str, model_dir: Path, device: str, image_topic: str, log_pat
 
 def stop_node(process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> tuple[int, dict]:
     """SIGINT as ros2 launch does; returns the exit code and the counters of its shutdown line."""
-    import re
+    from kp_ros.ros.frame_worker import parse_summary
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
     try:
@@ -123,9 +123,7 @@ def stop_node(process: subprocess.Popen, log_path: Path, timeout: float = 60.0) 
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    found = re.findall(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)", log_path.read_text())
-    counters = dict(zip(("received", "processed", "dropped", "rejected"), map(int, found[-1]))) if found else {}
-    return process.returncode, counters
+    return process.returncode, parse_summary(log_path.read_text()) or {}
 
 
 def read_memory_mb(pid: int) -> tuple[float, float]:

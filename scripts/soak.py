@@ -82,8 +82,8 @@ def stop_node(process: subprocess.Popen, log_path: Path) -> tuple[int, dict, str
         process.kill()
         process.wait()
     text = log_path.read_text()
-    found = re.findall(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)", text)
-    return process.returncode, dict(zip(COUNTERS, map(int, found[-1]))) if found else {}, text
+    from kp_ros.ros.frame_worker import parse_summary
+    return process.returncode, parse_summary(text) or {}, text
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

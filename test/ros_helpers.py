@@ -162,10 +162,10 @@ class NodeHarness:
 
 def parse_counters(log: str) -> dict:
     """The counters of a node's shutdown line 'received=.. processed=.. dropped=.. rejected=..'."""
-    import re
-    found = re.findall(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)", log)
-    assert found, f"no counters line in the node's log:\n{log[-2000:]}"
-    return dict(zip(("received", "processed", "dropped", "rejected"), map(int, found[-1])))
+    from kp_ros.ros.frame_worker import parse_summary
+    counts = parse_summary(log)
+    assert counts is not None, f"no counters line in the node's log:\n{log[-2000:]}"
+    return counts
 
 
 class InProcessNode:

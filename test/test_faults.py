@@ -232,3 +232,40 @@ def test_parameters_file_with_a_bad_choice_is_a_clear_start_error(tiny_superpoin
     assert code == 1
     lines = fatal_lines(output)
     assert len(lines) == 1 and "resize must be one of" in lines[0] and "Traceback" not in output
+
+
+# --- stopping: SIGINT however it was inherited, and SIGTERM, shut down cleanly ---------------
+
+def _ignore_sigint():
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a `node &` from a script inherits it
+
+
+@pytest.mark.parametrize("how", ["SIGINT, inherited as ignored", "SIGTERM"])
+def test_stop_signals_shut_down_cleanly_with_the_counters(tiny_superpoint_dir, tmp_path, how):
+    import signal
+    log = tmp_path / "node.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kp_ros.nodes.superpoint_node", "--ros-args", "-p",
+             f"model:={tiny_superpoint_dir}", "-p", "device:=cpu", "-r", "__ns:=/stop_test"],
+            env=node_env(), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=_ignore_sigint if how.startswith("SIGINT") else None)
+    try:
+        assert spin_until_file(log, "QoS)", 120), log.read_text()
+        process.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "shutting down: received=0" in text and "Traceback" not in text, text
+
+
+def spin_until_file(path, text: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return True
+        time.sleep(0.1)
+    return False

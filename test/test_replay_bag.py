@@ -15,10 +15,10 @@ from conftest import synthetic_frame
 
 from kp_ros.core import bag_io
 from kp_ros.tools.replay_bag import Pacer
+from ros_helpers import parse_counters
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000_000_000_000
-COUNTERS = re.compile(r"shutting down: received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)")
 
 
 def env() -> dict:
@@ -108,9 +108,8 @@ def test_live_replay_every_frame_accounted_for(tmp_path, tiny_superpoint_dir, ti
                 process.wait()
     for name, log in logs.items():
         text = log.read_text()
-        match = COUNTERS.search(text)
-        assert match, f"{name} logged no counters at shutdown:\n{text}"
-        received, processed, dropped, rejected = map(int, match.groups())
+        assert "shutting down: received=" in text, f"{name} logged no counters at shutdown:\n{text}"
+        received, processed, dropped, rejected = parse_counters(text).values()
         assert received == published, f"{name}: {text}"
         assert processed + dropped + rejected == received, f"{name}: {text}"
         assert dropped + rejected >= 1 and processed <= published - 1, f"{name}: {text}"

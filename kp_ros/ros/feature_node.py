@@ -6,6 +6,7 @@ A subclass declares its model parameters, builds its core model, and implements
 """
 from __future__ import annotations
 
+import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -226,13 +227,20 @@ class FeatureNode(Node):
         self.get_logger().info(f"shutting down: {self.worker.snapshot().summary()}")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_node(node_class, args=None) -> int:
     """main() body shared by the node executables: init, spin, clean SIGINT shutdown.
 
     A model that cannot be loaded or an invalid parameter ends the process with one
     clear error line and exit code 1, not a traceback."""
     # Our own SIGINT handling: rclpy's handler would invalidate the context before the
-    # shutdown log line (and its /rosout copy) is written.
+    # shutdown log line (and its /rosout copy) is written. Installed explicitly, so a node
+    # started with SIGINT ignored (a `cmd &` from a script) still stops on it; SIGTERM
+    # (ros2 launch's second step, docker stop, systemd) shuts down the same clean way.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
@@ -245,9 +253,15 @@ def run_node(node_class, args=None) -> int:
         rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
         return 1
     finally:
+        # A second signal (ros2 launch's SIGTERM after SIGINT) must not cut the shutdown
+        # short: it finishes the frame in progress, then logs the counters.
+        for signum in previous:
+            signal.signal(signum, signal.SIG_IGN)
         if node is not None:
             node.shutdown()
             node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

@@ -8,6 +8,7 @@ exactly one of processed / dropped / rejected, so ``received == processed + drop
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -33,6 +34,18 @@ class FrameCounts:
         if self.reasons:
             text += " (" + "; ".join(f"{n}x {r}" for r, n in self.reasons.most_common(5)) + ")"
         return text
+
+
+_SUMMARY = re.compile(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)")
+
+
+def parse_summary(text: str) -> dict[str, int] | None:
+    """The counters of the last ``FrameCounts.summary()`` in ``text`` (e.g. a node's log,
+    whose shutdown line carries it), or None when there is none."""
+    found = _SUMMARY.findall(text)
+    if not found:
+        return None
+    return dict(zip(("received", "processed", "dropped", "rejected"), map(int, found[-1])))
 
 
 class LatestFrameWorker:
