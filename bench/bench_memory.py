@@ -88,7 +88,6 @@ def run(size: str, device: str, frames_count: int, rate: float, interval: float,
     client = StreamClient(image_topic, outputs)
     logs = {key: out_dir / "logs" / f"memory_{NODES[key][0]}.log" for key in NODES}
     params = {key: {"diagnostics_period": DIAGNOSTICS_PERIOD} for key in NODES}
-    params["eloftr"]["max_frame_gap"] = 0.0  # processed frames are seconds apart on a slow device
     processes = {key: start_node(key, dirs[key], device, image_topic, logs[key], params[key]) for key in NODES}
     t0 = time.monotonic()
     sampler = Sampler({key: p.pid for key, p in processes.items()}, interval, t0)

@@ -1,6 +1,7 @@
 """SuperPoint: kp_ros core vs the reference pipeline, per stage, on the same weights and frames.
 
-    python bench/bench_superpoint.py [--size tiny|full] [--runs N] [--device cpu] [--out [FILE]]
+    python bench/bench_superpoint.py [--size tiny|full] [--runs N] [--device cpu]
+                                     [--image-sizes 480x640,720x1280] [--out [FILE]]
 
 Reference = AutoImageProcessor(do_grayscale=True) -> SuperPointForKeypointDetection (under
 torch.no_grad) -> processor.post_process_keypoint_detection. Random-init weights (no hub
@@ -80,7 +81,7 @@ def kp_ros_run(detector, image, timer):
     return timer("post-process", detector.postprocess, maps, image.shape[:2])
 
 
-def agreement(ours, ref, border, model_size=(480, 640)) -> dict[str, float]:
+def agreement(ours, ref, border, model_size) -> dict[str, float]:
     """IoU of the int keypoint sets (raw, and with the reference's skipped bottom/right
     border removed) and the largest score / descriptor difference on the common ones."""
     ours_int = [tuple(p) for p in ours["keypoints"].to(torch.int32).tolist()]
@@ -102,26 +103,26 @@ def agreement(ours, ref, border, model_size=(480, 640)) -> dict[str, float]:
             "score_diff": score, "descriptor_diff": desc}
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("tiny", "full"), default="full")
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, nargs="?", const=DEFAULT_OUT,
-                        help=f"also write the markdown table (default file: {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
+def at_size(frames: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    """The frames resized (bilinear) to ``size`` (height, width); unchanged when equal."""
+    import cv2
+    height, width = size
+    return [f if f.shape[:2] == size else cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR)
+            for f in frames]
 
+
+def measure(model_dir: Path, frames: list[np.ndarray], source: str, args) -> str:
+    """One markdown table: both pipelines on ``frames``, the model run at the frames' size
+    (480x640: both pipelines' default; other sizes: the reference processor's ``size`` set
+    to it, kp_ros's resize 'native')."""
     from transformers import AutoImageProcessor, SuperPointForKeypointDetection
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-
-    frames, source = load_frames()
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_random_superpoint(Path(tmp) / "superpoint", args.size, seed=0)
-        detector = SuperPointDetector(str(model_dir), device=args.device)
-        processor = AutoImageProcessor.from_pretrained(model_dir, do_grayscale=True)
-        model = SuperPointForKeypointDetection.from_pretrained(model_dir).eval().to(detector.device)
+    height, width = frames[0].shape[:2]
+    default = (height, width) == (480, 640)
+    detector = SuperPointDetector(str(model_dir), device=args.device,
+                                  resize="model" if default else "native")
+    extra = {} if default else {"size": {"height": height, "width": width}}
+    processor = AutoImageProcessor.from_pretrained(model_dir, do_grayscale=True, **extra)
+    model = SuperPointForKeypointDetection.from_pretrained(model_dir).eval().to(detector.device)
 
     warmup = Timer(detector.device)
     for image in frames[:2]:
@@ -134,12 +135,14 @@ def main(argv=None) -> str:
         ref = reference_run(processor, model, image, detector.device, ref_timer)
         ours = kp_ros_run(detector, image, ours_timer)
         if run < len(frames):
-            checks.append(agreement(ours, ref, detector.border))
+            checks.append(agreement(ours, ref, detector.border, (height, width)))
 
-    lines = [f"### SuperPoint ({args.size} random-init, {args.device}, {frames[0].shape[1]}x"
-             f"{frames[0].shape[0]} {source}, {args.runs} runs, median ms, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads)", "",
-             "| stage | reference | kp_ros | speed-up |", "|---|---:|---:|---:|"]
+    lines = [f"### SuperPoint ({args.size} random-init, {args.device}, {width}x{height} {source}, "
+             f"{args.runs} runs, median ms, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
+    if not default:
+        lines += [f"Model run at {width}x{height}: reference processor size={{height: {height}, "
+                  f"width: {width}}}, kp_ros resize 'native'.", ""]
+    lines += ["| stage | reference | kp_ros | speed-up |", "|---|---:|---:|---:|"]
     for stage in STAGES:
         r, o = ref_timer.median_ms(stage), ours_timer.median_ms(stage)
         lines.append(f"| {stage} | {r:.1f} | {o:.1f} | {r / o:.2f}x |")
@@ -147,8 +150,6 @@ def main(argv=None) -> str:
     lines.append(f"| **total** | **{r:.1f}** | **{o:.1f}** | **{r / o:.2f}x** |")
     lines += ["", f"Throughput: reference {1000 / r:.2f} fps, kp_ros {1000 / o:.2f} fps "
               f"(ratio {r / o:.2f}x).", "",
-              "Reference forward includes NMS, selection and descriptor sampling; kp_ros does "
-              "those in its post-process.", "",
               "| agreement (per frame, worst) | value |", "|---|---:|",
               f"| keypoints kp_ros / reference | {min(c['n_ours'] for c in checks)}-"
               f"{max(c['n_ours'] for c in checks)} / {min(c['n_ref'] for c in checks)}-"
@@ -157,10 +158,33 @@ def main(argv=None) -> str:
               f"| keypoint IoU, reference without its bottom/right border band | "
               f"{min(c['iou_border_fixed'] for c in checks):.4f} |",
               f"| max score diff | {max(c['score_diff'] for c in checks):.2e} |",
-              f"| max descriptor diff | {max(c['descriptor_diff'] for c in checks):.2e} |", "",
-              "Raw IoU < 1 because transformers never applies the bottom/right border "
-              "(it compares with 8x the full-resolution size); kp_ros applies all four."]
-    table = "\n".join(lines)
+              f"| max descriptor diff | {max(c['descriptor_diff'] for c in checks):.2e} |"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "full"), default="full")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-sizes", default="480x640,720x1280", metavar="HxW,...",
+                        help="frame sizes (the TUM frames resized); default %(default)s")
+    parser.add_argument("--out", type=Path, nargs="?", const=DEFAULT_OUT,
+                        help=f"also write the markdown table (default file: {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    frames, source = load_frames()
+    sizes = [tuple(int(v) for v in item.split("x")) for item in args.image_sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_random_superpoint(Path(tmp) / "superpoint", args.size, seed=0)
+        tables = [measure(model_dir, at_size(frames, size), source, args) for size in sizes]
+    table = "\n\n".join(tables) + "\n\n" + (
+        "The reference's forward includes NMS, selection and descriptor sampling; kp_ros does "
+        "those in its post-process. Raw IoU < 1 because transformers never applies the "
+        "bottom/right border (it compares with 8x the full-resolution size); kp_ros applies all four.")
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -143,9 +143,10 @@ class SuperPointDetector:
             return self._select(maps, source_size, params or self.params)
 
     def _select(self, maps, source_size, params: SuperPointParams) -> dict[str, torch.Tensor]:
-        scores = simple_nms(maps["scores"], params.nms_radius)[0]
+        scores = maps["scores"][0]
         height, width = scores.shape
-        yx = torch.nonzero(scores > params.keypoint_threshold)
+        # = nonzero(simple_nms(scores) > threshold), as the threshold is >= 0
+        yx = torch.nonzero(nms_mask(scores, params.nms_radius) & (scores > params.keypoint_threshold))
         yx = yx[remove_borders_mask(yx, self.border, height, width)]
         kept = scores[yx[:, 0], yx[:, 1]]
         if 0 < params.max_keypoints < len(kept):
@@ -191,16 +192,21 @@ def one_cpu_thread(device: torch.device):
 
 
 def simple_nms(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
-    """transformers' ``simple_nms`` (keep local maxima, twice re-admit suppressed
-    neighbourhoods' maxima), with every (2r+1)^2 max pool done as two separable window maxima."""
-    zeros = torch.zeros_like(scores)
+    """transformers' ``simple_nms``: the scores where ``nms_mask`` holds, 0 elsewhere."""
+    return scores.masked_fill(~nms_mask(scores, nms_radius), 0)
+
+
+def nms_mask(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
+    """Where transformers' ``simple_nms`` keeps a score (local maxima, twice re-admitting
+    suppressed neighbourhoods' maxima), every (2r+1)^2 max pool done as two separable
+    window maxima."""
     max_mask = scores == _max_pool(scores, nms_radius)
     for _ in range(2):
         supp_mask = _max_pool(max_mask, nms_radius)
-        supp_scores = torch.where(supp_mask, zeros, scores)
+        supp_scores = scores.masked_fill(supp_mask, 0)
         new_max_mask = supp_scores == _max_pool(supp_scores, nms_radius)
-        max_mask = max_mask | (new_max_mask & ~supp_mask)
-    return torch.where(max_mask, scores, zeros)
+        max_mask |= new_max_mask & ~supp_mask
+    return max_mask
 
 
 def remove_borders_mask(yx: torch.Tensor, border: int, height: int, width: int) -> torch.Tensor:
@@ -233,6 +239,9 @@ def _window_max(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     if radius == 0:
         return x
     size, window = x.shape[dim], 2 * radius + 1
+    if x.is_floating_point() and dim in (-1, x.dim() - 1):
+        # Along contiguous rows torch's own kernel is ~1.7x faster (implicit -inf padding too).
+        return F.max_pool1d(x.reshape(1, -1, size), window, 1, radius).reshape(x.shape)
     pad = [0, 0] * (-1 - dim) + [radius, radius]
     if x.dtype == torch.bool:
         padded = F.pad(x.view(torch.uint8), pad).view(torch.bool)
