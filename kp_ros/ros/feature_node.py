@@ -113,8 +113,13 @@ class FeatureNode(Node):
         self._sub = self.create_subscription(msg_type, topic, self.on_image,
                                              image_input_qos(self.values["reliable_input"]))
         self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
+
+    def announce(self) -> None:
+        """The start-up line: what runs on which topic. Logged once the whole node (subclass
+        included) is built, so a node stopped while starting still logs its counters."""
+        topic = self._sub.topic_name
         self.get_logger().info(
-            f"{self.describe()} on {self.resolve_topic_name(topic)} "
+            f"{self.describe()} on {topic} "
             f"({'reliable' if self.values['reliable_input'] else 'sensor-data'} QoS)")
 
     # --- for subclasses -------------------------------------------------------------
@@ -245,6 +250,7 @@ def run_node(node_class, args=None) -> int:
     node = None
     try:
         node = node_class()
+        node.announce()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
