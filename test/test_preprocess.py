@@ -63,6 +63,22 @@ def test_image_to_tensor_rejects_other_images(bad):
 
 # --- target_size ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind", ["color", "gray", "mono", "every value"])
+def test_gray_lookup_equals_the_elementwise_torch_ops(kind):
+    """The CPU path (cv2.LUT) and the one other devices run (torch ops) agree bit for bit."""
+    from kp_ros.core.preprocess import _gray_by_lookup, _gray_elementwise
+    rng = np.random.default_rng(1)
+    planes = {"color": rng.integers(0, 256, (3, 37, 53), dtype=np.uint8),
+              "gray": np.repeat(rng.integers(0, 256, (1, 37, 53), dtype=np.uint8), 3, axis=0),
+              "mono": rng.integers(0, 256, (1, 37, 53), dtype=np.uint8),
+              # every value in every channel, against every value in the others
+              "every value": np.stack(list(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"))
+                                      + [(np.arange(256)[:, None] * 7 + np.arange(256)) % 256]
+                                      ).astype(np.uint8)}[kind]
+    expected = _gray_elementwise(torch.from_numpy(planes)).numpy()
+    assert np.array_equal(_gray_by_lookup(planes).view(np.uint32), expected.view(np.uint32))
+
+
 def test_target_size_model_is_the_processor_size(processor):
     assert target_size("model", 123, 457, 8) == MODEL_SIZE
     assert MODEL_SIZE == (processor.size["height"], processor.size["width"])

@@ -25,7 +25,8 @@ from PIL import Image
 
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.core.preprocess import MODEL_SIZE, scale_to_model, target_size
-from kp_ros.core.superpoint import SuperPointDetector, SuperPointParams, simple_nms
+from kp_ros.core.superpoint import (SuperPointDetector, SuperPointParams, _nms_mask_torch, nms_mask,
+                                   simple_nms)
 from conftest import synthetic_frame
 
 SCORE_ATOL = 1e-6
@@ -268,7 +269,11 @@ def test_simple_nms_equals_transformers():
     scores = torch.rand(1, 60, 80, generator=generator) ** 4
     scores[:, 10:20, 10:30] = 0.5  # plateaus exercise the ties / re-admission branch
     for radius in range(0, 6):
-        assert torch.equal(simple_nms(scores, radius), reference_nms(scores, radius))
+        expected = reference_nms(scores, radius)
+        assert torch.equal(simple_nms(scores, radius), expected)  # (1, H, W): the torch path
+        for mask in (nms_mask(scores[0], radius),  # (H, W) float32 on CPU: the OpenCV path
+                     _nms_mask_torch(scores[0], radius)):
+            assert torch.equal(scores[0].masked_fill(~mask, 0), expected[0])
 
 
 def test_fp16_is_ignored_on_cpu_with_a_warning(tiny_superpoint_dir):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import cv2
 import numpy as np
 import torch
 
@@ -66,18 +67,45 @@ def preprocess_gray(image: np.ndarray, size: tuple[int, int], device) -> torch.T
     """
     pixels = _uint8_to_device(image, device)[0]  # (C, H, W) uint8
     pixels = resize_like_pil(pixels, size)
+    if pixels.device.type == "cpu":
+        return torch.from_numpy(_gray_by_lookup(np.ascontiguousarray(pixels.numpy())))[None, None]
+    return _gray_elementwise(pixels)[None, None]
+
+
+def _gray_elementwise(pixels: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) uint8 -> (H, W) float32, the reference's arithmetic as torch ops (on any device)."""
     # float32(u8 / 255) equals the reference's float32(float64(u8) * (1/255)) for all 256
     # values, and float32 * python-float rounds like numpy's float32 * weak scalar
     # (both checked exhaustively in test_preprocess).
     rescaled = pixels.float().div_(255.0)
     if rescaled.shape[0] == 1:
-        return rescaled[None]
+        return rescaled[0]
     red, green, blue = rescaled
     gray = red * _GRAY_WEIGHTS[0] + green * _GRAY_WEIGHTS[1] + blue * _GRAY_WEIGHTS[2]
     # The reference keeps an already-gray image as is (no 0.9999 factor); torch.where
     # instead of an `if` avoids a device sync.
     already_gray = (pixels[0] == pixels[1]).all() & (pixels[1] == pixels[2]).all()
-    return torch.where(already_gray, red, gray)[None, None]
+    return torch.where(already_gray, red, gray)
+
+
+@lru_cache(maxsize=1)
+def _gray_tables() -> np.ndarray:
+    """(4, 256) float32: u8 -> u8 / 255, and that times each NTSC weight, computed by the
+    very torch ops of ``_gray_elementwise`` (so every entry is bit-identical to them)."""
+    rescaled = torch.arange(256, dtype=torch.uint8).float().div_(255.0)
+    return torch.stack([rescaled] + [rescaled * w for w in _GRAY_WEIGHTS]).numpy()
+
+
+def _gray_by_lookup(planes: np.ndarray) -> np.ndarray:
+    """``_gray_elementwise`` on CPU as table lookups (cv2.LUT) and two float32 additions in
+    the same order: ~2x faster, bit-identical (test_preprocess checks every pixel value)."""
+    tables = _gray_tables()
+    if planes.shape[0] == 1 or (np.array_equal(planes[0], planes[1]) and np.array_equal(planes[1], planes[2])):
+        return cv2.LUT(planes[0], tables[0])  # already gray: kept as is, as the reference does
+    gray = cv2.LUT(planes[0], tables[1])
+    gray += cv2.LUT(planes[1], tables[2])
+    gray += cv2.LUT(planes[2], tables[3])
+    return gray
 
 
 def resize_like_pil(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -15,8 +15,8 @@ Differences from the reference, all deliberate:
   - ``border_removal_distance`` applies on all four sides: transformers passes the
     full-resolution score size times 8 again, so its bottom/right border is never
     removed (keypoints at y = h - 1 survive there),
-  - NMS uses separable window maxima instead of 9x9 ``max_pool2d`` (same result, ~50x
-    faster on CPU), and the network runs channels_last (~1.5x faster oneDNN kernels;
+  - NMS uses OpenCV dilations on CPU and separable window maxima elsewhere instead of
+    9x9 ``max_pool2d`` (same result, ~50x / ~10x faster on CPU), and the network runs channels_last (~1.5x faster oneDNN kernels;
     scores and descriptors then differ by float rounding, <= 4e-7 observed).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -162,7 +163,7 @@ class SuperPointDetector:
 
 _threads_lock = threading.Lock()
 _threads_users = 0
-_threads_saved = 1
+_threads_saved = (1, 1)  # torch, OpenCV
 
 
 @contextmanager
@@ -172,15 +173,17 @@ def one_cpu_thread(device: torch.device):
     kp_ros node) keeps the cores busy, every region waits for a descheduled worker:
     measured 1.3 -> 300 ms (preprocess) and 13 -> 1900 ms (post-process) with two
     threads, 10 / 90 ms with one. Uncontended, one thread costs ~1 ms + ~5 ms.
-    The convolutions keep all threads. Nested / concurrent users restore the count once."""
+    The convolutions keep all threads. OpenCV (the CPU NMS) likewise. Nested / concurrent
+    users restore the counts once."""
     global _threads_users, _threads_saved
     if device.type != "cpu":
         yield
         return
     with _threads_lock:
         if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
+            _threads_saved = (torch.get_num_threads(), cv2.getNumThreads())
             torch.set_num_threads(1)
+            cv2.setNumThreads(1)
         _threads_users += 1
     try:
         yield
@@ -188,7 +191,8 @@ def one_cpu_thread(device: torch.device):
         with _threads_lock:
             _threads_users -= 1
             if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
+                torch.set_num_threads(_threads_saved[0])
+                cv2.setNumThreads(_threads_saved[1])
 
 
 def simple_nms(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
@@ -198,8 +202,27 @@ def simple_nms(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
 
 def nms_mask(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
     """Where transformers' ``simple_nms`` keeps a score (local maxima, twice re-admitting
-    suppressed neighbourhoods' maxima), every (2r+1)^2 max pool done as two separable
-    window maxima."""
+    suppressed neighbourhoods' maxima). On CPU with OpenCV (``cv2.dilate`` is the same
+    (2r+1)^2 max pool, out-of-image pixels ignored, ~4x faster); elsewhere in torch."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2:
+        return torch.from_numpy(_nms_mask_opencv(np.ascontiguousarray(scores.numpy()), nms_radius))
+    return _nms_mask_torch(scores, nms_radius)
+
+
+def _nms_mask_opencv(scores: np.ndarray, nms_radius: int) -> np.ndarray:
+    """``_nms_mask_torch`` on an HxW float32 array, with OpenCV's dilation as the max pool."""
+    kernel = np.ones((2 * nms_radius + 1,) * 2, np.uint8)
+    max_mask = scores == cv2.dilate(scores, kernel)
+    for _ in range(2):
+        supp_mask = cv2.dilate(max_mask.view(np.uint8), kernel).view(bool)
+        supp_scores = np.where(supp_mask, np.float32(0), scores)
+        new_max_mask = supp_scores == cv2.dilate(supp_scores, kernel)
+        max_mask |= new_max_mask & ~supp_mask
+    return max_mask
+
+
+def _nms_mask_torch(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
+    """The mask with every (2r+1)^2 max pool as two separable window maxima."""
     max_mask = scores == _max_pool(scores, nms_radius)
     for _ in range(2):
         supp_mask = _max_pool(max_mask, nms_radius)
