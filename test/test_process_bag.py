@@ -300,3 +300,19 @@ def test_help_and_module_entry_point():
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 0 and "--random-init-fallback" in result.stdout
     assert "header-stamp order" in result.stdout
+
+
+def test_corrupt_weights_are_a_clear_error_not_a_traceback(tmp_path, capsys, tiny_superpoint_dir):
+    """Weights that exist but cannot be read fail like missing ones (exit code 2, one line)."""
+    import shutil
+    broken = tmp_path / "broken_superpoint"
+    shutil.copytree(tiny_superpoint_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    image_bag(tmp_path / "in", frames(2, 64, 64))
+    argv = ["--superpoint-model", str(broken), "--no-matcher", "--no-progress", "--device", "cpu",
+            str(tmp_path / "in"), str(tmp_path / "out")]
+    assert pb.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and "SafetensorError" in err and str(broken) in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

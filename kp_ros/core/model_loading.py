@@ -86,10 +86,13 @@ def load_pretrained(loader, model: str, **kwargs):
     if path.is_dir():
         try:
             return loader.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - corrupt or mismatched weights raise anything
+            # (OSError, ValueError, SafetensorError, RuntimeError on a size mismatch, TypeError
+            # on a non-dict config): one clear error for every caller, not a traceback.
             raise ModelUnavailableError(
-                f"cannot load model from directory {str(path)!r}: {err}. It must hold the "
-                f"files of save_pretrained (config.json and model.safetensors).") from err
+                f"cannot load model from directory {str(path)!r}: {type(err).__name__}: {err}. "
+                f"It must hold the files of save_pretrained (config.json and "
+                f"model.safetensors) of this model type.") from err
     if _looks_like_path(model):
         raise _unavailable(model, "no such directory", is_path=True)
     try:

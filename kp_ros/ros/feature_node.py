@@ -87,16 +87,7 @@ class FeatureNode(Node):
             if reason:
                 raise ValueError(reason)
 
-        try:
-            self.core = self.build_core(self.values)
-        except (ModelUnavailableError, ValueError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - corrupt or mismatched weights raise anything
-            # (SafetensorError, RuntimeError on size mismatch, TypeError on a non-dict config):
-            # still one clear start-up error, not a traceback.
-            raise ModelUnavailableError(
-                f"cannot load model {self.values.get('model')!r}: {type(exc).__name__}: {exc} "
-                f"(corrupt or incomplete weights, or another model type?)") from exc
+        self.core = self.build_core(self.values)  # may raise ModelUnavailableError / ValueError
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
