@@ -103,7 +103,7 @@ def _compressed_size(data) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(io.BytesIO(bytes(data))) as header:
+            with PILImage.open(io.BytesIO(data)) as header:  # any bytes-like, one copy
                 return header.size
     except (PILImage.DecompressionBombWarning, PILImage.DecompressionBombError):
         return MAX_PIXELS + 1, 1

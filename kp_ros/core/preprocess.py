@@ -100,8 +100,10 @@ def _gray_by_lookup(planes: np.ndarray) -> np.ndarray:
     """``_gray_elementwise`` on CPU as table lookups (cv2.LUT) and two float32 additions in
     the same order: ~2x faster, bit-identical (test_preprocess checks every pixel value)."""
     tables = _gray_tables()
-    if planes.shape[0] == 1 or (np.array_equal(planes[0], planes[1]) and np.array_equal(planes[1], planes[2])):
-        return cv2.LUT(planes[0], tables[0])  # already gray: kept as is, as the reference does
+    already_gray = planes.shape[0] == 1 or (np.array_equal(planes[0], planes[1])
+                                            and np.array_equal(planes[1], planes[2]))
+    if already_gray:
+        return cv2.LUT(planes[0], tables[0])  # kept as is (no weights), as the reference does
     gray = cv2.LUT(planes[0], tables[1])
     gray += cv2.LUT(planes[1], tables[2])
     gray += cv2.LUT(planes[2], tables[3])
