@@ -8,8 +8,6 @@ import pytest
 
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_array
 
-cv_bridge = pytest.importorskip(
-    "cv_bridge", reason="cv_bridge not installed (a full ROS 2 install has it; the no-ROS venv does not)")
 
 ENCODINGS = {"mono8": (np.uint8, 1), "mono16": (np.uint16, 1), "rgb8": (np.uint8, 3),
              "bgr8": (np.uint8, 3), "rgba8": (np.uint8, 4), "bgra8": (np.uint8, 4)}
@@ -17,6 +15,10 @@ ENCODINGS = {"mono8": (np.uint8, 1), "mono16": (np.uint16, 1), "rgb8": (np.uint8
 
 @pytest.fixture(scope="module")
 def bridge():
+    # Skipped here, not at module level: launch_testing's pytest plugin imports every test
+    # module at collection, and a module-level skip there would skip the whole suite.
+    cv_bridge = pytest.importorskip(
+        "cv_bridge", reason="cv_bridge not installed (a full ROS 2 install has it; the no-ROS venv does not)")
     bridge = cv_bridge.CvBridge()
     probe = array_to_image_msg(np.zeros((2, 3, 3), np.uint8), "rgb8")
     try:
