@@ -310,9 +310,10 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                 max_frame_gap: float = MAX_FRAME_GAP, order: str = "stamp",
                 debug_images: bool = False, copy_input: bool = False, overwrite: bool = False,
                 progress: bool = False, detector_name: str | None = None,
-                matcher_name: str | None = None, log=None) -> Summary:
+                matcher_name: str | None = None, log=None, on_frame=None) -> Summary:
     """Run ``detector`` (SuperPointDetector) and/or ``matcher`` (EfficientLoFTRStreamMatcher)
     on every frame of ``topic`` and write the output bag; returns the counts.
+    ``on_frame(frames_read)`` is called after each frame (progress for process_bags).
 
     Raises BagError for unusable input (missing, corrupt, wrong topic) or output (exists
     and not ``overwrite``); on any error no output bag is left behind.
@@ -357,6 +358,8 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                         writer.write(image_copy, frame.log_ns, frame.data)
                         summary.copied += 1
                     bar.update(1)
+                    if on_frame is not None:
+                        on_frame(summary.frames)
                     if outputs is None:
                         continue
                     summary.processed += 1
@@ -573,10 +576,17 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
-    """main() after the argument checks: load the models, process, print the summary."""
-    from kp_ros.core.model_loading import ModelUnavailableError
+class ModelLoadError(ValueError):
+    """An invalid model option, raised while loading (not a problem of the bag)."""
 
+
+def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs: dict,
+            max_frame_gap: float, *, progress: bool | None = None, on_frame=None, log=None) -> Summary:
+    """One bag with process_bag's options (``args`` from build_parser(), resolved by
+    resolve_options): load the models, process, return the summary. The one per-bag
+    pipeline: process_bag's main and process_bags' Ray tasks both call it, so their
+    outputs are byte-identical. Raises ModelUnavailableError, ModelLoadError, BagError,
+    ValueError, or the model's own error; never leaves a partial output."""
     with tempfile.TemporaryDirectory(prefix="kp_ros_random_init_") as workdir, \
             deterministic_torch(args.threads), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deterministic.*")
@@ -584,23 +594,32 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
             detector, matcher, detector_name, matcher_name = load_models(
                 detector_kwargs if args.detector else None, matcher_kwargs if args.matcher else None,
                 args.random_init_fallback, Path(workdir))
-        except ModelUnavailableError as err:
-            return fail(EXIT_MODEL, f"{err}\n(or pass --random-init-fallback to run the pipeline "
-                                    f"with random-init models)")
         except ValueError as err:
-            return fail(EXIT_INPUT, str(err))
-        try:
-            summary = process_bag(
-                args.input, args.output, detector, matcher, topic=args.topic, storage=args.storage,
-                prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
-                debug_images=args.debug_images, copy_input=args.copy_input,
-                overwrite=args.overwrite, progress=args.progress, detector_name=detector_name,
-                matcher_name=matcher_name)
-        except (BagError, ValueError) as err:
-            return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
-        except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
-            traceback.print_exc()
-            return fail(EXIT_INPUT, f"processing failed; no output bag written ({args.output} untouched)")
+            raise ModelLoadError(str(err)) from err
+        return process_bag(
+            input_path, output_path, detector, matcher, topic=args.topic, storage=args.storage,
+            prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
+            debug_images=args.debug_images, copy_input=args.copy_input,
+            overwrite=args.overwrite, progress=args.progress if progress is None else progress,
+            detector_name=detector_name, matcher_name=matcher_name, log=log, on_frame=on_frame)
+
+
+def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
+    """main() after the argument checks: load the models, process, print the summary."""
+    from kp_ros.core.model_loading import ModelUnavailableError
+
+    try:
+        summary = run_one(args, args.input, args.output, detector_kwargs, matcher_kwargs, max_frame_gap)
+    except ModelUnavailableError as err:
+        return fail(EXIT_MODEL, f"{err}\n(or pass --random-init-fallback to run the pipeline "
+                                f"with random-init models)")
+    except ModelLoadError as err:
+        return fail(EXIT_INPUT, str(err))
+    except (BagError, ValueError) as err:
+        return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
+    except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
+        traceback.print_exc()
+        return fail(EXIT_INPUT, f"processing failed; no output bag written ({args.output} untouched)")
     print(summary.text())
     return EXIT_OK
 
