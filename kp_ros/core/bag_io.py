@@ -35,6 +35,7 @@ COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 KEYPOINTS_TYPE = "kp_ros/msg/Keypoints"
 MATCHES_TYPE = "kp_ros/msg/Matches"
+TRACKS_TYPE = "kp_ros/msg/Tracks"
 STORAGES = ("sqlite3", "mcap")
 # The newest ROS 2 store this rosbags has (Kilted in 0.11.9); bags written with it carry
 # full definitions, so older distros' readers decode them too.
@@ -77,7 +78,7 @@ def msg_dir() -> Path:
 @lru_cache(maxsize=1)
 def _kp_ros_types() -> dict:
     types = {}
-    for name in ("Keypoints", "Matches"):
+    for name in ("Keypoints", "Matches", "Tracks"):
         text = (msg_dir() / f"{name}.msg").read_text()
         types.update(get_types_from_msg(text, f"kp_ros/msg/{name}"))
     return types
