@@ -61,9 +61,9 @@ MAX_FRAME_GAP = inspect.signature(StreamContinuity).parameters["max_frame_gap"].
 
 # The nodes' ROS parameters that map 1:1 to keywords of the core classes.
 DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
-                   "resize", "fp16")
+                   "resize", "fp16", "precision")
 MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
-                  "geometric_verification", "ransac_reproj_threshold", "fp16")
+                  "geometric_verification", "ransac_reproj_threshold", "fp16", "precision")
 EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -133,7 +133,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
                        ("ransac_reproj_threshold", "ransac_reproj_threshold")):
         if flag in flags:
             matcher[name] = flags[flag]
-    for shared in ("device", "resize", "fp16"):
+    for shared in ("device", "resize", "fp16", "precision"):
         if shared in flags:
             detector[shared] = matcher[shared] = flags[shared]
     if "max_frame_gap" in flags:
@@ -474,11 +474,14 @@ def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
 
 # --- command line --------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "process_bag", description: str = __doc__,
+                 positionals: bool = True) -> argparse.ArgumentParser:
+    """The options; ``positionals=False`` leaves out input/output (process_bags adds its own)."""
     parser = argparse.ArgumentParser(
-        prog="process_bag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="rosbag2 bag (directory, or a .db3/.mcap file)")
-    parser.add_argument("output", help="output bag directory to create")
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if positionals:
+        parser.add_argument("input", help="rosbag2 bag (directory, or a .db3/.mcap file)")
+        parser.add_argument("output", help="output bag directory to create")
     parser.add_argument("--topic", help="image topic (default: the bag's only image topic)")
     parser.add_argument("--output-prefix", dest="prefix", default=None,
                         help="namespace of the output topics (default: the image topic's namespace)")
@@ -505,8 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--superpoint-model", metavar="ID_OR_DIR", help=f"default {SUPERPOINT_MODEL}")
     models.add_argument("--eloftr-model", metavar="ID_OR_DIR", help=f"default {ELOFTR_MODEL}")
     models.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    models.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"),
+                        help="fp32 (default) | bf16 (CPUs with AVX512-BF16/AMX, CUDA; emulated and "
+                             "slower on other CPUs) | fp16 (CUDA only) | auto (fp16 on CUDA, fp32 on CPU)")
     models.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
-                        help="half precision (CUDA only)")
+                        help="deprecated alias of --precision fp16")
     models.add_argument("--resize", choices=("model", "native"),
                         help="model input size: 'model' = 480x640 as the reference pipeline, "
                              f"'native' = the camera size (default {sp.resize})")

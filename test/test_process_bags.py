@@ -1,0 +1,163 @@
+"""kp_ros.tools.process_bags: many bags on one local Ray instance (2 workers, tiny models),
+compared with process_bag run alone on each bag."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from test_process_bag import frames, image_bag, read_outputs
+
+from kp_ros.tools import process_bag as pb
+from kp_ros.tools import process_bags as pbs
+
+ray = pytest.importorskip("ray", reason="process_bags needs Ray (pip install 'kp_ros[cluster]')")
+psutil = pytest.importorskip("psutil")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """ONE local Ray instance for the module (start-up is ~10 s here): 2 CPUs, small
+    object store, temp files under /tmp (Ray's socket paths must stay short). Every
+    process it started must be gone after the shutdown."""
+    saved_path = os.environ.get("PYTHONPATH")
+    temp_dir = tempfile.mkdtemp(prefix="kpray_", dir="/tmp")
+    pbs.start_local_ray(num_cpus=2, temp_dir=temp_dir, object_store_mb=80)
+    before = set(psutil.Process().children(recursive=True))
+    yield
+    started = set(psutil.Process().children(recursive=True)) | before
+    ray.shutdown()
+    _, alive = psutil.wait_procs(list(started), timeout=20)
+    for proc in alive:  # only ours: children of this pytest process
+        proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    if saved_path is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved_path
+    assert not alive, f"Ray processes outlived the shutdown: {[p.pid for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def options(tiny_superpoint_dir, tiny_eloftr_dir):
+    return ["--superpoint-model", str(tiny_superpoint_dir), "--eloftr-model", str(tiny_eloftr_dir),
+            "--device", "cpu", "--resize", "native", "--max-keypoints", "64",
+            "--match-threshold", "0", "--threads", "1", "--no-progress"]
+
+
+def dataset(root: Path, count=5, corrupt=True) -> Path:
+    """seq_a (sqlite3), seq_b (mcap, one folder deeper) and, with ``corrupt``, seq_c: a
+    truncated sqlite3 bag."""
+    image_bag(root / "seq_a", frames(count))
+    image_bag(root / "more" / "seq_b", frames(count, 96, 128), storage="mcap")
+    if corrupt:
+        image_bag(root / "seq_c", frames(count))
+        db3 = root / "seq_c" / "seq_c.db3"
+        with open(db3, "r+b") as handle:
+            handle.truncate(db3.stat().st_size // 2)
+    return root
+
+
+def raw(path: Path) -> dict:
+    """topic -> [(receive time, serialized message)]"""
+    return {t: [(log, data) for log, _, data in v] for t, v in read_outputs(path).items()}
+
+
+def no_partials(directory: Path) -> bool:
+    return not any(".partial" in p.name for p in directory.rglob("*"))
+
+
+def test_bad_bag_reported_others_identical_to_process_bag_then_resume(tmp_path, local_ray, options, capsys):
+    data = dataset(tmp_path / "data")
+    for name, bag in (("seq_a", data / "seq_a"), ("seq_b", data / "more" / "seq_b")):
+        assert pb.main(options + [str(bag), str(tmp_path / "serial" / name)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "out"
+    assert pbs.main(options + [str(data), "--out", str(out), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 bags failed: seq_c" in err and "truncated or corrupt" in err
+    assert sorted(p.name for p in out.iterdir()) == ["seq_a", "seq_b", "summary.csv", "summary.json"]
+    for name in ("seq_a", "seq_b"):  # byte-identical messages and receive times
+        assert raw(out / name) == raw(tmp_path / "serial" / name), name
+    summary = json.loads((out / "summary.json").read_text())
+    by_bag = {r["bag"]: r for r in summary["bags"]}
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (2, 1, 0)
+    assert by_bag["seq_a"]["frames"] == by_bag["seq_b"]["frames"] == 5
+    assert by_bag["seq_a"]["keypoints_per_frame"] > 0 and by_bag["seq_a"]["matches_per_frame"] > 0
+    assert by_bag["seq_a"]["host"] and by_bag["seq_a"]["seconds"] > 0
+    assert by_bag["seq_c"]["status"] == "failed" and "seq_c" in by_bag["seq_c"]["input"]
+    assert "seq_a,done,5,5" in (out / "summary.csv").read_text()
+
+    # A rerun skips the finished bags (their outputs untouched) and retries the bad one.
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in ("seq_a", "seq_b")}
+    assert pbs.main(options + [str(data), "--out", str(out), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "seq_a: skipped" in err and "seq_b: skipped" in err and "1 of 3 bags failed: seq_c" in err
+    assert {n: (out / n).stat().st_mtime_ns for n in mtimes} == mtimes
+    summary = json.loads((out / "summary.json").read_text())
+    by_bag = {r["bag"]: r for r in summary["bags"]}
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (0, 1, 2)
+    assert by_bag["seq_a"]["status"] == "skipped" and by_bag["seq_a"]["frames"] == 5  # kept
+    assert no_partials(out)
+
+
+def test_interrupt_leaves_no_partial_output(tmp_path, local_ray, options, monkeypatch, capsys):
+    data = tmp_path / "data"
+    image_bag(data / "seq_a", frames(40, 192, 256))
+    image_bag(data / "seq_b", frames(40, 192, 256))
+    out = tmp_path / "out"
+    real_wait, interrupted = ray.wait, []
+
+    def wait(*args, **kwargs):
+        """Ctrl-C in the driver while a task is half-way through writing its bag."""
+        result = real_wait(*args, **kwargs)
+        if not interrupted and any(".partial-" in p.name for p in out.glob(".*")):
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(ray, "wait", wait)
+    assert pbs.main(options + [str(data), "--out", str(out), "--workers", "2"]) == 130
+    assert interrupted and "interrupted" in capsys.readouterr().err
+    assert no_partials(out)
+    for name in ("seq_a", "seq_b"):  # a bag either finished before Ctrl-C, whole, or is absent
+        if (out / name).exists():
+            assert len(read_outputs(out / name)["/cam/keypoints"]) == 40
+
+
+def test_find_bags_and_names(tmp_path):
+    data = dataset(tmp_path / "data", count=1, corrupt=False)
+    image_bag(tmp_path / "data" / ".seq_x.partial-abc" / "seq_x", frames(1))  # hidden: skipped
+    shutil.copy(next((data / "more" / "seq_b").glob("*.mcap")), data / "loose.mcap")
+    image_bag(data / "out" / "seq_o", frames(1))  # the output folder: skipped
+    bags = pbs.find_bags([data], exclude=data / "out")
+    assert [pbs.bag_name(b) for b in bags] == ["loose", "seq_b", "seq_a"]  # walk order: files, then folders by name
+    assert pbs.find_bags([data / "more" / "seq_b"]) == [data / "more" / "seq_b"]
+    with pytest.raises(pb.BagError, match="neither a bag nor a folder"):
+        pbs.find_bags([tmp_path / "missing"])
+
+
+def test_clear_errors_without_ray_or_with_clashing_names(tmp_path, monkeypatch, capsys, options):
+    dataset(tmp_path / "data", count=1, corrupt=False)
+    image_bag(tmp_path / "other" / "seq_a", frames(1))
+    assert pbs.main(options + [str(tmp_path / "data"), str(tmp_path / "other"), "--out", str(tmp_path / "o")]) == 1
+    assert "several bags would write the same output: seq_a" in capsys.readouterr().err
+    monkeypatch.setattr(pbs, "import_ray", lambda: None)
+    assert pbs.main([str(tmp_path / "data"), "--out", str(tmp_path / "o")]) == 1
+    assert "pip install 'kp_ros[cluster]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resource_plan():
+    args = pbs.build_parser().parse_args(["x", "--out", "o"])
+    assert pbs.plan_resources(args, cuda=False, gpus=0, cpus=16) == (8, 2, 0.0)
+    assert pbs.plan_resources(args, cuda=False, gpus=0, cpus=1) == (1, 1, 0.0)
+    assert pbs.plan_resources(args, cuda=True, gpus=4, cpus=16) == (4, 4, 1.0)
+    args = pbs.build_parser().parse_args(["x", "--out", "o", "--workers", "2", "--threads", "3"])
+    assert pbs.plan_resources(args, cuda=False, gpus=0, cpus=16) == (2, 3, 0.0)
+    assert pbs.wants_cuda({"device": "auto"}, {"device": "auto"}, gpus_available=0) is False
+    assert pbs.wants_cuda({"device": "cuda:1"}, {"device": "cpu"}, gpus_available=0) is True
