@@ -33,7 +33,6 @@ model's ``coarse_matching_threshold`` and the post-process threshold.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 
 from .geometry import VERIFICATION_METHODS, verify_matches
 from .model_loading import load_pretrained, resolve_device
+from .precision import resolve_precision, warn_once
 from .preprocess import RESIZE_POLICIES, preprocess_gray, scale_to_source, target_size
 
 SIZE_MULTIPLE = 32  # the backbone (1/8) and the 4x4 attention aggregation need H, W % 32 == 0
@@ -82,7 +82,7 @@ class EfficientLoFTRStreamMatcher:
     def __init__(self, model: str, device: str = "auto", match_threshold: float = 0.2,
                  max_matches: int = -1, resize: str = "model",
                  geometric_verification: str = "none", ransac_reproj_threshold: float = 1.0,
-                 fp16: bool = False):
+                 fp16: bool = False, precision: str = "fp32"):
         from transformers import EfficientLoFTRForKeypointMatching
 
         self._device = resolve_device(device)
@@ -90,11 +90,12 @@ class EfficientLoFTRStreamMatcher:
         self.set_params(match_threshold=match_threshold, max_matches=max_matches, resize=resize,
                         geometric_verification=geometric_verification,
                         ransac_reproj_threshold=ransac_reproj_threshold)
-        if fp16 and self._device.type != "cuda":
-            warnings.warn("fp16 needs a CUDA device; running in float32 on "
-                          f"{self._device}", stacklevel=2)
-            fp16 = False
-        self._fp16 = bool(fp16)
+        # Reduced precision (autocast) in the backbone, the attention and the fine fusion
+        # (the convolutions and matmuls); the dual softmaxes, the fine refinement and the
+        # coordinates stay float32 (see kp_ros/core/precision.py, test/test_precision.py).
+        self.precision = resolve_precision(precision, self._device, fp16)
+        warn_once(self.precision)
+        self._fp16 = self.precision.dtype == torch.float16
         self._model_id = str(model)
         self.model = load_pretrained(EfficientLoFTRForKeypointMatching, model).to(self._device).eval()
         self.config = self.model.config
@@ -308,7 +309,7 @@ class EfficientLoFTRStreamMatcher:
     # -- helpers ----------------------------------------------------------------------
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self._fp16)
+        return self.precision.autocast(self._device)
 
 
 def _number(name: str, value, kind: type):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kp_ros.core.model_loading import load_pretrained, resolve_device
+from kp_ros.core.precision import resolve_precision, warn_once
 from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
 
 CELL = 8  # SuperPoint's score/descriptor cell: the model runs at multiples of 8
@@ -68,26 +68,34 @@ class SuperPointDetector:
     """``detect(image) -> {'keypoints', 'scores', 'descriptors'}``, composed of the stages
     ``preprocess`` -> ``forward`` -> ``postprocess`` (public so a benchmark can time them).
 
-    ``fp16`` runs the network in half precision on CUDA only; on CPU it is ignored with
-    a warning (CPU half convolutions are slower and less exact), see ``self.fp16``.
+    ``precision`` (fp32 | bf16 | fp16 | auto, see kp_ros/core/precision.py) is the dtype of
+    the encoder and the two 3x3 head convolutions (~98 % of the FLOPs); the two 1x1 output
+    convolutions, the softmax, the descriptor normalisation, NMS and sampling stay float32
+    (scores and descriptors are compared and thresholded there; see test/test_precision.py).
+    ``fp16=True`` is the deprecated alias of ``precision='fp16'``.
     """
 
     def __init__(self, model: str, device: str = "auto",
                  keypoint_threshold: float = SuperPointParams.keypoint_threshold,
                  nms_radius: int = SuperPointParams.nms_radius,
                  max_keypoints: int = SuperPointParams.max_keypoints,
-                 resize: str = SuperPointParams.resize, fp16: bool = False):
+                 resize: str = SuperPointParams.resize, fp16: bool = False,
+                 precision: str = "fp32"):
         from transformers import SuperPointForKeypointDetection
 
         self.device = resolve_device(device)
         self.model_id = str(model)
-        self.fp16 = bool(fp16) and self.device.type == "cuda"
-        if fp16 and not self.fp16:
-            warnings.warn("fp16 is only used on CUDA; running float32 on "
-                          f"{self.device}", RuntimeWarning, stacklevel=2)
+        self.precision = resolve_precision(precision, self.device, fp16)
+        warn_once(self.precision)
+        self.fp16 = self.precision.dtype == torch.float16
         net = load_pretrained(SuperPointForKeypointDetection, self.model_id)
-        net = net.eval().to(self.device, torch.float16 if self.fp16 else torch.float32)
+        net = net.eval().to(self.device, self.precision.dtype)
+        # float32 output layers: bf16 logits (8 mantissa bits) move scores by ~1 % and
+        # reorder near-equal maxima; these 1x1 convolutions are ~1.5 % of the FLOPs.
+        net.keypoint_decoder.conv_score_b.float()
+        net.descriptor_decoder.conv_descriptor_b.float()
         self._net = net.to(memory_format=torch.channels_last)
+        self._dtype = self.precision.dtype
         self.descriptor_size = int(net.config.descriptor_decoder_dim)
         self.border = int(net.config.border_removal_distance)
         self.params = SuperPointParams()
@@ -118,7 +126,7 @@ class SuperPointDetector:
         size = target_size(resize or self.params.resize, height, width, CELL)
         with one_cpu_thread(self.device):
             pixels = preprocess_gray(image, size, self.device)
-            return pixels.to(self._net.dtype).contiguous(memory_format=torch.channels_last)
+            return pixels.to(self._dtype).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,14 +135,14 @@ class SuperPointDetector:
         net = self._net
         encoded = net.encoder(pixels, return_dict=False)[0]
         head = net.keypoint_decoder
-        logits = head.conv_score_b(head.relu(head.conv_score_a(encoded)))
-        probs = F.softmax(logits.float(), 1)[:, :-1]  # the last channel is the "no keypoint" bin
+        logits = head.conv_score_b(head.relu(head.conv_score_a(encoded)).float())
+        probs = F.softmax(logits, 1)[:, :-1]  # the last channel is the "no keypoint" bin
         batch, _, rows, cols = probs.shape
         scores = probs.permute(0, 2, 3, 1).reshape(batch, rows, cols, CELL, CELL)
         scores = scores.permute(0, 1, 3, 2, 4).reshape(batch, rows * CELL, cols * CELL)
         head = net.descriptor_decoder
-        descriptors = head.conv_descriptor_b(head.relu(head.conv_descriptor_a(encoded)))
-        descriptors = F.normalize(descriptors.float(), p=2, dim=1)
+        descriptors = head.conv_descriptor_b(head.relu(head.conv_descriptor_a(encoded)).float())
+        descriptors = F.normalize(descriptors, p=2, dim=1)
         return {"scores": scores, "descriptors": descriptors}
 
     @torch.no_grad()

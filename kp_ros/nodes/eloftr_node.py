@@ -9,9 +9,12 @@ are judged between consecutive *received* frames, so a device slower than
 """
 from __future__ import annotations
 
+import warnings
+
 from rclpy.time import Time
 
 from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
+from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
 from kp_ros.core.visualize import draw_matches
 from kp_ros.msg import Matches
@@ -49,11 +52,17 @@ class EfficientLoFTRNode(FeatureNode):
         self.resets = 0
 
     def build_core(self, values: dict) -> EfficientLoFTRStreamMatcher:
-        return EfficientLoFTRStreamMatcher(
-            values["model"], device=values["device"], match_threshold=values["match_threshold"],
-            max_matches=values["max_matches"], resize=values["resize"],
-            geometric_verification=values["geometric_verification"],
-            ransac_reproj_threshold=values["ransac_reproj_threshold"], fp16=values["fp16"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrecisionWarning)  # logged below as a ROS warning
+            core = EfficientLoFTRStreamMatcher(
+                values["model"], device=values["device"], match_threshold=values["match_threshold"],
+                max_matches=values["max_matches"], resize=values["resize"],
+                geometric_verification=values["geometric_verification"],
+                ransac_reproj_threshold=values["ransac_reproj_threshold"], fp16=values["fp16"],
+                precision=values["precision"])
+        if core.precision.warning:
+            self.get_logger().warning(core.precision.warning)
+        return core
 
     def apply_params(self, changes: dict) -> None:
         if "max_frame_gap" in changes:
@@ -62,7 +71,8 @@ class EfficientLoFTRNode(FeatureNode):
             "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
 
     def describe(self) -> str:
-        return f"EfficientLoFTR {self.core.model_id} on {self.core.device}"
+        return (f"EfficientLoFTR {self.core.model_id} on {self.core.device}, "
+                f"precision {self.core.precision.note}")
 
     def on_arrival(self, msg) -> tuple[int, str | None]:
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds

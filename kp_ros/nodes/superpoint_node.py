@@ -5,6 +5,9 @@ Subscribes ``image`` (or ``image/compressed``), publishes ``keypoints``
 """
 from __future__ import annotations
 
+import warnings
+
+from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.superpoint import SuperPointDetector
 from kp_ros.core.visualize import draw_keypoints
 from kp_ros.msg import Keypoints
@@ -28,17 +31,22 @@ class SuperPointNode(FeatureNode):
         self._pub = self.create_publisher(Keypoints, "keypoints", output_qos())
 
     def build_core(self, values: dict) -> SuperPointDetector:
-        return SuperPointDetector(
-            values["model"], device=values["device"], keypoint_threshold=values["keypoint_threshold"],
-            nms_radius=values["nms_radius"], max_keypoints=values["max_keypoints"],
-            resize=values["resize"], fp16=values["fp16"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrecisionWarning)  # logged below as a ROS warning
+            core = SuperPointDetector(
+                values["model"], device=values["device"], keypoint_threshold=values["keypoint_threshold"],
+                nms_radius=values["nms_radius"], max_keypoints=values["max_keypoints"],
+                resize=values["resize"], fp16=values["fp16"], precision=values["precision"])
+        if core.precision.warning:
+            self.get_logger().warning(core.precision.warning)
+        return core
 
     def apply_params(self, changes: dict) -> None:
         self.core.set_params(**{k: v for k, v in changes.items() if k in (
             "keypoint_threshold", "nms_radius", "max_keypoints", "resize")})
 
     def describe(self) -> str:
-        return f"SuperPoint {self.core.model_id} on {self.core.device}"
+        return f"SuperPoint {self.core.model_id} on {self.core.device}, precision {self.core.precision.note}"
 
     def process(self, msg, image, arrival) -> None:
         features = self.core.detect(image)

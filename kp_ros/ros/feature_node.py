@@ -55,7 +55,10 @@ class Param:
 COMMON_PARAMS = (
     Param("device", "auto", "Torch device for inference: auto (cuda when available), cpu, cuda or cuda:N.",
           runtime=False),
-    Param("fp16", False, "Run the model in half precision (CUDA only; ignored on CPU).", runtime=False),
+    Param("precision", "fp32", "Model precision: fp32; bf16 (CPU with AVX512-BF16/AMX, or CUDA; "
+          "emulated and slower on other CPUs); fp16 (CUDA only, fp32 on CPU); auto = fp16 on "
+          "CUDA, fp32 on CPU.", runtime=False, choices=("fp32", "bf16", "fp16", "auto")),
+    Param("fp16", False, "Deprecated alias of precision: fp16.", runtime=False),
     Param("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
           "'native' = the camera size rounded to what the model needs (at most 1920x1088 "
           "pixels, aspect kept).", choices=("model", "native")),
