@@ -5,8 +5,9 @@
 
 As ros2_benchmark does: each node runs as its own process (``python -m kp_ros.nodes.X``
 with config/matcher.yaml, as the launch file starts it); this process publishes 640x480
-rgb8 frames (TUM fr3 if present, else synthetic) with the sensor-data QoS of a camera
-driver and subscribes to the node's output. Per input rate: processed rate, drops (the
+rgb8 frames (TUM fr3 if present, else synthetic) with reliable QoS, as most camera
+drivers offer it (the node's reliable_input: auto then subscribes reliable; best effort
+over the default transports loses many full frames in transport: bench_interop.py), and subscribes to the node's output. Per input rate: processed rate, drops (the
 node's own counters from /diagnostics, plus frames lost in transport), and latency from
 ``publish()`` to the output's arrival here (same clock, same process).
 
@@ -53,7 +54,6 @@ NODES = {
 def setup_env(domain_id: int) -> None:
     """DDS settings as the launch file uses them, on a domain of our own, before rclpy starts."""
     sys.path.insert(0, str(REPO))
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     os.environ["ROS_DOMAIN_ID"] = str(domain_id)
     os.environ.setdefault("HOME", "/tmp")
     os.environ.setdefault("ROS_LOG_DIR", os.path.join(os.environ["HOME"], ".ros", "log"))
@@ -153,7 +153,6 @@ class StreamClient:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import Image
 
         from kp_ros.ros.qos import output_qos
@@ -161,7 +160,7 @@ class StreamClient:
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("kp_ros_bench_client", context=self.context)
-        self.image_pub = self.node.create_publisher(Image, image_topic, qos_profile_sensor_data)
+        self.image_pub = self.node.create_publisher(Image, image_topic, output_qos())
         self.published: dict[tuple[int, int], float] = {}  # stamp -> monotonic publish time
         self.arrivals: dict[str, list[tuple[tuple[int, int], float, int]]] = {}
         self.diagnostics: dict[str, list[tuple[float, dict]]] = {}

@@ -2,16 +2,30 @@
 
 Starts superpoint_node and eloftr_node on one camera topic, configured by
 config/matcher.yaml. Two cameras: two launches with different ``namespace``.
+
+With the defaults the nodes talk to any ROS 2 process on the default DDS transports
+(a camera driver, ``ros2 bag play``, ``ros2 topic``), and their image subscription
+follows the publishers' reliability (reliable_input: auto). When a node exits with an
+error the whole launch shuts down and ``ros2 launch`` exits non-zero, unless
+``respawn:=true`` restarts it instead.
 """
 import os
+import sys
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import (DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler,
+                            SetEnvironmentVariable, Shutdown)
 from launch.conditions import IfCondition
+from launch.event_handlers import OnProcessExit
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
+
+TRUE = ("true", "1", "yes", "on")
+
+
+class NodeFailed(RuntimeError):
+    """Raised from the exit handler: launch then logs it, shuts down and returns 1."""
 
 
 def generate_launch_description():
@@ -24,6 +38,10 @@ def generate_launch_description():
                               description="Namespace of both nodes and their outputs."),
         DeclareLaunchArgument("params_file", default_value=default_params,
                               description="YAML with the parameters of both nodes."),
+        DeclareLaunchArgument("superpoint_model", default_value="",
+                              description="SuperPoint hub id or local directory (empty: from params_file)."),
+        DeclareLaunchArgument("eloftr_model", default_value="",
+                              description="EfficientLoFTR hub id or local directory (empty: from params_file)."),
         DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
         DeclareLaunchArgument("use_compressed", default_value="false",
                               description="Subscribe to sensor_msgs/CompressedImage."),
@@ -31,35 +49,61 @@ def generate_launch_description():
                               description="Always publish ~/debug_image overlays."),
         DeclareLaunchArgument("detector", default_value="true", description="Run superpoint_node."),
         DeclareLaunchArgument("matcher", default_value="true", description="Run eloftr_node."),
+        DeclareLaunchArgument("respawn", default_value="false",
+                              description="Restart a node that exits (after respawn_delay s) "
+                                          "instead of shutting the launch down."),
+        DeclareLaunchArgument("respawn_delay", default_value="2.0",
+                              description="Seconds before a respawn."),
         DeclareLaunchArgument(
-            "large_data", default_value="true",
-            description="Use Fast DDS LARGE_DATA transports (SHM/TCP for data, UDP discovery): "
-                        "~5x lower latency for full frames on one machine, works across machines "
-                        "with peers that use it too. Ignored if FASTDDS_BUILTIN_TRANSPORTS is set."),
+            "large_data", default_value="false",
+            description="Opt-in: Fast DDS LARGE_DATA transports (shared memory/TCP for data, UDP "
+                        "discovery), lower latency for full frames. Every other participant "
+                        "(camera driver, ros2 CLI, bag player, other machines) must then set "
+                        "FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA too: processes with different "
+                        "transports do not discover each other. Ignored if "
+                        "FASTDDS_BUILTIN_TRANSPORTS is set."),
     ]
     # The user's own FASTDDS_BUILTIN_TRANSPORTS, if any, wins.
     transports = SetEnvironmentVariable(
         "FASTDDS_BUILTIN_TRANSPORTS",
         EnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", default_value="LARGE_DATA"),
         condition=IfCondition(LaunchConfiguration("large_data")))
+    return LaunchDescription(args + [transports, OpaqueFunction(function=feature_nodes)])
 
-    image_topic = LaunchConfiguration("image_topic")
-    overrides = {
-        "device": LaunchConfiguration("device"),
-        "use_compressed": ParameterValue(LaunchConfiguration("use_compressed"), value_type=bool),
-        "debug_image": ParameterValue(LaunchConfiguration("debug_images"), value_type=bool),
-    }
-    remappings = [("image", image_topic), ("image/compressed", [image_topic, "/compressed"])]
 
-    def feature_node(executable, enabled):
-        return Node(package="kp_ros", executable=executable, name=executable,
-                    namespace=LaunchConfiguration("namespace"),
-                    parameters=[LaunchConfiguration("params_file"), overrides],
-                    remappings=remappings, output="screen", emulate_tty=True,
-                    condition=IfCondition(LaunchConfiguration(enabled)))
+def feature_nodes(context):
+    """The nodes, built once the arguments are known (an empty model argument must leave
+    the params file's model alone, which a plain substitution cannot express)."""
+    def arg(name):
+        return LaunchConfiguration(name).perform(context)
 
-    return LaunchDescription(args + [
-        transports,
-        feature_node("superpoint_node", "detector"),
-        feature_node("eloftr_node", "matcher"),
-    ])
+    image_topic = arg("image_topic")
+    respawn = arg("respawn").lower() in TRUE
+    remappings = [("image", image_topic), ("image/compressed", image_topic + "/compressed")]
+    common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
+              "debug_image": arg("debug_images").lower() in TRUE}
+    actions = []
+    for executable, enabled, model in (("superpoint_node", "detector", "superpoint_model"),
+                                       ("eloftr_node", "matcher", "eloftr_model")):
+        if arg(enabled).lower() not in TRUE:
+            continue
+        overrides = dict(common, **({"model": arg(model)} if arg(model) else {}))
+        node = Node(package="kp_ros", executable=executable, name=executable,
+                    namespace=arg("namespace"), parameters=[arg("params_file"), overrides],
+                    remappings=remappings, output="screen",
+                    # Colour codes only where a person reads a terminal, not in redirected logs.
+                    emulate_tty=sys.stdout.isatty(),
+                    respawn=respawn, respawn_delay=float(arg("respawn_delay")))
+        actions.append(node)
+        if not respawn:
+            actions.append(RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_node_exit)))
+    return actions
+
+
+def on_node_exit(event, context):
+    """A node that stops takes the launch down; one that failed also makes ros2 launch
+    exit non-zero (launch returns 1 when an event handler raises)."""
+    if event.returncode not in (0, None) and not context.is_shutdown:
+        raise NodeFailed(f"{event.action.node_name} exited with code {event.returncode}: "
+                         f"shutting down (see its log lines above)")
+    return [Shutdown(reason=f"{event.action.node_name} exited")]

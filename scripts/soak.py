@@ -50,7 +50,6 @@ def setup_env() -> None:
     """DDS as the launch file sets it up, on a domain of this run's own, before rclpy loads."""
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     os.environ.setdefault("HOME", "/tmp")
     os.environ.setdefault("ROS_LOG_DIR", os.path.join(os.environ["HOME"], ".ros", "log"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

@@ -19,8 +19,8 @@ TUM_DIR = REPO_ROOT.parent / "shared" / "data" / "tum_fr3_long_office_household"
 # One DDS domain per pytest process (pid-derived), so parallel or overlapping runs
 # cannot cross-talk; subprocesses inherit it. 0..101 keeps ports in range.
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-# As launch/matcher.launch.py does: full frames over best-effort UDP are mostly lost.
-os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+# Default DDS transports, as a camera driver, ros2 bag play and the ros2 CLI use them (and
+# the launch file by default): the suite must work with the ROS 2 world around kp_ros.
 os.environ.setdefault("ROS_LOG_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "kp_ros_test_logs"))
 
 

@@ -51,6 +51,28 @@ def node_env(extra: dict | None = None) -> dict:
     return env
 
 
+def clean_env(extra: dict | None = None) -> dict:
+    """The environment of a user's plain shell with ROS sourced (what a camera driver,
+    ``ros2 bag play`` or the ros2 CLI started elsewhere gets): no FASTDDS_* or other
+    variable kp_ros's own set-up adds, the same ROS_DOMAIN_ID as this test."""
+    prefix = os.environ.get("AMENT_PREFIX_PATH", str(Path(sys.executable).resolve().parents[1]))
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"]),
+           "HOME": os.environ.get("HOME", "/tmp"), "AMENT_PREFIX_PATH": prefix,
+           "ROS_DOMAIN_ID": os.environ["ROS_DOMAIN_ID"], "PYTHONUNBUFFERED": "1",
+           "ROS_LOG_DIR": os.environ.get("ROS_LOG_DIR", "/tmp/kp_ros_test_logs")}
+    env.update(extra or {})
+    return env
+
+
+def run_plain_camera(*args: str, timeout: float = 180.0) -> dict:
+    """test/plain_camera.py in a clean environment (see clean_env); its JSON result."""
+    import json
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "test" / "plain_camera.py"), *args],
+                            env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def start_node(executable: str, params: dict | None = None, remaps: dict | None = None,
                params_file: Path | None = PARAMS_FILE, namespace: str | None = None,
                log_path: Path | None = None) -> subprocess.Popen:
@@ -184,6 +206,7 @@ class InProcessNode:
         self.driver.create_subscription(output_type, f"{namespace}/{output_topic}",
                                         self.outputs.append, output_qos())
         self.executor = SingleThreadedExecutor(context=self.context)
+        self.node.start()  # as run_node does
         self.executor.add_node(self.driver)
         self.executor.add_node(self.node)
         self.submitted = 0

@@ -80,8 +80,9 @@ def to_model_input(image: np.ndarray, encoding: str) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def decode_compressed(data) -> np.ndarray:
-    """uint8 mono or RGB from JPEG/PNG/... bytes (sensor_msgs/CompressedImage.data)."""
+def check_compressed(data) -> np.ndarray:
+    """The bytes as a uint8 array, after the checks that need no decoding (empty data, a
+    header that claims too many pixels); ImageDecodeError otherwise. Tens of microseconds."""
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageDecodeError("empty compressed image")
@@ -89,6 +90,12 @@ def decode_compressed(data) -> np.ndarray:
     if width * height > MAX_PIXELS:
         # A few KB of PNG can claim gigapixels: refuse before decoding, as for raw frames.
         raise ImageDecodeError(f"compressed image {width}x{height} exceeds {MAX_PIXELS} pixels")
+    return buffer
+
+
+def decode_compressed(data) -> np.ndarray:
+    """uint8 mono or RGB from JPEG/PNG/... bytes (sensor_msgs/CompressedImage.data)."""
+    buffer = check_compressed(data)
     image = cv2.imdecode(buffer, cv2.IMREAD_ANYCOLOR)
     if image is None:
         raise ImageDecodeError(f"undecodable compressed image ({buffer.size} bytes)")

@@ -11,8 +11,8 @@ import array
 import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
 
-from kp_ros.core.image_codec import (decode_compressed, image_from_buffer,
-                                     model_input_encoding, to_model_input)
+from kp_ros.core.image_codec import (ImageDecodeError, check_compressed, decode_compressed,
+                                     image_from_buffer, model_input_encoding, to_model_input)
 from kp_ros.msg import Keypoints, Matches
 
 
@@ -92,6 +92,20 @@ def image_msg_to_array(msg: Image) -> np.ndarray:
     """The frame as a raw (native dtype/channels) array view; ImageDecodeError if malformed."""
     return image_from_buffer(msg.data, msg.height, msg.width, msg.encoding, msg.step,
                              bool(msg.is_bigendian))
+
+
+def image_msg_problem(msg) -> str | None:
+    """Why a sensor_msgs/Image or CompressedImage cannot be decoded, from what is cheap to
+    check (encoding, sizes, step, data length; empty or oversized compressed data), or
+    None. Microseconds: no pixel is copied or decoded."""
+    try:
+        if isinstance(msg, CompressedImage):
+            check_compressed(msg.data)
+        else:
+            image_msg_to_array(msg)
+    except ImageDecodeError as exc:
+        return str(exc)
+    return None
 
 
 def image_msg_to_model_input(msg) -> np.ndarray:

@@ -10,6 +10,7 @@ import signal
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import rclpy
@@ -23,9 +24,10 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.model_loading import ModelUnavailableError
-from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
+from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
-from kp_ros.ros.qos import image_input_qos, output_qos
+from kp_ros.ros.image_input import RELIABILITY_CHOICES, ImageInput, normalize_reliability
+from kp_ros.ros.qos import output_qos
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,13 @@ class Param:
     high: float | None = None
     runtime: bool = True
     choices: tuple[str, ...] = ()
+    # Maps accepted aliases (e.g. an old boolean form) to the canonical value; raises
+    # ValueError with the reason. Such a parameter is declared dynamically typed.
+    normalize: Callable[[object], object] | None = None
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
-        desc = ParameterDescriptor(description=text)
+        desc = ParameterDescriptor(description=text, dynamic_typing=self.normalize is not None)
         if self.low is not None and isinstance(self.default, bool) is False:
             if isinstance(self.default, int):
                 desc.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
@@ -64,8 +69,10 @@ COMMON_PARAMS = (
           "pixels, aspect kept).", choices=("model", "native")),
     Param("use_compressed", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed "
           "instead of sensor_msgs/Image on image.", runtime=False),
-    Param("reliable_input", False, "Subscribe with reliable QoS instead of the sensor-data "
-          "(best-effort) profile, e.g. to take every frame of a reliable bag replay.", runtime=False),
+    Param("reliable_input", "auto", "Image subscription reliability: auto follows the "
+          "publishers (reliable when all are, else best effort); reliable or best_effort fix it. "
+          "true/false are accepted as reliable/best_effort.", runtime=False,
+          choices=RELIABILITY_CHOICES, normalize=normalize_reliability),
     Param("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
           "someone subscribes to it)."),
     Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0, runtime=False),
@@ -84,7 +91,8 @@ class FeatureNode(Node):
         self._params = {p.name: p for p in self.MODEL_PARAMS + COMMON_PARAMS}
         for p in self._params.values():
             self.declare_parameter(p.name, p.default, p.descriptor())
-        self.values = {name: self.get_parameter(name).value for name in self._params}
+        self.values = {name: self._normalized(name, self.get_parameter(name).value)
+                       for name in self._params}
         for name, value in self.values.items():
             reason = self._choice_error(name, value)
             if reason:
@@ -99,22 +107,24 @@ class FeatureNode(Node):
         self._last_reject_log = 0.0
         self._diag_prev = (time.monotonic(), 0, 0)
         self._started = time.monotonic()
+        self.input: ImageInput | None = None
 
+    def start(self) -> None:
+        """Subscribe and start publishing diagnostics: called once the whole node (subclass
+        publishers included) is built, so no frame reaches a half-built node."""
+        if self.input is not None:
+            return
         if self.values["use_compressed"]:
             topic, msg_type = "image/compressed", CompressedImage
         else:
             topic, msg_type = "image", Image
-        self._sub = self.create_subscription(msg_type, topic, self.on_image,
-                                             image_input_qos(self.values["reliable_input"]))
+        self.input = ImageInput(self, msg_type, topic, self.values["reliable_input"], self.on_image)
         self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
 
     def announce(self) -> None:
         """The start-up line: what runs on which topic. Logged once the whole node (subclass
         included) is built, so a node stopped while starting still logs its counters."""
-        topic = self._sub.topic_name
-        self.get_logger().info(
-            f"{self.describe()} on {topic} "
-            f"({'reliable' if self.values['reliable_input'] else 'sensor-data'} QoS)")
+        self.get_logger().info(f"{self.describe()} on {self.input.topic} ({self.input.describe_qos()})")
 
     # --- for subclasses -------------------------------------------------------------
     def build_core(self, values: dict):
@@ -144,7 +154,15 @@ class FeatureNode(Node):
         self._debug_pub.publish(array_to_image_msg(image_rgb, "rgb8", header))
 
     def on_image(self, msg) -> None:
-        """The subscription callback: never waits for inference."""
+        """The subscription callback: never waits for inference. What is cheap to check
+        (encoding, sizes, data length, empty compressed data) is checked here, so a frame
+        that will be rejected never displaces a good one from the keep-latest slot and never
+        counts in the stream's continuity."""
+        problem = image_msg_problem(msg)
+        if problem is not None:
+            self.worker.reject(problem)
+            self._log_rejected(msg, problem, FrameRejected(problem))
+            return
         self.worker.submit((msg, self.on_arrival(msg)))
 
     def _process_frame(self, item) -> None:
@@ -165,6 +183,10 @@ class FeatureNode(Node):
         detail = "" if isinstance(exc, FrameRejected) else f": {exc!r}"
         self.get_logger().error(f"frame rejected: {reason}{detail} (rejected so far: {counts.rejected})")
 
+    def _normalized(self, name: str, value):
+        normalize = self._params[name].normalize
+        return normalize(value) if normalize is not None else value
+
     def _choice_error(self, name: str, value) -> str | None:
         choices = self._params[name].choices
         if choices and value not in choices:
@@ -177,14 +199,18 @@ class FeatureNode(Node):
             spec = self._params.get(param.name)
             if spec is None:
                 continue
-            if not spec.runtime and param.value != self.values[param.name]:
+            try:
+                value = self._normalized(param.name, param.value)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+            if not spec.runtime and value != self.values[param.name]:
                 return SetParametersResult(successful=False, reason=(
                     f"{param.name} cannot change while running: restart the node "
                     f"(ros2 launch / ros2 run) with the new value"))
-            reason = self._choice_error(param.name, param.value)
+            reason = self._choice_error(param.name, value)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
-            changes[param.name] = param.value
+            changes[param.name] = value
         try:
             self.apply_params(changes)
         except ValueError as exc:
@@ -205,6 +231,8 @@ class FeatureNode(Node):
         status.message = "ok"
         if counts.rejected:
             status.level, status.message = DiagnosticStatus.WARN, f"{counts.rejected} frames rejected"
+        if self.input is not None and self.input.problem:
+            status.level, status.message = DiagnosticStatus.WARN, self.input.problem
         values = {
             "input rate (Hz)": (counts.received - received0) / elapsed,
             "processed rate (Hz)": (counts.processed - processed0) / elapsed,
@@ -213,6 +241,9 @@ class FeatureNode(Node):
             "latency median (ms)": 1e3 * statistics.median(latencies) if latencies else 0.0,
             "latency max (ms)": 1e3 * latencies[-1] if latencies else 0.0,
             "device": str(self.core.device), "model": self.core.model_id,
+            "input topic": self.input.topic if self.input else "",
+            "input QoS": self.input.describe_qos() if self.input else "",
+            "input publishers matched": self.input.matched_publishers() if self.input else 0,
         }
         status.values = [KeyValue(key=k, value=f"{v:.2f}" if isinstance(v, float) else str(v))
                          for k, v in values.items()]
@@ -244,6 +275,7 @@ def run_node(node_class, args=None) -> int:
     node = None
     try:
         node = node_class()
+        node.start()
         node.announce()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -36,6 +36,11 @@ class FrameCounts:
         return text
 
 
+def reason_key(reason: str) -> str:
+    """Rejections are grouped by the text before the first colon (the kind, not the details)."""
+    return reason.split(":")[0][:80]
+
+
 _SUMMARY = re.compile(r"received=(\d+) processed=(\d+) dropped=(\d+) rejected=(\d+)")
 
 
@@ -81,6 +86,14 @@ class LatestFrameWorker:
                 self.counts.dropped += 1
             self._slot = (item, time.monotonic())
             self._wake.notify()
+
+    def reject(self, reason: str) -> None:
+        """Count a frame refused on arrival (malformed): received and rejected, without
+        touching the slot, so it never displaces the frame waiting there."""
+        with self._lock:
+            self.counts.received += 1
+            self.counts.rejected += 1
+            self.counts.reasons[reason_key(reason)] += 1
 
     @property
     def pending(self) -> int:
@@ -132,7 +145,7 @@ class LatestFrameWorker:
                     self.latencies.append(time.monotonic() - submitted)
                 else:
                     self.counts.rejected += 1
-                    self.counts.reasons[reason.split(":")[0][:80]] += 1
+                    self.counts.reasons[reason_key(reason)] += 1
             if error is not None:
                 try:
                     self._on_reject(item, reason, error)

@@ -9,8 +9,9 @@ RELIABLE_INPUT_DEPTH = 50
 
 
 def image_input_qos(reliable: bool) -> QoSProfile:
-    """Sensor-data (best effort, keep last 5) so best-effort cameras connect; reliable on request
-    (e.g. for bag replays where every frame must arrive)."""
+    """Sensor-data (best effort, keep last 5), which connects to any publisher, or reliable
+    (which only reliable publishers match, and which retransmits lost fragments: full frames
+    arrive). kp_ros.ros.image_input chooses between them from the publishers."""
     if not reliable:
         return qos_profile_sensor_data
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RELIABLE_INPUT_DEPTH,

@@ -66,7 +66,6 @@ def start_node(name: str, model: str, device: str, log: Path) -> subprocess.Pope
            "-p", f"model:={model}", "-p", f"device:={device}", "-p", "debug_image:=true",
            "-p", "reliable_input:=true", "-r", "__ns:=/kp_demo", "-r", "image:=/kp_demo/image_raw"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -82,7 +81,6 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one frame's outputs")
     args = parser.parse_args(argv)
     os.environ.setdefault("ROS_LOG_DIR", str(Path(os.environ.get("HOME", "/tmp")) / ".ros" / "log"))
-    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
 
     if not args.frames.is_dir():
         print(f"kp_demo: no frames folder {args.frames} (pass --frames DIR)", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""A stand-in for somebody else's camera driver: publishes sensor_msgs/Image frames with
+plain rclpy, and nothing of kp_ros's set-up. Tests and bench/bench_interop.py run it as a
+separate process in a clean environment (no FASTDDS_* or other variables kp_ros sets),
+as a camera driver or ``ros2 bag play`` started in another shell would be.
+
+    python test/plain_camera.py --topic /cam/image_raw --rate 30 --count 600 \
+        --width 640 --height 480 --reliability reliable [--listen /keypoints]
+
+Waits (up to --wait s) for --subscribers matched subscriptions, then publishes; with
+--listen it also records when each kp_ros/Keypoints for a published stamp arrives. Prints
+one JSON line: sent, per-frame publish times and output arrival times (monotonic, s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import rclpy
+from builtin_interfaces.msg import Time
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+
+
+def frame_bytes(height: int, width: int, index: int) -> bytes:
+    """A textured rgb8 frame that moves by 2 px per index (matchable, cheap to make)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (height // 8 + 4, width // 8 + 4, 3), dtype=np.uint8)
+    big = np.kron(base, np.ones((8, 8, 1), np.uint8))
+    x = (2 * index) % 16
+    return np.ascontiguousarray(big[:height, x:x + width]).tobytes()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--topic", default="/camera/image_raw")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--rate", type=float, default=30.0)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
+    parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--subscribers", type=int, default=1, help="matched subscriptions to wait for")
+    parser.add_argument("--wait", type=float, default=60.0, help="max seconds to wait for them")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds after matching (discovery completes both ways)")
+    parser.add_argument("--listen", default="", help="kp_ros/Keypoints topic to time outputs on")
+    parser.add_argument("--linger", type=float, default=3.0, help="seconds to keep listening after")
+    parser.add_argument("--first-stamp", type=int, default=1000, help="seconds of the first stamp")
+    args = parser.parse_args(argv)
+
+    rclpy.init()
+    node = rclpy.create_node("plain_camera")
+    reliability = (ReliabilityPolicy.RELIABLE if args.reliability == "reliable"
+                   else ReliabilityPolicy.BEST_EFFORT)
+    pub = node.create_publisher(Image, args.topic, QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=args.depth, reliability=reliability))
+    arrivals: dict[str, float] = {}
+    sizes: dict[str, int] = {}  # keypoints per output
+    if args.listen:
+        from kp_ros.msg import Keypoints
+
+        def on_output(msg):
+            key = f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
+            arrivals.setdefault(key, time.monotonic())
+            sizes[key] = len(msg.x)
+        node.create_subscription(Keypoints, args.listen, on_output, QoSProfile(
+            depth=50, reliability=ReliabilityPolicy.RELIABLE))
+
+    deadline = time.monotonic() + args.wait
+    while pub.get_subscription_count() < args.subscribers and time.monotonic() < deadline:
+        rclpy.spin_once(node, timeout_sec=0.05)
+    matched = pub.get_subscription_count()
+    end = time.monotonic() + args.settle
+    while time.monotonic() < end:
+        rclpy.spin_once(node, timeout_sec=0.05)
+
+    frames = [frame_bytes(args.height, args.width, i) for i in range(8)]
+    published: dict[str, float] = {}
+    period, start = 1.0 / args.rate, time.monotonic()
+    for i in range(args.count):
+        while (now := time.monotonic()) < start + i * period:
+            rclpy.spin_once(node, timeout_sec=max(0.0, start + i * period - now))
+        msg = Image(height=args.height, width=args.width, encoding="rgb8", step=3 * args.width,
+                    data=frames[i % len(frames)])
+        msg.header.stamp = Time(sec=args.first_stamp + i // 1000, nanosec=(i % 1000) * 1_000_000)
+        msg.header.frame_id = "plain_camera"
+        published[f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"] = time.monotonic()
+        pub.publish(msg)
+    seconds = time.monotonic() - start
+    end = time.monotonic() + args.linger
+    while time.monotonic() < end:
+        rclpy.spin_once(node, timeout_sec=0.05)
+    print(json.dumps({"sent": args.count, "matched": matched, "seconds": seconds,
+                      "published": published, "arrivals": arrivals, "sizes": sizes}), flush=True)
+    node.destroy_node()
+    rclpy.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
