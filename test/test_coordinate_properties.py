@@ -65,12 +65,12 @@ def points_in(size, seed: int, count: int = 20) -> torch.Tensor:
 @example(model=(480, 640), source=(3000, 4000), seed=0)
 @example(model=(480, 640), source=(1, 1), seed=0)
 def test_model_pixels_map_inside_the_source_image(model, source, seed):
-    """Any model-resolution point in [0, w-1] x [0, h-1] lands in [0, W) x [0, H)."""
+    """Any model-resolution point in [0, w-1] x [0, h-1] lands in the source image, which
+    spans [-0.5, W - 0.5] x [-0.5, H - 0.5] with pixel centres at integers."""
     points = points_in(model, seed)
     mapped = scale_to_source(points, model, source)
     assert mapped.dtype == torch.float32 and mapped.shape == points.shape
-    assert torch.isfinite(mapped).all() and (mapped >= 0).all()
-    assert (mapped[:, 0] < source[1]).all() and (mapped[:, 1] < source[0]).all()
+    assert_inside(mapped, source)
 
 
 @settings(max_examples=200, deadline=None)
@@ -113,10 +113,11 @@ def random_image(size, seed: int, color: bool) -> np.ndarray:
 
 
 def assert_inside(points: torch.Tensor, size) -> None:
+    """Inside [-0.5, W - 0.5] x [-0.5, H - 0.5]: the image's extent, pixel centres at integers."""
     height, width = size
     assert torch.isfinite(points).all()
-    assert (points >= 0).all() and (points[:, 0] < width).all() and (points[:, 1] < height).all(), \
-        f"points outside {width}x{height}: {points[(points[:, 0] >= width) | (points[:, 1] >= height)]}"
+    outside = ((points < -0.5).any(1) | (points[:, 0] > width - 0.5) | (points[:, 1] > height - 0.5))
+    assert not outside.any(), f"points outside {width}x{height}: {points[outside]}"
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,24 @@ def test_coarse_stages_equal_the_reference(model_dir, frames, motion):
     assert torch.equal(cut_windows(fine1[0], matches.j_ids, width, 8, 10, 1), windows1[0, matches.j_ids])
 
 
+@pytest.mark.parametrize("shape", [(1024, 768), (512, 512), (640, 480), (376, 1241)])
+def test_coarse_confidence_equals_the_reference_on_portrait_and_square(tiny_eloftr_dir, shape):
+    """Issue 13: model inputs and coarse confidences bit-identical for sources that Pillow
+    resizes vertical pass first (portrait, square) as well as landscape ones."""
+    image0 = synthetic_frame(*shape, seed=1)
+    image1 = synthetic_frame(*shape, seed=1, shift=(5, 3))
+    matcher = make_matcher(tiny_eloftr_dir, resize="model")
+    reference = Reference(tiny_eloftr_dir, threshold=0.0)
+    inputs, _, _ = reference(image0, image1, (480, 640))
+    for index, image in enumerate((image0, image1)):
+        assert torch.equal(matcher.preprocess(image)[0][0, 0], inputs["pixel_values"][0, index, 0])
+    with torch.inference_mode():
+        coarse0, coarse1 = matcher.transform(matcher.extract(matcher.preprocess(image0)),
+                                             matcher.extract(matcher.preprocess(image1)))
+        confidence = matcher.coarse_confidence(coarse0, coarse1)
+    assert torch.equal(confidence, reference.recorded["confidence"].reshape(confidence.shape))
+
+
 def test_identity_motion_agrees_with_the_reference(model_dir, frames):
     """Same frame twice: the reference's pairs are right; kp_ros has the same pairs and
     scores, and each keypoint lies in the same fine window as the reference's."""

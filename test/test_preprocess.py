@@ -122,6 +122,33 @@ def test_resize_like_pil_is_exact(source, size):
     np.testing.assert_array_equal(ours, expected)
 
 
+# Portrait, square, landscape, odd and extreme aspect ratios, up and down (source (H, W)):
+# Pillow runs the vertical pass first for some of them (issue 13), e.g. every portrait
+# source resized to a landscape 640x480.
+EVERY_SHAPE = [(640, 480), (1280, 720), (1920, 1080), (1024, 768), (800, 600), (1296, 968),
+               (1200, 900), (960, 720), (1241, 376), (512, 512), (768, 1024), (4000, 3000),
+               (3000, 4000), (240, 320), (480, 480), (100, 100), (900, 200), (7, 1500),
+               (1500, 7), (481, 641), (479, 639), (33, 47), (2, 3), (1, 1)]
+EVERY_TARGET = [(480, 640), (640, 480), (104, 152), (96, 96)]
+
+
+@pytest.mark.parametrize("source", EVERY_SHAPE)
+@pytest.mark.parametrize("size", EVERY_TARGET)
+def test_resize_like_pil_is_exact_for_every_shape(source, size):
+    image = random_image(source + (3,), seed=source[0] * 7 + source[1])
+    expected = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+    ours = resize_like_pil(torch.from_numpy(image).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+    differ = int((ours != expected).sum())
+    assert differ == 0, f"{source} -> {size}: {differ} values differ from PIL"
+
+
+@pytest.mark.parametrize("shape", [(1024, 768, 3), (640, 480, 3), (512, 512, 3), (376, 1241, 3),
+                                   (1500, 7, 3), (768, 1024)])
+def test_preprocess_gray_is_bit_exact_for_portrait_and_square(processor, shape):
+    image = random_image(shape, seed=shape[0])
+    assert torch.equal(preprocess_gray(image, MODEL_SIZE, CPU), reference_pixels(processor, image))
+
+
 def test_rescale_and_gray_weights_round_like_numpy():
     """The claim preprocess_gray relies on, for every uint8 value: torch float32(u / 255)
     == numpy float32(float64(u) * (1/255)), and each float32 weighted term is identical."""
@@ -176,24 +203,52 @@ def test_stock_processor_feeds_the_red_channel(stock_processor):
 
 # --- coordinates ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source_size", [(480, 640), (600, 800), (123, 457), (1080, 1920)])
-def test_scale_to_source_truncates_to_the_reference_ints(source_size):
-    """Reference post-process: model (x, y) / [w, h] (model forward), * [W, H] and
+def reference_source_ints(model_xy: torch.Tensor, model_size, source_size) -> torch.Tensor:
+    """The reference post-process: model (x, y) / [w, h] (model forward), * [W, H] and
     int32 (post_process_keypoint_detection), with those exact tensor types."""
+    (height, width), (source_height, source_width) = model_size, source_size
+    relative = model_xy.float() / torch.tensor([width, height])
+    return (relative * torch.tensor([source_width, source_height])).to(torch.int32)
+
+
+@pytest.mark.parametrize("source_size", [(480, 640), (600, 800), (123, 457), (1080, 1920),
+                                         (968, 1296), (640, 480)])
+def test_scale_to_source_is_pixel_centre_aligned(source_size):
+    """x_src = (x_model + 0.5) * W / w - 0.5: model pixel centres land on the source
+    positions they were resampled from (PIL's bilinear samples at (x + 0.5) * W / w - 0.5),
+    not on the reference's x * W / w, which is off by 0.5 * (W / w - 1) px."""
     height, width = MODEL_SIZE
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     points = torch.stack([xs, ys], -1).reshape(-1, 2).float()
-    relative = points / torch.tensor([width, height])
-    reference = (relative * torch.flip(torch.tensor([source_size]), [1])[:, None])[0].to(torch.int32)
     ours = scale_to_source(points, MODEL_SIZE, source_size)
     assert ours.dtype == torch.float32
-    assert torch.equal(ours.to(torch.int32), reference)
-    assert ((ours - reference).abs() < 1).all()
-    assert (ours >= 0).all() and (ours[:, 0] < source_size[1]).all() and (ours[:, 1] < source_size[0]).all()
+    scale = torch.tensor([source_size[1] / width, source_size[0] / height], dtype=torch.float64)
+    torch.testing.assert_close(ours, ((points.double() + 0.5) * scale - 0.5).float(), rtol=0, atol=1e-4)
+    # The image covers [-0.5, W - 0.5] in this convention; the first/last model pixel
+    # centres sit half a model pixel inside it.
+    first, last = ours[0], ours[-1]
+    torch.testing.assert_close(first, (0.5 * scale - 0.5).float())
+    torch.testing.assert_close(last, (torch.tensor(source_size[::-1]) - 0.5 - 0.5 * scale).float())
+    # The reference's mapping differs by exactly the bias the issue measured.
+    reference = points / torch.tensor([width, height]) * torch.tensor(source_size[::-1])
+    torch.testing.assert_close(ours - reference, (0.5 * (scale - 1)).float().expand_as(ours),
+                               rtol=0, atol=1e-3)
+
+
+def test_scale_to_source_at_identity_keeps_values_exact():
+    """254 stays 254.0, not 253.99998 (float32 divide-then-multiply)."""
+    points = torch.tensor([[254.0, 17.0], [639.0, 479.0], [0.0, 0.0], [10.25, 3.5]])
+    assert torch.equal(scale_to_source(points, MODEL_SIZE, MODEL_SIZE), points)
+    assert torch.equal(scale_to_model(points, MODEL_SIZE, MODEL_SIZE), points)
+    every = torch.stack(torch.meshgrid(torch.arange(640.0), torch.arange(480.0), indexing="ij"), -1).reshape(-1, 2)
+    assert torch.equal(scale_to_source(every, MODEL_SIZE, MODEL_SIZE), every)
+    # Exact multiples stay exact too: 2x down maps model pixel 3 to source 6.5 exactly.
+    assert torch.equal(scale_to_source(torch.tensor([[3.0, 3.0]]), (240, 320), MODEL_SIZE),
+                       torch.tensor([[6.5, 6.5]]))
 
 
 def test_scale_to_model_inverts_scale_to_source():
     points = torch.tensor([[0.0, 0.0], [10.5, 7.25], [639.0, 479.0]])
     there = scale_to_source(points, MODEL_SIZE, (600, 800))
-    torch.testing.assert_close(there, points * 1.25)
+    torch.testing.assert_close(there, (points + 0.5) * 1.25 - 0.5)
     torch.testing.assert_close(scale_to_model(there, MODEL_SIZE, (600, 800)), points)

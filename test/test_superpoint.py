@@ -7,7 +7,9 @@ processor.post_process_keypoint_detection. Where kp_ros differs, on purpose:
     at y = h-1 survive); kp_ros applies ``border_removal_distance`` on all four sides, as
     the config (and the original SuperPoint) intends. Parity compares against the
     reference with its bottom/right band removed, and a test pins the bug down.
-  - coordinates: floats, whose int32 truncation equals the reference's ints exactly,
+  - coordinates: sub-pixel floats, pixel-centre aligned ((x + 0.5) * W / w - 0.5); the
+    reference maps x * W / w and truncates. Parity compares model-resolution positions and
+    applies each mapping to them,
   - order: descending score (reference: raster order),
   - values: kp_ros runs the network channels_last, so scores and descriptors differ by
     float rounding (observed <= 3e-7); tolerances below are 1e-6 / 1e-5. Keypoint sets
@@ -24,7 +26,7 @@ import torch
 from PIL import Image
 
 from kp_ros.core.model_loading import ModelUnavailableError
-from kp_ros.core.preprocess import MODEL_SIZE, scale_to_model, target_size
+from kp_ros.core.preprocess import MODEL_SIZE, scale_to_model, scale_to_source, target_size
 from kp_ros.core.superpoint import (SuperPointDetector, SuperPointParams, _nms_mask_torch, nms_mask,
                                    simple_nms)
 from conftest import synthetic_frame
@@ -84,8 +86,13 @@ def assert_matches_reference(ours: dict, ref: dict, border: int, source_size) ->
     assert len(ours["keypoints"]) == len(ref["keypoints"]) > 0
     mine, theirs = by_position(ours_model_xy), by_position(ref["model_xy"])
     assert torch.equal(ours_model_xy[mine], ref["model_xy"][theirs])
-    # Our float source coordinates truncate to exactly the reference's ints.
-    assert torch.equal(ours["keypoints"][mine].to(torch.int32), ref["keypoints"][theirs])
+    # Like with like: the reference's source ints are its own mapping (x * W / w, truncated)
+    # of these same model pixels; ours are the pixel-centre mapping of them.
+    (height, width), (source_height, source_width) = ref["model_size"], source_size
+    theirs_from_ours = (ours_model_xy.float() / torch.tensor([width, height])
+                        * torch.tensor([source_width, source_height])).to(torch.int32)
+    assert torch.equal(theirs_from_ours[mine], ref["keypoints"][theirs])
+    assert torch.equal(ours["keypoints"], scale_to_source(ours_model_xy, ref["model_size"], source_size))
     torch.testing.assert_close(ours["scores"][mine], ref["scores"][theirs], rtol=0, atol=SCORE_ATOL)
     torch.testing.assert_close(ours["descriptors"][mine], ref["descriptors"][theirs],
                                rtol=0, atol=DESCRIPTOR_ATOL)
@@ -129,6 +136,21 @@ def test_native_resize_matches_reference_and_stays_in_the_image(tiny_superpoint_
     assert_matches_reference(result, reference_detect(reference, image, size=size), ours.border, (100, 150))
     keypoints = result["keypoints"]
     assert (keypoints >= 0).all() and (keypoints[:, 0] < 150).all() and (keypoints[:, 1] < 100).all()
+
+
+@pytest.mark.parametrize("shape", [(1024, 768), (640, 480), (512, 512), (768, 1024), (376, 1241),
+                                   (900, 200), (240, 320)])
+def test_matches_reference_on_portrait_square_and_landscape(detector, reference, shape):
+    """Issue 13: portrait and square sources, which Pillow resizes vertical pass first."""
+    image = synthetic_frame(*shape, seed=shape[0])
+    assert_matches_reference(detector.detect(image), reference_detect(reference, image),
+                             detector.border, image.shape[:2])
+
+
+def test_identity_scale_publishes_exact_pixel_positions(detector):
+    """At 480x640 (model size) every keypoint is an integer pixel: 254.0, never 253.99998."""
+    keypoints = detector.detect(synthetic_frame(480, 640, seed=1))["keypoints"]
+    assert len(keypoints) > 0 and torch.equal(keypoints, keypoints.round())
 
 
 def test_reference_skips_the_bottom_right_border(detector, reference):

@@ -11,10 +11,10 @@ re-implemented in integer torch ops (torch's own uint8 antialias interpolate dif
 PIL by up to 2 levels at some sizes, e.g. 800x600 -> 640x480), and steps 2-3 use
 the same float32 roundings as the reference's numpy arithmetic.
 
-Coordinates: the reference post-process turns model-pixel keypoints ``k`` into source
-pixels as ``int((k / [w, h]) * [W, H])`` in float32. ``scale_to_source`` does the same
-float32 arithmetic without the truncation, so ``scale_to_source(k).int()`` equals the
-reference exactly while kp_ros keeps the sub-pixel floats.
+Coordinates: pixel centres at integers in both the model and the source image, so
+``scale_to_source`` is ``(k + 0.5) * W / w - 0.5``. The reference post-process uses
+``int((k / [w, h]) * [W, H])`` instead, biased by ``0.5 * (W / w - 1)`` px (issue 13);
+parity tests apply that formula to kp_ros's model-resolution keypoints to compare.
 """
 from __future__ import annotations
 
@@ -113,35 +113,65 @@ def _gray_by_lookup(planes: np.ndarray) -> np.ndarray:
 def resize_like_pil(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(C, H, W) uint8 -> (C, h, w) uint8, exactly PIL ``Image.resize(size, BILINEAR)``.
 
-    PIL resamples separably, horizontal pass first, each pass in 22-bit fixed point with
-    a uint8 result; the same integer arithmetic runs here as gather + multiply-add.
+    PIL resamples separably, each pass in 22-bit fixed point with a uint8 result; the same
+    integer arithmetic runs here as gather + multiply-add, in PIL's pass order (the
+    rounding between the passes makes the order matter: see ``pil_vertical_pass_first``).
     """
     height, width = size
-    if tuple(pixels.shape[-2:]) == (height, width):
+    in_height, in_width = pixels.shape[-2:]
+    if (in_height, in_width) == (height, width):
         return pixels  # PIL returns a copy: nothing is resampled
     out = pixels.to(torch.int32)
-    if out.shape[-1] != width:
-        out = _resample_last_axis(out, width)
-    if out.shape[-2] != height:
+    if pil_vertical_pass_first((in_height, in_width), size):
         out = _resample_last_axis(out.transpose(-1, -2), height).transpose(-1, -2)
+        out = _resample_last_axis(out, width)
+    else:
+        if in_width != width:
+            out = _resample_last_axis(out, width)
+        if in_height != height:
+            out = _resample_last_axis(out.transpose(-1, -2), height).transpose(-1, -2)
     return out.to(torch.uint8)
+
+
+def pil_vertical_pass_first(source_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether Pillow (13, the pinned version) resamples rows before columns.
+
+    Its ``ImagingResample`` (no Python-visible switch; read from the compiled library and
+    checked against ``Image.resize`` on every shape in test_preprocess) runs the vertical
+    pass first when both axes change and the height shrinks by more than twice the width's
+    shrink: e.g. every portrait source resized to 640x480, and 512x512.
+    """
+    (in_height, in_width), (height, width) = source_size, size
+    if in_height == height or in_width == width or in_height <= height:
+        return False
+    return in_height - height > 2 * (in_width - width)
 
 
 def scale_to_source(points_xy: torch.Tensor, model_size: tuple[int, int],
                     source_size: tuple[int, int]) -> torch.Tensor:
-    """Model-resolution (x, y) -> source pixels, float32, with the reference's arithmetic
-    (relative = points / [w, h], then * [W, H]); truncating the result gives its ints."""
-    (h, w), (H, W) = model_size, source_size
-    points = points_xy.float()
-    return points / points.new_tensor([w, h]) * points.new_tensor([W, H])
+    """Model-resolution (x, y) -> source pixels, float32, pixel centres at integers in both:
+    ``x_src = (x_model + 0.5) * W / w - 0.5`` (per axis), the inverse of where the resize
+    sampled model pixel x from. The image spans [-0.5, W - 0.5] in this convention."""
+    return _centre_aligned(points_xy, model_size, source_size)
 
 
 def scale_to_model(points_xy: torch.Tensor, model_size: tuple[int, int],
                    source_size: tuple[int, int]) -> torch.Tensor:
     """Source pixels (x, y) -> model resolution, float32 (the inverse of scale_to_source)."""
-    (h, w), (H, W) = model_size, source_size
-    points = points_xy.float()
-    return points / points.new_tensor([W, H]) * points.new_tensor([w, h])
+    return _centre_aligned(points_xy, source_size, model_size)
+
+
+def _centre_aligned(points_xy: torch.Tensor, from_size, to_size) -> torch.Tensor:
+    # As ((2x + 1) * W - w) / (2w) in float64: the numerator is exact for any float32 x, so
+    # the one division is the only rounding; identity and exact ratios stay exact
+    # (254 -> 254.0, not 253.99998 as float32 x / w * W gives).
+    (h, w), (H, W) = from_size, to_size
+    points = points_xy.to(torch.float64)
+    if (h, w) == (H, W):
+        return points.float()
+    sizes_from = points.new_tensor([w, h])
+    sizes_to = points.new_tensor([W, H])
+    return (((2 * points + 1) * sizes_to - sizes_from) / (2 * sizes_from)).float()
 
 
 def _uint8_to_device(image: np.ndarray, device) -> torch.Tensor:
