@@ -95,3 +95,14 @@ def test_errors(tmp_path, capsys):
     assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--rate", "1"]) == 1
     assert "exists already" in capsys.readouterr().err
     assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--rate", "1", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("output", ["imgs", "./imgs/", "imgs/bag", "."])
+def test_output_that_is_or_overlaps_the_input_folder_is_refused(tmp_path, capsys, monkeypatch, output):
+    """Issue 13: the output (replaced with --overwrite) must never be or contain the images."""
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "imgs", ["1.0.png", "2.0.png"])
+    before = sorted(p.name for p in (tmp_path / "imgs").iterdir())
+    assert main(["imgs", output, "--overwrite"]) == 1
+    assert "input" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == before

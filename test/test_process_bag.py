@@ -316,3 +316,24 @@ def test_corrupt_weights_are_a_clear_error_not_a_traceback(tmp_path, capsys, tin
     err = capsys.readouterr().err
     assert "cannot load model" in err and "SafetensorError" in err and str(broken) in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("output", ["same", "dot-slash", "symlink", "inside", "parent", "db3-dir"])
+def test_output_that_is_or_overlaps_the_input_is_refused(tmp_path, capsys, monkeypatch, output):
+    """Issue 13: `process_bag IN IN --overwrite` deleted the images and exited 0."""
+    monkeypatch.chdir(tmp_path)
+    image_bag(tmp_path / "data" / "in", frames(2, 32, 32))
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "in")
+    before = {p: p.read_bytes() for p in (tmp_path / "data" / "in").iterdir()}
+    source, target = {
+        "same": ("data/in", "data/in"), "dot-slash": ("data/in", "./data//in/"),
+        "symlink": ("data/in", "link"), "inside": ("data/in", "data/in/features"),
+        "parent": ("data/in", "data"), "db3-dir": ("data/in/in.db3", "data/in"),
+    }[output]
+    assert pb.main([source, target, "--overwrite", "--no-matcher", "--random-init-fallback"]) == 1
+    err = capsys.readouterr().err
+    assert "process_bag: error:" in err and "input" in err and "overwrite" not in err.split("error:")[0]
+    assert {p: p.read_bytes() for p in (tmp_path / "data" / "in").iterdir()} == before
+    with pytest.raises(BagError, match="input"):
+        pb.process_bag(tmp_path / source, tmp_path / target, object(), overwrite=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "data" / "in").iterdir()} == before

@@ -430,3 +430,18 @@ __all__ = [
     "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir",
     "open_bag", "read_messages", "stamp_to_ns", "time_msg",
 ]
+
+
+def check_output_apart(input_path: str | Path, output_path: str | Path) -> None:
+    """BagError unless ``output_path`` is apart from ``input_path``: not the same path, not
+    inside it, not containing it, after resolving symlinks, ``.``/``..`` and a bare
+    .db3/.mcap input file (its directory counts). An output is replaced with --overwrite,
+    so any overlap would delete the input."""
+    source = Path(input_path).resolve()
+    target = Path(output_path).resolve()
+    sources = {source, source.parent} if source.is_file() else {source}
+    for path in sources:
+        if target == path or target in path.parents or path in target.parents:
+            relation = ("is" if target == path else "contains" if target in path.parents else "is inside")
+            raise BagError(f"output {str(output_path)!r} {relation} the input {str(input_path)!r} "
+                           f"({str(target)!r}): writing it would destroy the input; choose another output")

@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 
 from kp_ros.core.bag_io import (COMPRESSED_TYPE, IMAGE_TYPE, STORAGES, AtomicBagWriter, BagError,
-                                compressed_image_msg, header_msg, image_msg, kp_ros_typestore)
+                                check_output_apart, compressed_image_msg, header_msg, image_msg,
+                                kp_ros_typestore)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ENCODINGS = ("rgb8", "bgr8", "mono8")
@@ -81,6 +82,7 @@ def images_to_bag(folder: str | Path, output: str | Path, topic: str = "/camera/
     folder = Path(folder)
     if not folder.is_dir():
         raise BagError(f"{str(folder)!r} is not a directory")
+    check_output_apart(folder, output)
     paths = list_images(folder)
     if not paths:
         raise BagError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {str(folder)!r}")

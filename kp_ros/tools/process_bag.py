@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from kp_ros.core.bag_io import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, package_file,
-                                STORAGES, AtomicBagWriter, BagError, decode_image_msg,
+                                STORAGES, check_output_apart, AtomicBagWriter, BagError, decode_image_msg,
                                 detect_storage, image_connections, image_encoding, image_msg,
                                 iter_frames, keypoints_msg, kp_ros_typestore, matches_msg,
                                 open_bag, read_messages, stamp_to_ns)
@@ -323,6 +323,7 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
     if detector is None and matcher is None:
         raise ValueError("nothing to do: enable the detector, the matcher or both")
     log = log or (lambda text: tqdm.write(text, file=sys.stderr))
+    check_output_apart(input_path, output_path)
     typestore = kp_ros_typestore()
     storage = storage or detect_storage(input_path)
     reader = open_bag(input_path)
@@ -565,6 +566,7 @@ def main(argv=None) -> int:
             image_connections(reader, args.topic)
         finally:
             reader.close()
+        check_output_apart(args.input, args.output)
         if Path(args.output).exists() and not args.overwrite:
             raise BagError(f"output {args.output!r} exists already (use --overwrite to replace it)")
     except (BagError, ValueError) as err:
