@@ -106,3 +106,30 @@ def test_output_that_is_or_overlaps_the_input_folder_is_refused(tmp_path, capsys
     assert main(["imgs", output, "--overwrite"]) == 1
     assert "input" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == before
+
+
+def test_frame_index_names_are_not_taken_as_times(tmp_path, capsys):
+    """Issue 13: '250.png, 254.png, ...' were stamped 250 s, 254 s, ... (4 s apart, so
+    process_bag reset the matcher on every frame): without --rate that is now an error
+    saying why; with --rate they are stamped from 0 (or --start) in index order."""
+    frames = write_folder(tmp_path / "imgs", ["250.png", "254.png", "258.png", "1000.png"])
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag")]) == 1
+    err = capsys.readouterr().err
+    assert "frame indices" in err and "--rate" in err and "250.png" in err
+    assert not (tmp_path / "bag").exists()
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--rate", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "frame indices" in out and "10 Hz" in out
+    _, _, messages = read_topic(tmp_path / "bag")
+    assert [log_ns for log_ns, _ in messages] == [0, 100_000_000, 200_000_000, 300_000_000]
+    # numeric order, not string order: 1000.png is last
+    for frame, (_, msg) in zip(frames, messages):
+        assert np.array_equal(bag_io.decode_image_msg(msg, bag_io.IMAGE_TYPE), frame)
+
+
+def test_times_in_seconds_are_still_read_from_names(tmp_path):
+    write_folder(tmp_path / "imgs", ["1341847980.722988.png", "1341847980.754743.png", "17.5.png"])
+    assert main([str(tmp_path / "imgs"), str(tmp_path / "bag")]) == 0
+    _, _, messages = read_topic(tmp_path / "bag")
+    assert [log_ns for log_ns, _ in messages] == [17_500_000_000, 1_341_847_980_722_988_000,
+                                                  1_341_847_980_754_743_000]

@@ -24,6 +24,9 @@ from kp_ros.core.bag_io import (COMPRESSED_TYPE, IMAGE_TYPE, STORAGES, AtomicBag
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ENCODINGS = ("rgb8", "bgr8", "mono8")
 _STAMP_NAME = re.compile(r"(\d+)(?:\.(\d{1,9}))?")
+# Bare integer names below this (~3 years of seconds since 1970) are frame numbers, not
+# times: no camera clock stamps 250.png at 250 s after the epoch.
+FRAME_INDEX_LIMIT = 100_000_000
 
 
 def stamp_from_name(path: str | Path) -> int | None:
@@ -37,23 +40,44 @@ def stamp_from_name(path: str | Path) -> int | None:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The folder's images in name order; frame-index names in numeric order (9 before 10)."""
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    indices = frame_indices(paths) if paths else None
+    return paths if indices is None else [p for _, p in sorted(zip(indices, paths))]
 
 
-def frame_stamps(paths: list[Path], rate: float | None, start: float | None) -> list[int]:
-    """Stamps (ns) of the frames: ``start + i / rate`` with --rate, else from the names."""
+def frame_indices(paths: list[Path]) -> list[int] | None:
+    """The names as frame numbers ('250.png', '0007.png'), or None when they are not: a
+    name with a fraction or a value of FRAME_INDEX_LIMIT or more is taken as a time."""
+    matches = [_STAMP_NAME.fullmatch(p.stem) for p in paths]
+    if any(m is None or m.group(2) is not None for m in matches):
+        return None
+    indices = [int(m.group(1)) for m in matches]
+    return indices if max(indices) < FRAME_INDEX_LIMIT else None
+
+
+def frame_stamps(paths: list[Path], rate: float | None, start: float | None) -> tuple[list[int], str]:
+    """Stamps (ns) of the frames and a line saying how they were chosen:
+    ``start + i / rate`` with --rate, else from the names (times in seconds)."""
+    indices = frame_indices(paths)
+    if indices is not None and rate is None:
+        raise BagError(f"the file names look like frame indices, not times in seconds "
+                       f"({', '.join(p.name for p in paths[:3])}, ...): stamping them as seconds "
+                       f"would space the frames seconds apart; give --rate HZ (and --start SECONDS)")
     if rate is not None:
         if rate <= 0:
             raise BagError(f"--rate must be > 0, got {rate}")
-        first = stamp_from_name(paths[0]) if start is None else round(start * 1e9)
-        first = 0 if first is None else first
-        return [first + round(i * 1e9 / rate) for i in range(len(paths))]
+        first = None if indices is not None else stamp_from_name(paths[0])
+        first = round(start * 1e9) if start is not None else (first or 0)
+        how = "frame indices in the names, " if indices is not None else ""
+        return ([first + round(i * 1e9 / rate) for i in range(len(paths))],
+                f"stamps: {how}{rate:g} Hz from {first / 1e9:.9f} s in name order")
     stamps = [stamp_from_name(p) for p in paths]
     unnamed = [p.name for p, s in zip(paths, stamps) if s is None]
     if unnamed:
         raise BagError(f"{len(unnamed)} file name(s) are not times in seconds (e.g. {unnamed[0]!r}); "
                        f"give --rate HZ to stamp the frames in name order instead")
-    return stamps
+    return stamps, "stamps: times in seconds from the file names"
 
 
 def convert(image_rgb: np.ndarray, encoding: str) -> np.ndarray:
@@ -86,7 +110,8 @@ def images_to_bag(folder: str | Path, output: str | Path, topic: str = "/camera/
     paths = list_images(folder)
     if not paths:
         raise BagError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {str(folder)!r}")
-    stamps = frame_stamps(paths, rate, start)
+    stamps, how = frame_stamps(paths, rate, start)
+    print(f"images_to_bag: {how}")
     frames = sorted(zip(stamps, paths))[:limit]
     typestore = kp_ros_typestore()
     msgtype = COMPRESSED_TYPE if compressed else IMAGE_TYPE
