@@ -149,3 +149,145 @@ def test_superpoint_bf16_reproduces_fp32_keypoints_and_descriptors(full_superpoi
         assert agreement["count"][0] > 300, agreement
         assert agreement["recall"] >= 0.95 and agreement["precision"] >= 0.95, agreement
         assert agreement["cosine_median"] >= 0.999 and agreement["cosine_p05"] >= 0.99, agreement
+
+
+def test_eloftr_bf16_network_agrees_with_fp32(tiny_eloftr_dir, tum_frames):
+    """The learned stages under bf16 autocast (backbone, attention): the coarse confidence
+    matrix and each older cell's best newer cell, against fp32 on the same weights.
+    Random weights give ~1 mutual-NN match per pair here, so the nearest-neighbour field
+    (every cell) is compared instead; the mutual-NN sets are compared on oracle features
+    below."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        bf16 = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native",
+                                           precision="bf16")
+    fp32 = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native")
+    frame0, frame1 = crops(tum_frames, 224, 320, 2)
+    with torch.inference_mode():
+        confidences = []
+        for matcher in (fp32, bf16):
+            coarse = matcher.transform(matcher.extract(matcher.preprocess(frame0)),
+                                       matcher.extract(matcher.preprocess(frame1)))
+            confidences.append(matcher.coarse_confidence(*coarse)[0])
+    reference, low = confidences
+    assert low.dtype == torch.float32  # the dual softmax runs in float32
+    # Random weights give nearly flat confidences (max ~0.06): judge the cells whose fp32
+    # best cell wins by >= 25 % over the runner-up, where a decision is being made at all.
+    best, second = reference.topk(2, 1).values.unbind(1)
+    clear = best >= 1.25 * second
+    assert clear.sum() >= 50, int(clear.sum())
+    same_best = (reference.argmax(1) == low.argmax(1))[clear].float().mean().item()
+    error = ((low - reference).abs().sum() / reference.abs().sum()).item()
+    assert same_best >= BOUNDS["eloftr_nn_same"], same_best
+    assert error <= BOUNDS["eloftr_confidence_rel_l1"], error
+
+
+# --- EfficientLoFTR on oracle features: the float32 stages fed bf16 features ------------------
+
+BOUNDS = {
+    # Tiny random-init model, 224x320 TUM crops: same best cell for 97 % of the clear cells
+    # (80 % of all cells), confidence relative L1 error 0.36, of which the backbone's bf16
+    # alone gives 0.33 and the attention's alone 0.025.
+    "eloftr_nn_same": 0.9,
+    "eloftr_confidence_rel_l1": 0.5,
+    "oracle_iou": 0.93,               # measured 0.960-0.997 (TUM / synthetic, 4 motions)
+    "oracle_position_median": 0.01,   # px; measured <= 0.001
+    "oracle_moved_over_1px": 0.05,    # share of shared matches; measured <= 0.02
+    "oracle_error_increase": 0.05,    # px, median error vs the true motion; measured <= 0.01
+}
+
+
+@pytest.fixture(scope="module")
+def oracle_matchers(tiny_eloftr_dir):
+    from test_eloftr_correctness import THRESHOLD, HandMadeFeatureMatcher
+
+    class LowPrecisionFeatures(HandMadeFeatureMatcher):
+        """The hand-made features rounded to the autocast dtype, as the backbone, attention
+        and fine fusion hand them to the float32 matching and refinement."""
+        def extract(self, preprocessed):
+            from kp_ros.core.eloftr import FrameFeatures
+            features, dtype = super().extract(preprocessed), self.precision.dtype
+            return FrameFeatures(features.coarse.to(dtype), tuple(r.to(dtype) for r in features.residuals),
+                                 features.model_size, features.source_size)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        low = LowPrecisionFeatures(str(tiny_eloftr_dir), device="cpu", match_threshold=THRESHOLD,
+                                   resize="native", precision="bf16")
+    return HandMadeFeatureMatcher(str(tiny_eloftr_dir), device="cpu", match_threshold=THRESHOLD,
+                                  resize="native"), low
+
+
+@pytest.mark.parametrize("motion", ["sub_cell_shift", "rotation_8deg"])
+@pytest.mark.parametrize("source", ["tum", "synthetic"])
+def test_eloftr_bf16_mutual_nn_set_and_positions_on_oracle_features(oracle_matchers, motion, source, request):
+    from test_eloftr_correctness import MOTIONS, errors, moved_pair
+    fp32, bf16 = oracle_matchers
+    frame = request.getfixturevalue("tum_frames")[0] if source == "tum" else synthetic_frame(480, 640, seed=3)
+    affine, bound = MOTIONS[motion]
+    image0, image1 = moved_pair(frame, affine)
+    reference, low = fp32.match_pair(image0, image1), bf16.match_pair(image0, image1)
+    agreement = match_agreement(reference, low)
+    assert agreement["count"][0] > 300, agreement
+    assert agreement["iou"] >= BOUNDS["oracle_iou"], agreement
+    assert agreement["position_median"] <= BOUNDS["oracle_position_median"], agreement
+    assert agreement["moved_over_1px"] <= BOUNDS["oracle_moved_over_1px"], agreement
+    error32 = np.median(errors(reference["keypoints0"], reference["keypoints1"], affine))
+    error16 = np.median(errors(low["keypoints0"], low["keypoints1"], affine))
+    assert error16 <= min(error32 + BOUNDS["oracle_error_increase"], bound), (error32, error16)
+
+
+# --- nodes and process_bag --------------------------------------------------------------------
+
+@pytest.mark.parametrize("node", ["superpoint_node", "eloftr_node"])
+def test_nodes_run_bf16_and_say_so_in_the_start_up_line(node, tiny_superpoint_dir, tiny_eloftr_dir,
+                                                        emulated_bf16, capfd):
+    import rclpy
+    from kp_ros.msg import Keypoints, Matches
+    from kp_ros.nodes import eloftr_node, superpoint_node
+    from ros_helpers import InProcessNode
+    if node == "superpoint_node":
+        spec = (superpoint_node.SuperPointNode, Keypoints, "keypoints", tiny_superpoint_dir)
+    else:
+        spec = (eloftr_node.EfficientLoFTRNode, Matches, "matches", tiny_eloftr_dir)
+    node_class, output_type, topic, model = spec
+    harness = InProcessNode(node_class, "/precision", output_type, topic, {
+        "model": str(model), "device": "cpu", "resize": "native", "precision": "bf16"})
+    try:
+        assert harness.node.core.precision.name == "bf16"
+        assert "precision bf16 (no native bf16 on TestCPU: emulated)" in harness.node.describe()
+        frames = [synthetic_frame(96, 128, shift=(2 * i, i)) for i in range(2)]
+        sent = [harness.submit(frame, 1.0 + 0.1 * i) for i, frame in enumerate(frames)]
+        assert harness.output_for(sent[-1]) is not None
+    finally:
+        if rclpy.ok(context=harness.context):
+            harness.close()
+    output = "".join(capfd.readouterr())
+    assert "SLOWER than fp32" in output  # the warning is a ROS log line
+
+
+def test_node_refuses_a_precision_contradiction_with_one_fatal_line(tiny_superpoint_dir, capfd):
+    from kp_ros.nodes import superpoint_node
+    code = superpoint_node.main(["--ros-args", "-p", f"model:={tiny_superpoint_dir}", "-p", "device:=cpu",
+                                 "-p", "precision:=bf16", "-p", "fp16:=true"])
+    output = "".join(capfd.readouterr())
+    assert code == 1 and "contradicts precision: bf16" in output and "Traceback" not in output
+
+
+def test_process_bag_precision_flag(tmp_path, tiny_superpoint_dir, tiny_eloftr_dir, emulated_bf16):
+    from test_process_bag import image_bag, read_outputs
+    from kp_ros.tools import process_bag as pb
+    image_bag(tmp_path / "in", [synthetic_frame(96, 128, shift=(2 * i, i)) for i in range(3)])
+    args = ["--superpoint-model", str(tiny_superpoint_dir), "--eloftr-model", str(tiny_eloftr_dir),
+            "--device", "cpu", "--resize", "native", "--match-threshold", "0", "--threads", "1",
+            "--no-progress", str(tmp_path / "in")]
+    parsed = pb.build_parser().parse_args(["--precision", "bf16"] + args + [str(tmp_path / "out")])
+    detector, matcher, _ = pb.resolve_options(parsed)
+    assert detector["precision"] == matcher["precision"] == "bf16"
+    with pytest.warns(PrecisionWarning, match="SLOWER"):
+        assert pb.main(["--precision", "bf16"] + args + [str(tmp_path / "bf16")]) == 0
+    outputs = read_outputs(tmp_path / "bf16")
+    assert len(outputs["/cam/keypoints"]) == 3 and len(outputs["/cam/matches"]) == 2
+    # The deprecated flag still parses (fp16 on CPU runs fp32, with a warning).
+    with pytest.warns(PrecisionWarning, match="fp16"):
+        assert pb.main(["--fp16"] + args + [str(tmp_path / "fp16")]) == 0

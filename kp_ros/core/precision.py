@@ -132,13 +132,14 @@ def match_agreement(reference: dict, other: dict) -> dict:
     reference matches whose coarse cell pair (keypoint positions within 4 px on both sides,
     i.e. the same cells) ``other`` also has ('recall'), the reverse ('precision'), the
     intersection over union, and the position differences of the shared matches in px
-    ('position_median', 'position_max', over both frames)."""
+    ('position_median', 'position_max', over both frames; 'moved_over_1px' the share of
+    those differences above 1 px)."""
     a0, a1 = reference["keypoints0"].float(), reference["keypoints1"].float()
     b0, b1 = other["keypoints0"].float(), other["keypoints1"].float()
     if len(a0) == 0 or len(b0) == 0:
         same = float(len(a0) == len(b0))
         return {"recall": same, "precision": same, "iou": same, "position_median": float("nan"),
-                "position_max": float("nan"), "count": (len(a0), len(b0))}
+                "position_max": float("nan"), "moved_over_1px": float("nan"), "count": (len(a0), len(b0))}
     # Refinement moves a point at most ~4 px from its cell's coarse point, cells are 8 px
     # apart: a pair within 4 px on both sides is the same cell pair.
     distance = torch.maximum(torch.cdist(a0, b0), torch.cdist(a1, b1))
@@ -151,4 +152,5 @@ def match_agreement(reference: dict, other: dict) -> dict:
             "iou": count / (len(a0) + len(b0) - count),
             "position_median": position.median().item() if count else float("nan"),
             "position_max": position.max().item() if count else float("nan"),
+            "moved_over_1px": (position > 1.0).float().mean().item() if count else float("nan"),
             "count": (len(a0), len(b0))}
