@@ -154,10 +154,19 @@ def test_clear_errors_without_ray_or_with_clashing_names(tmp_path, monkeypatch, 
 
 def test_resource_plan():
     args = pbs.build_parser().parse_args(["x", "--out", "o"])
-    assert pbs.plan_resources(args, cuda=False, gpus=0, cpus=16) == (8, 2, 0.0)
-    assert pbs.plan_resources(args, cuda=False, gpus=0, cpus=1) == (1, 1, 0.0)
-    assert pbs.plan_resources(args, cuda=True, gpus=4, cpus=16) == (4, 4, 1.0)
-    args = pbs.build_parser().parse_args(["x", "--out", "o", "--workers", "2", "--threads", "3"])
-    assert pbs.plan_resources(args, cuda=False, gpus=0, cpus=16) == (2, 3, 0.0)
+    plan = pbs.plan_resources
+    assert plan(args, cuda=False, gpus=0, cpus=16, bags=100) == (16, 1, 0.0)   # one task per core
+    assert plan(args, cuda=False, gpus=0, cpus=16, bags=4) == (4, 4, 0.0)      # fair share of threads
+    assert plan(args, cuda=False, gpus=0, cpus=16, bags=100, memory_gb=9) == (4, 4, 0.0)
+    assert plan(args, cuda=False, gpus=0, cpus=1, bags=3, memory_gb=0.5) == (1, 1, 0.0)
+    assert plan(args, cuda=True, gpus=4, cpus=16, bags=100) == (4, 4, 1.0)
+    assert plan(args, cuda=True, gpus=4, cpus=64, bags=9, cluster=True) == (9, 2, 1.0)
+    args = pbs.build_parser().parse_args(["x", "--out", "o", "--threads", "4"])
+    assert plan(args, cuda=False, gpus=0, cpus=16, bags=100) == (4, 4, 0.0)
+    args = pbs.build_parser().parse_args(["x", "--out", "o", "--workers", "2", "--threads", "3",
+                                          "--gpus-per-task", "0.5"])
+    assert plan(args, cuda=False, gpus=0, cpus=16, bags=100) == (2, 3, 0.0)
+    assert plan(args, cuda=True, gpus=1, cpus=16, bags=100) == (2, 3, 0.5)
     assert pbs.wants_cuda({"device": "auto"}, {"device": "auto"}, gpus_available=0) is False
+    assert pbs.wants_cuda({"device": "auto"}, {"device": "cpu"}, gpus_available=1) is True
     assert pbs.wants_cuda({"device": "cuda:1"}, {"device": "cpu"}, gpus_available=0) is True

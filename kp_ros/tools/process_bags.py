@@ -8,7 +8,7 @@ DIR/summary.json + DIR/summary.csv (per bag: status, frames, keypoints/frame,
 matches/frame, resets, rejected frames, seconds, the worker's host).
 
 By default a local Ray instance runs --workers tasks at once (one per GPU when CUDA is
-used, else half the cores, each with an equal share of torch threads); --address
+used, else one per core as memory allows, each with an equal share of torch threads); --address
 auto|HOST:PORT joins a running cluster instead (bags and DIR on storage every node sees).
 
 A bad bag (corrupt, missing topic) is reported and the others finish; a worker that
@@ -43,6 +43,7 @@ INSTALL_HINT = ("process_bags needs Ray, an optional dependency of kp_ros: "
                 "pip install 'kp_ros[cluster]' (or pip install 'ray>=2.60')")
 CSV_FIELDS = ("bag", "status", "frames", "processed", "keypoints_per_frame", "matches_per_frame",
               "resets", "rejected", "seconds", "host", "error")
+GB_PER_TASK = 2.0  # peak RSS of both full-size models on CPU (~1.9 GB, README)
 CANCEL_GRACE_S = 30.0  # cancelled tasks get this long to delete their partial output
 
 
@@ -203,17 +204,29 @@ def wants_cuda(detector_kwargs: dict, matcher_kwargs: dict, gpus_available: int)
     return any(d.startswith("cuda") for d in devices) or ("auto" in devices and gpus_available > 0)
 
 
-def plan_resources(args, cuda: bool, gpus: int, cpus: int) -> tuple[int, int, float]:
-    """(tasks at once, torch threads per task, GPUs per task)."""
+def available_memory_gb() -> float:
+    try:
+        import psutil  # a dependency of Ray
+        return psutil.virtual_memory().available / 2**30
+    except ImportError:
+        return float("inf")
+
+
+def plan_resources(args, cuda: bool, gpus: int, cpus: int, bags: int,
+                   memory_gb: float = float("inf"), cluster: bool = False) -> tuple[int, int, float]:
+    """(tasks at once, torch threads per task, GPUs per task). On a cluster Ray's free
+    resources decide how many run; each task asks for --threads CPUs (default 2)."""
+    gpus_per_task = (args.gpus_per_task or 1.0) if cuda else 0.0
+    if cluster:
+        return args.workers or bags, args.threads or 2, gpus_per_task
     if cuda:
-        workers = args.workers or max(1, gpus)
-        threads = args.threads or max(1, cpus // workers)
-        return workers, threads, args.gpus_per_task or 1.0
-    # CPU: two threads per task keeps per-task latency reasonable and memory (one model
-    # copy per task) bounded; the bench (bench/bench_process_bags.py) compares splits.
-    workers = args.workers or max(1, cpus // 2)
-    threads = args.threads or max(1, cpus // workers)
-    return workers, threads, 0.0
+        workers = args.workers or max(1, min(gpus, bags))
+    else:
+        # One task per core by default: measured faster than fewer tasks with more threads
+        # (bench/bench_process_bags.py), capped by memory (one model copy per task).
+        by_memory = int(memory_gb // GB_PER_TASK) if memory_gb < float("inf") else bags
+        workers = args.workers or max(1, min(cpus // (args.threads or 1), bags, by_memory))
+    return workers, args.threads or max(1, cpus // workers), gpus_per_task
 
 
 # --- command line --------------------------------------------------------------------
@@ -224,8 +237,9 @@ def build_parser():
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<bag name>")
     cluster = parser.add_argument_group("Ray")
     cluster.add_argument("--workers", type=int, metavar="N",
-                         help="tasks at once (default: one per GPU when CUDA is used, else half "
-                              "the cores; on a cluster: as many as its resources allow)")
+                         help="tasks at once (default: one per GPU when CUDA is used, else one per "
+                              "core, ~2 GB of free memory each; on a cluster: as many as its "
+                              "resources allow)")
     cluster.add_argument("--address", metavar="auto|HOST:PORT",
                          help="join a running Ray cluster instead of starting a local instance")
     cluster.add_argument("--gpus-per-task", type=float, metavar="G",
@@ -282,10 +296,11 @@ def main(argv=None) -> int:
                     ray.init(address=args.address, log_to_driver=True)
                 else:
                     import torch
-                    cuda = wants_cuda(*options[:2], torch.cuda.device_count())
-                    workers, threads, _ = plan_resources(args, cuda, torch.cuda.device_count(),
-                                                         os.cpu_count() or 1)
-                    start_local_ray(workers * threads, torch.cuda.device_count() if cuda else 0)
+                    gpus = torch.cuda.device_count()
+                    workers, threads, per_task = plan_resources(
+                        args, wants_cuda(*options[:2], gpus), gpus, os.cpu_count() or 1,
+                        len(todo), available_memory_gb())
+                    start_local_ray(workers * threads, gpus if per_task else 0)
                 started_ray = True
             records = _run(ray, args, options, out_dir, todo)
     except KeyboardInterrupt:
@@ -317,9 +332,8 @@ def _run(ray, args, options, out_dir: Path, todo) -> dict:
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", os.cpu_count() or 1))
     cuda = wants_cuda(*options[:2], gpus)
-    workers, threads, gpus_per_task = plan_resources(args, cuda, gpus, cpus)
-    if args.address and not args.workers:
-        workers = len(todo)  # the cluster's resources decide how many run at once
+    workers, threads, gpus_per_task = plan_resources(
+        args, cuda, gpus, cpus, len(todo), available_memory_gb(), cluster=bool(args.address))
     task_args = argparse.Namespace(**{**vars(args), "threads": threads})
     task = ray.remote(bag_task).options(num_cpus=threads, num_gpus=gpus_per_task, max_retries=2,
                                         retry_exceptions=False)
