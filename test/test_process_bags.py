@@ -129,6 +129,36 @@ def test_interrupt_leaves_no_partial_output(tmp_path, local_ray, options, monkey
             assert len(read_outputs(out / name)["/cam/keypoints"]) == 40
 
 
+def test_killed_worker_is_retried(tmp_path, local_ray, options, monkeypatch):
+    """SIGKILL the worker half-way through a bag: Ray reruns the task, the output is
+    still byte-identical to process_bag's and the dead attempt's partial bag is gone."""
+    data = tmp_path / "data"
+    image_bag(data / "seq_a", frames(40, 192, 256))
+    assert pb.main(options + [str(data / "seq_a"), str(tmp_path / "serial")]) == 0
+    out = tmp_path / "out"
+    real_wait, killed = ray.wait, []
+
+    def wait(*args, **kwargs):
+        result = real_wait(*args, **kwargs)
+        if not killed and any(".partial-" in p.name for p in out.glob(".*")):
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if "bag_task" in " ".join(proc.cmdline()):
+                        proc.kill()
+                        killed.append(proc.pid)
+                except psutil.Error:
+                    pass
+        return result
+
+    monkeypatch.setattr(ray, "wait", wait)
+    assert pbs.main(options + [str(data), "--out", str(out), "--workers", "1"]) == 0
+    assert killed
+    assert raw(out / "seq_a") == raw(tmp_path / "serial")
+    assert no_partials(out)
+    record = json.loads((out / "summary.json").read_text())["bags"][0]
+    assert record["status"] == "done" and record["pid"] not in killed
+
+
 def test_find_bags_and_names(tmp_path):
     data = dataset(tmp_path / "data", count=1, corrupt=False)
     image_bag(tmp_path / "data" / ".seq_x.partial-abc" / "seq_x", frames(1))  # hidden: skipped
