@@ -324,6 +324,10 @@ def build(out: Path, size: str, quick: bool, started: float | None, load_start: 
         lines += [bench_md.get(key) or f"_{name}: no result (see logs/{key}.err)_", ""]
     if "stage_breakdown.png" in plots:
         lines += ["![stage breakdown](stage_breakdown.png)", ""]
+    lines += ["## Precision: distance to the machine's limit, resolution scaling", "",
+              read_text(out / "precision.md") or "_no result (see logs/precision.err)_", ""]
+    if (out / "precision_scaling.png").exists():
+        lines += ["![time vs resolution](precision_scaling.png)", ""]
     lines += ["## Node overhead (in-process, per stage)", "",
               read_text(out / "node_overhead.md") or "_no result (see logs/node_overhead.err)_", ""]
     lines += ["## Live stream limits (nodes as processes, DDS)", ""]
