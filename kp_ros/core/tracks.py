@@ -297,7 +297,7 @@ class TrackSynchronizer:
     def add_keypoints(self, stamp_ns: int, keypoints, now: float, payload=None) -> list[FrameTracks]:
         if self._published is not None and stamp_ns <= self._published:
             # A loop or a clock reset: whatever is pending belongs to the old stream.
-            out = self._flush("stream restarted")
+            out = self.flush("stream restarted")
             self._matches.clear()
             self._published = self._matcher_past = None
             self.book.reset()
@@ -352,10 +352,13 @@ class TrackSynchronizer:
         self._published = stamp
         return [self.book.add(stamp, pending.keypoints, matches, why, pending.payload)]
 
-    def _flush(self, why: str) -> list[FrameTracks]:
+    def flush(self, why: str) -> list[FrameTracks]:
+        """Hand out every pending frame now, unlinked unless its matches are here."""
         out = []
         while self._keypoints:
-            out += self._emit(min(self._keypoints), None, why)
+            stamp = min(self._keypoints)
+            matches = self._matches.get(stamp)
+            out += self._emit(stamp, matches, None if matches is not None else why)
         return out
 
     @property

@@ -75,6 +75,40 @@ def draw_matches(image0_rgb: np.ndarray, image1_rgb: np.ndarray, points0_xy: np.
     return canvas
 
 
+TRACK_COLOURS = 16  # track trails: colour = id mod this, one cv2 call per colour
+NEW_TRACK_RGB = (255, 255, 255)  # keypoints that start a track: small white dots
+
+
+def draw_tracks(image_rgb: np.ndarray, trails: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Track trails over the newest frame: ``trails`` (N, L, 2) positions of N tracks, the
+    newest first, NaN where a track is shorter than L; ``ids`` (N,) colour them (same id,
+    same colour in every frame). Tracks seen once are white dots. Returns a new RGB image."""
+    canvas = as_rgb(image_rgb)
+    trails = np.asarray(trails, np.float64).reshape(len(ids), -1, 2)
+    ids = np.asarray(ids, np.uint64).reshape(-1)
+    if not len(ids):
+        return canvas
+    seen = np.isfinite(trails).all(2)  # (N, L); a track's known positions are a prefix
+    length = seen.sum(1)
+    # Pad each trail with its oldest known position, so one polyline per track is valid.
+    oldest = trails[np.arange(len(ids)), np.maximum(length - 1, 0)]
+    filled = np.where(seen[..., None], trails, oldest[:, None, :])
+    points = np.rint(filled).astype(np.int32)
+    single = length == 1
+    if single.any():
+        cv2.polylines(canvas, np.repeat(points[single, :1], 2, axis=1), False, NEW_TRACK_RGB, 2)
+    colours = cv2.applyColorMap(np.linspace(0, 255, TRACK_COLOURS).astype(np.uint8)[:, None],
+                                cv2.COLORMAP_HSV)[:, 0, ::-1]
+    level = (ids % np.uint64(TRACK_COLOURS)).astype(np.int64)
+    for colour in np.unique(level[~single]):
+        chosen = ~single & (level == colour)
+        rgb = tuple(int(c) for c in colours[colour])
+        cv2.polylines(canvas, list(points[chosen]), False, rgb, 1)
+        heads = np.repeat(points[chosen, :1], 2, axis=1)
+        cv2.polylines(canvas, heads, False, rgb, 4)
+    return canvas
+
+
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """A contiguous HxWx3 uint8 copy of an HxW, HxWx1 or HxWx3 uint8 image."""
     image = np.asarray(image)

@@ -1,0 +1,306 @@
+"""track_node: persistent feature tracks from SuperPoint Keypoints and EfficientLoFTR Matches.
+
+Subscribes ``keypoints`` (kp_ros/Keypoints) and ``matches`` (kp_ros/Matches), publishes
+``tracks`` (kp_ros/Tracks, one per Keypoints frame, in stamp order) and, when someone
+subscribes to it or ``debug_image`` is set, ``~/debug_image`` (track trails coloured by
+id over the frame; the node then also subscribes ``image``). A frame is linked to the
+older frame its Matches name (header = this frame, stamp0 = the older one); Keypoints
+and Matches may arrive in either order; a frame whose Matches never come (a stream
+reset in eloftr_node, a dropped frame) gets new tracks after ``match_timeout`` seconds,
+or at once when Matches of a newer frame show the matcher moved past it.
+
+All the logic is kp_ros.core.tracks (pure); this file converts messages and counts.
+"""
+from __future__ import annotations
+
+import array
+import statistics
+import time
+from collections import deque
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.time import Time
+from sensor_msgs.msg import Image
+
+from kp_ros.core.image_codec import ImageDecodeError
+from kp_ros.core.tracks import (ASSOCIATIONS, FrameTracks, MatchSet, TrackBook, TrackParams,
+                                TrackSynchronizer)
+from kp_ros.core.visualize import draw_tracks
+from kp_ros.msg import Keypoints, Matches, Tracks
+from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
+from kp_ros.ros.feature_node import Param, run_node
+from kp_ros.ros.qos import image_input_qos, output_qos
+
+# Inputs are small and each one matters (a lost Matches costs a frame its links):
+# reliable, with room for a burst while the executor is busy.
+INPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
+IMAGES_KEPT = 8  # frames kept for the debug overlay, waiting for their tracks
+
+TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
+
+
+def tracks_to_msg(header, height: int, width: int, tracks: FrameTracks) -> Tracks:
+    """kp_ros/Tracks from a FrameTracks, arrays assigned whole (see conversions.py)."""
+    msg = Tracks(header=header, height=int(height), width=int(width))
+    for field, code, values in (("x", "f", tracks.keypoints[:, 0]), ("y", "f", tracks.keypoints[:, 1]),
+                                ("ids", "Q", tracks.ids), ("lengths", "I", tracks.lengths),
+                                ("previous_index", "i", tracks.previous_index)):
+        out = array.array(code)  # f, Q, I, i: float32, uint64, uint32, int32 as numpy reads them
+        out.frombytes(np.ascontiguousarray(values, dtype=np.dtype(code)).tobytes())
+        setattr(msg, field, out)
+    return msg
+
+
+def tracks_from_msg(msg: Tracks) -> dict[str, np.ndarray]:
+    """Zero-copy views: keypoints (N, 2), ids, lengths, previous_index."""
+    return {
+        "keypoints": np.stack([np.frombuffer(msg.x, np.float32), np.frombuffer(msg.y, np.float32)], 1),
+        "ids": np.frombuffer(msg.ids, np.uint64),
+        "lengths": np.frombuffer(msg.lengths, np.uint32),
+        "previous_index": np.frombuffer(msg.previous_index, np.int32),
+    }
+
+
+def _stamp_ns(stamp) -> int:
+    return Time.from_msg(stamp).nanoseconds
+
+
+class TrackNode(Node):
+    NODE_NAME = "track_node"
+    PARAMS = (
+        Param("association_radius", TrackParams.association_radius, "Pixels: how close a match "
+              "(association 'points') or a keypoint moved by a match's flow ('flow') must come to "
+              "a keypoint to link it.", 0.1, 64.0),
+        Param("association", TrackParams.association, "'flow': keypoint i of the older frame is "
+              "moved by the displacement of a match within the radius and linked to the nearest "
+              "keypoint there; 'points': a match must start near i and end near j.",
+              choices=ASSOCIATIONS),
+        Param("inliers_only", TrackParams.inliers_only, "Link through geometric inliers only, "
+              "when the Matches carry inlier flags (eloftr_node geometric_verification)."),
+        Param("min_match_score", TrackParams.min_match_score, "Matches below this confidence link "
+              "nothing.", 0.0, 1.0),
+        Param("match_timeout", 1.0, "Seconds a frame's Keypoints wait for its Matches before it "
+              "is published with new tracks.", 0.01, 60.0),
+        Param("max_pending", 32, "Frames waiting for their Matches (and Matches waiting for "
+              "their Keypoints) at most; the oldest goes out unlinked beyond.", 1, 1000,
+              runtime=False),
+        Param("trail_length", 10, "Frames of trail drawn per track on ~/debug_image.", 1, 100),
+        Param("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
+              "someone subscribes to it)."),
+        Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0,
+              runtime=False),
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__(self.NODE_NAME, **kwargs)
+        self._params = {p.name: p for p in self.PARAMS}
+        for p in self.PARAMS:
+            self.declare_parameter(p.name, p.default, p.descriptor())
+        self.values = {name: self.get_parameter(name).value for name in self._params}
+        book = TrackBook(self._track_params(self.values))  # raises ValueError: run_node says why
+        self.sync = TrackSynchronizer(book, timeout=self.values["match_timeout"],
+                                      max_pending=self.values["max_pending"])
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._pub = self.create_publisher(Tracks, "tracks", output_qos())
+        self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._kp_sub = self._match_sub = None  # start() subscribes
+        self._image_sub = None  # created while the debug image is wanted
+        self._images: dict[int, Image] = {}
+        self._history: deque[FrameTracks] = deque(maxlen=self.values["trail_length"])
+        self.counts = {"keypoints": 0, "matches": 0, "published": 0, "rejected": 0,
+                       "linked tracks": 0, "new tracks": 0}
+        self._latencies: deque[float] = deque(maxlen=200)
+        self._last_reject_log = 0.0
+        self._diag_prev = (time.monotonic(), 0)
+
+    def start(self) -> None:
+        """Subscribe and start the timers once the node is fully built (run_node calls it)."""
+        if self._kp_sub is not None:
+            return
+        self._kp_sub = self.create_subscription(Keypoints, "keypoints", self.on_keypoints, INPUT_QOS)
+        self._match_sub = self.create_subscription(Matches, "matches", self.on_matches, INPUT_QOS)
+        self.create_timer(0.05, self._poll)  # timeouts are judged to within 50 ms
+        self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
+
+    def announce(self) -> None:
+        self.get_logger().info(
+            f"tracks from {self._kp_sub.topic_name} + {self._match_sub.topic_name} "
+            f"on {self._pub.topic_name} ({self.values['association']} association, "
+            f"radius {self.values['association_radius']} px)")
+
+    # --- parameters -----------------------------------------------------------------
+    @staticmethod
+    def _track_params(values: dict) -> TrackParams:
+        return TrackParams(**{k: values[k] for k in TRACK_PARAMS}).validated()
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        changes = {}
+        for param in params:
+            spec = self._params.get(param.name)
+            if spec is None:
+                continue
+            if not spec.runtime and param.value != self.values[param.name]:
+                return SetParametersResult(successful=False, reason=(
+                    f"{param.name} cannot change while running: restart the node with the new value"))
+            if spec.choices and param.value not in spec.choices:
+                return SetParametersResult(successful=False, reason=(
+                    f"{param.name} must be one of {', '.join(spec.choices)}, got {param.value!r}"))
+            changes[param.name] = param.value
+        values = {**self.values, **changes}
+        try:
+            track_params = self._track_params(values)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.sync.book.set_params(track_params)
+        self.sync.timeout = values["match_timeout"]
+        if values["trail_length"] != self.values["trail_length"]:
+            self._history = deque(self._history, maxlen=values["trail_length"])
+        self.values = values
+        return SetParametersResult(successful=True)
+
+    # --- inputs ---------------------------------------------------------------------
+    def on_keypoints(self, msg: Keypoints) -> None:
+        started = time.perf_counter()
+        self.counts["keypoints"] += 1
+        if len(msg.x) != len(msg.y):
+            return self._reject(f"Keypoints with {len(msg.x)} x but {len(msg.y)} y")
+        keypoints = np.stack([np.frombuffer(msg.x, np.float32), np.frombuffer(msg.y, np.float32)], 1)
+        ready = self.sync.add_keypoints(_stamp_ns(msg.header.stamp), keypoints, time.monotonic(),
+                                        payload=msg)
+        self._publish(ready, started)
+
+    def on_matches(self, msg: Matches) -> None:
+        started = time.perf_counter()
+        self.counts["matches"] += 1
+        n = len(msg.scores)
+        if not (len(msg.x0) == len(msg.y0) == len(msg.x1) == len(msg.y1) == n) \
+                or len(msg.inliers) not in (0, n):
+            return self._reject(f"Matches with inconsistent lengths (x0 {len(msg.x0)}, y0 {len(msg.y0)}, "
+                                f"x1 {len(msg.x1)}, y1 {len(msg.y1)}, scores {n}, inliers {len(msg.inliers)})")
+        matches = MatchSet(
+            _stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0),
+            np.stack([np.frombuffer(msg.x0, np.float32), np.frombuffer(msg.y0, np.float32)], 1),
+            np.stack([np.frombuffer(msg.x1, np.float32), np.frombuffer(msg.y1, np.float32)], 1),
+            np.frombuffer(msg.scores, np.float32),
+            np.frombuffer(msg.inliers, np.uint8) if len(msg.inliers) else None)
+        if matches.stamp0_ns >= matches.stamp_ns:
+            return self._reject("Matches whose older frame (stamp0) is not older than its header stamp")
+        self._publish(self.sync.add_matches(matches, time.monotonic()), started)
+
+    def on_image(self, msg: Image) -> None:
+        self._images[_stamp_ns(msg.header.stamp)] = msg
+        while len(self._images) > IMAGES_KEPT:
+            del self._images[min(self._images)]
+
+    def _poll(self) -> None:
+        self._publish(self.sync.poll(time.monotonic()), time.perf_counter())
+        self._update_image_subscription()
+
+    def _reject(self, reason: str) -> None:
+        self.counts["rejected"] += 1
+        now = time.monotonic()
+        if now - self._last_reject_log >= 1.0:  # throttled by hand, as FeatureNode does
+            self._last_reject_log = now
+            self.get_logger().error(f"input rejected: {reason} (rejected so far: {self.counts['rejected']})")
+
+    # --- outputs --------------------------------------------------------------------
+    def _publish(self, ready: list[FrameTracks], started: float) -> None:
+        for tracks in ready:
+            keypoints_msg = tracks.payload
+            tracks.payload = None  # the history keeps arrays, not messages
+            self._pub.publish(tracks_to_msg(keypoints_msg.header, keypoints_msg.height,
+                                            keypoints_msg.width, tracks))
+            self.counts["published"] += 1
+            linked = int((tracks.previous_index >= 0).sum())
+            self.counts["linked tracks"] += linked
+            self.counts["new tracks"] += len(tracks.ids) - linked
+            self._latencies.append(time.perf_counter() - started)
+            self._history.append(tracks)
+            if self._debug_wanted():
+                self._publish_debug(keypoints_msg.header, tracks)
+
+    def _debug_wanted(self) -> bool:
+        return self.values["debug_image"] or self._debug_pub.get_subscription_count() > 0
+
+    def _update_image_subscription(self) -> None:
+        wanted = self._debug_wanted()
+        if wanted and self._image_sub is None:
+            self._image_sub = self.create_subscription(Image, "image", self.on_image, image_input_qos(False))
+        elif not wanted and self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+            self._images.clear()
+
+    def trails(self, newest: FrameTracks) -> np.ndarray:
+        """(N, L, 2) positions of the newest frame's tracks, newest first, NaN before a
+        track began (or beyond the remembered frames)."""
+        by_stamp = {f.stamp_ns: f for f in self._history}
+        length = self._history.maxlen or 1
+        trails = np.full((len(newest.ids), length, 2), np.nan, np.float32)
+        trails[:, 0] = newest.keypoints
+        rows, index, frame = np.arange(len(newest.ids)), newest.previous_index.astype(np.int64), newest
+        for step in range(1, length):
+            older = by_stamp.get(frame.linked_from_ns) if frame.linked_from_ns is not None else None
+            keep = index >= 0
+            if older is None or not keep.any():
+                break
+            rows, index = rows[keep], index[keep]
+            trails[rows, step] = older.keypoints[index]
+            frame, index = older, older.previous_index[index].astype(np.int64)
+        return trails
+
+    def _publish_debug(self, header, tracks: FrameTracks) -> None:
+        image_msg = self._images.get(tracks.stamp_ns)
+        if image_msg is None:
+            return  # its image has not arrived (or was lost): nothing to draw on
+        try:
+            image = image_msg_to_model_input(image_msg)
+        except ImageDecodeError as exc:
+            return self._reject(f"debug image: {exc}")
+        self._debug_pub.publish(array_to_image_msg(draw_tracks(image, self.trails(tracks), tracks.ids),
+                                                   "rgb8", header))
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        then, published0 = self._diag_prev
+        self._diag_prev = (now, self.counts["published"])
+        latencies = sorted(self._latencies)
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: feature tracks",
+                                  hardware_id="cpu", level=DiagnosticStatus.OK, message="ok")
+        if self.counts["rejected"]:
+            status.level, status.message = DiagnosticStatus.WARN, f"{self.counts['rejected']} inputs rejected"
+        values = {
+            "published rate (Hz)": (self.counts["published"] - published0) / max(now - then, 1e-6),
+            **self.counts, **dict(self.sync.counters), **{f"book {k}": v for k, v in self.sync.book.counters.items()},
+            "pending": self.sync.pending,
+            "latency median (ms)": 1e3 * statistics.median(latencies) if latencies else 0.0,
+            "latency max (ms)": 1e3 * latencies[-1] if latencies else 0.0,
+        }
+        status.values = [KeyValue(key=k, value=f"{v:.2f}" if isinstance(v, float) else str(v))
+                         for k, v in values.items()]
+        array_msg = DiagnosticArray(status=[status])
+        array_msg.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array_msg)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in {**self.counts, **self.sync.counters}.items())
+
+    def shutdown(self) -> None:
+        """Publish what is still waiting (as new tracks: its Matches will not come), log counters."""
+        self._publish(self.sync.flush("node shutting down"), time.perf_counter())
+        self.get_logger().info(f"shutting down: {self.summary()}")
+
+
+def main(args=None) -> int:
+    return run_node(TrackNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
