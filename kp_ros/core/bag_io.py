@@ -304,6 +304,17 @@ def matches_msg(typestore, header, stamp0, frame_id0: str, height: int, width: i
         scores=_f32(scores), inliers=inliers)
 
 
+def tracks_msg(typestore, header, height: int, width: int, tracks):
+    """kp_ros/msg/Tracks from a kp_ros.core.tracks.FrameTracks."""
+    keypoints = _f32(tracks.keypoints).reshape(-1, 2)
+    return typestore.types[TRACKS_TYPE](
+        header=header, height=int(height), width=int(width),
+        x=np.ascontiguousarray(keypoints[:, 0]), y=np.ascontiguousarray(keypoints[:, 1]),
+        ids=np.ascontiguousarray(tracks.ids, np.uint64),
+        lengths=np.ascontiguousarray(tracks.lengths, np.uint32),
+        previous_index=np.ascontiguousarray(tracks.previous_index, np.int32))
+
+
 def keypoints_from_msg(msg) -> dict[str, np.ndarray]:
     """keypoints (N,2) x,y, scores (N,), descriptors (N,D) from a deserialized Keypoints."""
     size = int(msg.descriptor_size)
@@ -428,6 +439,7 @@ __all__ = [
     "describe_image_topics", "detect_storage", "header_msg", "header_stamp_from_cdr",
     "image_connections", "image_encoding", "image_msg", "iter_frames", "keypoints_from_msg",
     "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir",
+    "TRACKS_TYPE", "tracks_msg",
     "open_bag", "read_messages", "stamp_to_ns", "time_msg",
 ]
 

@@ -80,6 +80,7 @@ def default_prefix(image_topic: str) -> str:
 def output_topics(prefix: str) -> dict[str, str]:
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     return {"keypoints": f"{prefix}/keypoints", "matches": f"{prefix}/matches",
+            "tracks": f"{prefix}/tracks",
             "keypoints_debug": f"{prefix}/superpoint_node/debug_image",
             "matches_debug": f"{prefix}/eloftr_node/debug_image"}
 
@@ -162,6 +163,8 @@ class Summary:
     matches_msgs: int = 0
     matches_total: int = 0
     inliers_total: int = 0
+    tracks_msgs: int = 0
+    tracks_linked: int = 0      # keypoints linked to the previous frame's, over all frames
     copied: int = 0             # input messages copied through
     seconds: float = 0.0
     rejected: Counter = field(default_factory=Counter)  # reason_key -> frames
@@ -188,6 +191,9 @@ class Summary:
             + (f", {per(self.inliers_total, self.matches_msgs)} inliers/frame" if self.inliers_total else ""),
             f"  rejected frames   {sum(self.rejected.values())}",
         ]
+        if self.tracks_msgs:
+            lines.insert(-1, f"  tracks            {self.tracks_msgs} messages, "
+                             f"{per(self.tracks_linked, self.tracks_msgs)} linked keypoints/frame")
         lines += [f"    {n} x {self.examples[k]}" for k, n in self.rejected.most_common()]
         lines.append(f"  stream resets     {sum(self.resets.values())}")
         lines += [f"    {n} x {self.examples[k]}" for k, n in self.resets.most_common()]
@@ -208,8 +214,16 @@ class FrameProcessor:
 
     def __init__(self, typestore, topics: dict, detector=None, matcher=None,
                  max_frame_gap: float = MAX_FRAME_GAP, debug_images: bool = False,
-                 detector_name: str | None = None, matcher_name: str | None = None):
+                 detector_name: str | None = None, matcher_name: str | None = None,
+                 tracks=None):
         self.typestore, self.topics = typestore, topics
+        self.book = None  # tracks: a TrackBook when ``tracks`` (TrackParams) is given
+        if tracks is not None:
+            from kp_ros.core.tracks import TrackBook
+            if detector is None or matcher is None:
+                raise ValueError("tracks need both the detector and the matcher")
+            self.book = TrackBook(tracks)
+        self._frame_keypoints = self._frame_matches = None
         self.detector, self.matcher = detector, matcher
         self.detector_name = detector_name or (detector.model_id if detector else "")
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
@@ -246,10 +260,19 @@ class FrameProcessor:
             except BaseException:
                 self._restart()
                 raise
+        if self.book is not None:
+            outputs += self._track(msg, image)
         return outputs
+
+    def _track(self, msg, image) -> list:
+        from kp_ros.core.bag_io import TRACKS_TYPE, tracks_msg
+        tracks = self.book.add(stamp_to_ns(msg.header.stamp), self._frame_keypoints, self._frame_matches)
+        height, width = image.shape[:2]
+        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))]
 
     def _detect(self, msg, image) -> list:
         features = self.detector.detect(image)
+        self._frame_keypoints = features["keypoints"].numpy()
         height, width = image.shape[:2]
         out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
             self.typestore, msg.header, height, width, self.detector_name,
@@ -270,10 +293,17 @@ class FrameProcessor:
             self.matcher.reset()
         result = self.matcher.push(image)
         previous, self._previous = self._previous, (msg.header, image)
+        self._frame_matches = None
         if result is None:
             return []
         header0 = previous[0]
         inliers = result["inliers"] if len(result["inliers"]) else None
+        if self.book is not None:
+            from kp_ros.core.tracks import MatchSet
+            self._frame_matches = MatchSet(
+                stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), result["keypoints0"].numpy(),
+                result["keypoints1"].numpy(), result["scores"].numpy(),
+                None if inliers is None else inliers.numpy())
         out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
             self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
             self.matcher_name, result["keypoints0"], result["keypoints1"], result["scores"], inliers))]
@@ -310,10 +340,11 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                 max_frame_gap: float = MAX_FRAME_GAP, order: str = "stamp",
                 debug_images: bool = False, copy_input: bool = False, overwrite: bool = False,
                 progress: bool = False, detector_name: str | None = None,
-                matcher_name: str | None = None, log=None, on_frame=None) -> Summary:
+                matcher_name: str | None = None, log=None, on_frame=None, tracks=None) -> Summary:
     """Run ``detector`` (SuperPointDetector) and/or ``matcher`` (EfficientLoFTRStreamMatcher)
     on every frame of ``topic`` and write the output bag; returns the counts.
     ``on_frame(frames_read)`` is called after each frame (progress for process_bags).
+    ``tracks`` (kp_ros.core.tracks.TrackParams) also writes kp_ros/Tracks on <prefix>/tracks.
 
     Raises BagError for unusable input (missing, corrupt, wrong topic) or output (exists
     and not ``overwrite``); on any error no output bag is left behind.
@@ -337,9 +368,10 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                                f"the outputs; choose another --output-prefix")
         summary = Summary(str(input_path), str(output_path), topic, msgtype, storage)
         processor = FrameProcessor(typestore, topics, detector, matcher, max_frame_gap,
-                                   debug_images, detector_name, matcher_name)
+                                   debug_images, detector_name, matcher_name, tracks)
         total = sum(c.msgcount for c in connections)
         logged = Counter()
+        from kp_ros.core.bag_io import TRACKS_TYPE
         with AtomicBagWriter(output_path, storage, overwrite) as writer:
             out_connections = {}
             image_copy = _copy_connection(writer, typestore, connections[0]) if copy_input else None
@@ -376,6 +408,9 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                             summary.matches_msgs += 1
                             summary.matches_total += len(message.x0)
                             summary.inliers_total += int(np.count_nonzero(message.inliers))
+                        elif out_type == TRACKS_TYPE:
+                            summary.tracks_msgs += 1
+                            summary.tracks_linked += int(np.count_nonzero(message.previous_index >= 0))
             finally:
                 bar.close()
             summary.seconds = time.perf_counter() - started
@@ -385,6 +420,7 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
             # Matches), so a consumer of the bag finds the topics it expects.
             wanted = [("keypoints", KEYPOINTS_TYPE)] if detector is not None else []
             wanted += [("matches", MATCHES_TYPE)] if matcher is not None else []
+            wanted += [("tracks", TRACKS_TYPE)] if tracks is not None else []
             for key, out_type in wanted:
                 if topics[key] not in out_connections:
                     writer.add_connection(topics[key], out_type, typestore)
@@ -493,6 +529,12 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
     parser.add_argument("--matcher", action=argparse.BooleanOptionalAction, default=True,
                         help="run EfficientLoFTR -> <prefix>/matches (default: on)")
     parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")
+    parser.add_argument("--tracks", action="store_true",
+                        help="also write kp_ros/Tracks (track ids over frames, as track_node) on <prefix>/tracks")
+    parser.add_argument("--association", choices=("flow", "points"), default="flow",
+                        help="with --tracks: how matches link keypoints (default flow; see track_node)")
+    parser.add_argument("--association-radius", type=float, default=3.0, metavar="PX",
+                        help="with --tracks: link radius in pixels (default 3)")
     parser.add_argument("--copy-input", action="store_true",
                         help="copy every input topic into the output bag too")
     parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
@@ -558,6 +600,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.detector or args.matcher):
         return fail(EXIT_INPUT, "--no-detector and --no-matcher: nothing to do")
+    if args.tracks and not (args.detector and args.matcher):
+        return fail(EXIT_INPUT, "--tracks needs both the detector and the matcher")
+    try:
+        track_params(args)
+    except ValueError as err:
+        return fail(EXIT_INPUT, str(err))
     try:
         detector_kwargs, matcher_kwargs, max_frame_gap = resolve_options(args)
         # Check the input before spending time on the models.
@@ -582,6 +630,15 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def track_params(args):
+    """TrackParams from --tracks / --association / --association-radius, or None."""
+    if not getattr(args, "tracks", False):
+        return None
+    from kp_ros.core.tracks import TrackParams
+    return TrackParams(association=args.association,
+                       association_radius=args.association_radius).validated()
 
 
 class ModelLoadError(ValueError):
@@ -609,7 +666,8 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
             prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
             debug_images=args.debug_images, copy_input=args.copy_input,
             overwrite=args.overwrite, progress=args.progress if progress is None else progress,
-            detector_name=detector_name, matcher_name=matcher_name, log=log, on_frame=on_frame)
+            detector_name=detector_name, matcher_name=matcher_name, log=log, on_frame=on_frame,
+            tracks=track_params(args))
 
 
 def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
