@@ -127,6 +127,8 @@ def test_interrupt_leaves_no_partial_output(tmp_path, local_ray, options, monkey
     for name in ("seq_a", "seq_b"):  # a bag either finished before Ctrl-C, whole, or is absent
         if (out / name).exists():
             assert len(read_outputs(out / name)["/cam/keypoints"]) == 40
+    done = {r["bag"] for r in json.loads((out / "summary.json").read_text())["bags"]}
+    assert done == {n for n in ("seq_a", "seq_b") if (out / n).exists()}
 
 
 def test_killed_worker_is_retried(tmp_path, local_ray, options, monkeypatch):

@@ -8,8 +8,9 @@ DIR/summary.json + DIR/summary.csv (per bag: status, frames, keypoints/frame,
 matches/frame, resets, rejected frames, seconds, the worker's host).
 
 By default a local Ray instance runs --workers tasks at once (one per GPU when CUDA is
-used, else one per core as memory allows, each with an equal share of torch threads); --address
-auto|HOST:PORT joins a running cluster instead (bags and DIR on storage every node sees).
+used, else one per core as bags and memory allow, each with an equal share of the
+cores as torch threads: --threads); --address auto|HOST:PORT joins a running cluster
+instead (bags and DIR on storage every node sees).
 
 A bad bag (corrupt, missing topic) is reported and the others finish; a worker that
 dies is retried by Ray; a rerun skips bags whose output exists (outputs are written
@@ -302,8 +303,9 @@ def main(argv=None) -> int:
                         len(todo), available_memory_gb())
                     start_local_ray(workers * threads, gpus if per_task else 0)
                 started_ray = True
-            records = _run(ray, args, options, out_dir, todo)
+            _run(ray, args, options, out_dir, todo, records)
     except KeyboardInterrupt:
+        write_summary(out_dir, records, skipped)  # the bags finished so far
         print("process_bags: interrupted; bags not finished have no output", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
@@ -323,9 +325,9 @@ def main(argv=None) -> int:
     return EXIT_OK
 
 
-def _run(ray, args, options, out_dir: Path, todo) -> dict:
+def _run(ray, args, options, out_dir: Path, todo, records: dict) -> None:
     """Submit one task per bag (at most --workers in flight), feed one progress bar, and
-    collect the records; on Ctrl-C cancel the tasks and wait for their clean-up."""
+    collect the records into ``records``; on Ctrl-C cancel the tasks and wait for their clean-up."""
     from tqdm import tqdm
 
     resources = ray.cluster_resources()
@@ -341,7 +343,7 @@ def _run(ray, args, options, out_dir: Path, todo) -> dict:
     total = sum(count_frames(bag, args.topic) for bag, _ in todo)
     print(f"process_bags: {len(todo)} bags, {total} frames; {workers} at once, {threads} torch "
           f"threads{f', {gpus_per_task:g} GPU' if gpus_per_task else ''} each", file=sys.stderr)
-    queue, running, records = list(todo), {}, {}
+    queue, running = list(todo), {}
     bar = tqdm(total=total, unit="frame", disable=not args.progress, dynamic_ncols=True,
                desc="process_bags", file=sys.stderr)
     try:
@@ -371,7 +373,6 @@ def _run(ray, args, options, out_dir: Path, todo) -> dict:
         raise
     finally:
         bar.close()
-    return records
 
 
 def write_summary(out_dir: Path, records: dict, skipped) -> dict:
