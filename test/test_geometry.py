@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import synthetic_frame
-from kp_ros.core.geometry import verify_matches
+from kp_ros.core.geometry import camera_from_info, undistort_points, verify_matches
 
 HOMOGRAPHY = np.array([[0.98, -0.05, 12.0], [0.04, 1.01, -7.0], [2e-5, -1e-5, 1.0]])
 
@@ -118,8 +118,87 @@ def test_degenerate_input_never_raises(method):
 def test_bad_arguments_are_rejected():
     points = np.zeros((10, 2))
     with pytest.raises(ValueError, match="method"):
-        verify_matches(points, points, "essential", 1.0)
+        verify_matches(points, points, "affine", 1.0)
     with pytest.raises(ValueError, match="reproj_threshold"):
         verify_matches(points, points, "homography", 0.0)
     with pytest.raises(ValueError, match="shape"):
         verify_matches(points, points[:5], "homography", 1.0)
+
+
+# --- essential matrix with a calibrated, distorted camera ----------------------------
+
+K = np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]])
+LENSES = {  # distortion_model: coefficients (strong enough that ignoring them costs pixels)
+    "plumb_bob": np.array([-0.28, 0.08, 0.001, -0.001, 0.0]),
+    "equidistant": np.array([-0.05, 0.01, -0.002, 0.0005]),
+}
+
+
+def two_views(model: str, outliers: int = 60, seed: int = 0):
+    """A random 3-D scene seen by a calibrated camera from two poses; some matches moved
+    off their true position by 10-40 px (outliers). Returns p0, p1, truth flags, camera."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    scene = np.c_[rng.uniform(-2, 2, n), rng.uniform(-1.5, 1.5, n), rng.uniform(4, 10, n)]
+    rotation = cv2.Rodrigues(np.array([0.02, -0.05, 0.01]))[0]
+    translation = np.array([0.3, 0.05, 0.1])
+    D = LENSES[model]
+
+    def project(r, t):
+        rvec = cv2.Rodrigues(r)[0]
+        if model == "equidistant":
+            return cv2.fisheye.projectPoints(scene.reshape(-1, 1, 3), rvec, t, K, D.reshape(4, 1))[0].reshape(-1, 2)
+        return cv2.projectPoints(scene, rvec, t, K, D)[0].reshape(-1, 2)
+
+    p0, p1 = project(np.eye(3), np.zeros(3)), project(rotation, translation)
+    truth = np.ones(n, bool)
+    moved = rng.choice(n, outliers, replace=False)
+    offset = rng.uniform(10, 40, (outliers, 2)) * rng.choice([-1, 1], (outliers, 2))
+    p1[moved] += offset
+    truth[moved] = False
+    return p0, p1, truth, camera_from_info(K.ravel(), D, model, 640, 480)
+
+
+@pytest.mark.parametrize("model", list(LENSES))
+def test_essential_finds_the_inliers_of_a_distorted_camera(model):
+    p0, p1, truth, camera = two_views(model)
+    flags = verify_matches(p0, p1, "essential", 1.0, camera).astype(bool)
+    assert flags[truth].mean() >= 0.99
+    assert flags[~truth].mean() <= 0.05
+
+
+def test_undistort_points_inverts_the_projection():
+    for model, D in LENSES.items():
+        camera = camera_from_info(K.ravel(), D, model)
+        normalised = np.random.default_rng(1).uniform(-0.5, 0.5, (50, 2))
+        rays = np.c_[normalised, np.ones(50)]
+        zero = np.zeros(3)
+        if model == "equidistant":
+            pixels = cv2.fisheye.projectPoints(rays.reshape(-1, 1, 3), zero, zero, K, D.reshape(4, 1))[0]
+        else:
+            pixels = cv2.projectPoints(rays, zero, zero, K, D)[0]
+        assert np.abs(undistort_points(pixels.reshape(-1, 2), camera) - normalised).max() < 1e-4
+
+
+def test_essential_without_camera_is_fundamental():
+    p0, p1, _, _ = two_views("plumb_bob")
+    assert np.array_equal(verify_matches(p0, p1, "essential", 1.0),
+                          verify_matches(p0, p1, "fundamental", 1.0))
+
+
+def test_essential_degenerate_input_gives_no_inliers():
+    camera = camera_from_info(K.ravel(), [], "plumb_bob")
+    assert not verify_matches(np.zeros((4, 2)), np.ones((4, 2)), "essential", 1.0, camera).any()
+    same = np.tile([[100.0, 100.0]], (20, 1))
+    assert verify_matches(same, same, "essential", 1.0, camera).shape == (20,)
+
+
+@pytest.mark.parametrize("k, d, model, message", [
+    ([0.0] * 9, [], "plumb_bob", "intrinsics"),
+    (K.ravel(), [], "kannala", "not supported"),
+    (K.ravel(), [0.1, 0.2], "equidistant", "4 coefficients"),
+    (K.ravel()[:4], [], "plumb_bob", "intrinsics"),
+])
+def test_camera_from_info_rejects_unusable_calibration(k, d, model, message):
+    with pytest.raises(ValueError, match=message):
+        camera_from_info(k, d, model)

@@ -1,30 +1,82 @@
 """Geometric verification of point correspondences with OpenCV's robust estimators.
 
 ``verify_matches`` flags the matches consistent with one two-view model: a fundamental
-matrix (any rigid scene, moving camera) or a homography (planar scene, or pure camera
-rotation). It never raises on degenerate input: too few points, NaNs, collinear or
-duplicated points just give no inliers.
+matrix (any rigid scene, moving camera), a homography (planar scene, or pure camera
+rotation) or, with the camera's calibration (``CameraModel``, from a CameraInfo), an
+essential matrix: the points are undistorted (plumb_bob / rational_polynomial or
+equidistant) and OpenCV's 5-point solver runs in RANSAC, with the threshold still given
+in pixels. Without a calibration 'essential' falls back to 'fundamental' (callers say so
+once). It never raises on degenerate input: too few points, NaNs, collinear or duplicated
+points just give no inliers.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
-VERIFICATION_METHODS = ("none", "fundamental", "homography")
-MIN_POINTS = {"fundamental": 8, "homography": 4}
+VERIFICATION_METHODS = ("none", "fundamental", "homography", "essential")
+MIN_POINTS = {"fundamental": 8, "homography": 4, "essential": 5}
+DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant")
 # USAC_MAGSAC (OpenCV >= 4.5) is more accurate and needs less threshold tuning than RANSAC.
 _ROBUST_METHOD = getattr(cv2, "USAC_MAGSAC", cv2.RANSAC)
 _CONFIDENCE = 0.999
 _MAX_ITERS = 2000
 
 
+@dataclass(frozen=True)
+class CameraModel:
+    """A pinhole camera with lens distortion, as sensor_msgs/CameraInfo describes it."""
+    K: np.ndarray                  # (3, 3) intrinsics of the raw (distorted) image
+    D: np.ndarray                  # distortion coefficients (may be empty)
+    distortion_model: str = "plumb_bob"
+    width: int = 0
+    height: int = 0
+
+    @property
+    def focal(self) -> float:
+        return float(self.K[0, 0] + self.K[1, 1]) / 2.0
+
+
+def camera_from_info(k, d, distortion_model: str, width: int = 0, height: int = 0) -> CameraModel:
+    """CameraModel from CameraInfo fields (k: 9 row-major values, d, distortion_model);
+    ValueError with the reason when unusable (no focal length, unknown model)."""
+    K = np.asarray(k, np.float64).reshape(3, 3) if len(k) == 9 else None
+    if K is None or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise ValueError(f"camera_info has no usable intrinsics (k = {list(k)})")
+    model = distortion_model or "plumb_bob"
+    D = np.asarray(d, np.float64).reshape(-1)
+    if model not in DISTORTION_MODELS:
+        raise ValueError(f"camera_info distortion_model {distortion_model!r} is not supported: "
+                         f"use one of {', '.join(DISTORTION_MODELS)}")
+    if model == "equidistant" and len(D) not in (0, 4):
+        raise ValueError(f"equidistant distortion needs 4 coefficients, got {len(D)}")
+    if not np.isfinite(D).all():
+        raise ValueError("camera_info distortion coefficients are not finite")
+    return CameraModel(K, D, model, int(width), int(height))
+
+
+def undistort_points(points, camera: CameraModel) -> np.ndarray:
+    """(N, 2) raw pixels -> (N, 2) normalised image coordinates (x/z, y/z), undistorted."""
+    p = _as_points(points).astype(np.float64).reshape(-1, 1, 2)
+    if not len(p):
+        return np.zeros((0, 2))
+    if camera.distortion_model == "equidistant":
+        D = camera.D if len(camera.D) else np.zeros(4)
+        return cv2.fisheye.undistortPoints(p, camera.K, D.reshape(4, 1)).reshape(-1, 2)
+    return cv2.undistortPoints(p, camera.K, camera.D if len(camera.D) else None).reshape(-1, 2)
+
+
 def verify_matches(points0, points1, method: str = "fundamental",
-                   reproj_threshold: float = 1.0) -> np.ndarray:
+                   reproj_threshold: float = 1.0, camera: CameraModel | None = None) -> np.ndarray:
     """uint8 inlier flags (N,) for the correspondences ``points0[k] <-> points1[k]`` ((N, 2) x, y).
 
-    ``method``: 'none' (all zeros: nothing verified), 'fundamental' (>= 8 points needed)
-    or 'homography' (>= 4). ``reproj_threshold`` is in pixels (the epipolar distance for F).
+    ``method``: 'none' (all zeros: nothing verified), 'fundamental' (>= 8 points needed),
+    'homography' (>= 4) or 'essential' (>= 5, needs ``camera``; 'fundamental' without).
+    ``reproj_threshold`` is in pixels (the epipolar distance for F and E; for E it is
+    divided by the focal length, as the solver works in normalised coordinates).
     """
     if method not in VERIFICATION_METHODS:
         raise ValueError(f"unknown verification method {method!r}: use one of {VERIFICATION_METHODS}")
@@ -36,11 +88,18 @@ def verify_matches(points0, points1, method: str = "fundamental",
     flags = np.zeros(len(p0), np.uint8)
     if method == "none":
         return flags
+    if method == "essential" and camera is None:
+        method = "fundamental"
     finite = np.isfinite(p0).all(1) & np.isfinite(p1).all(1)
     if finite.sum() < MIN_POINTS[method]:
         return flags
     try:
-        if method == "fundamental":
+        if method == "essential":
+            n0, n1 = undistort_points(p0[finite], camera), undistort_points(p1[finite], camera)
+            # RANSAC: the USAC variants of findEssentialMat want pixel input and K.
+            _, mask = cv2.findEssentialMat(n0, n1, np.eye(3), cv2.RANSAC, _CONFIDENCE,
+                                           reproj_threshold / camera.focal)
+        elif method == "fundamental":
             _, mask = cv2.findFundamentalMat(p0[finite], p1[finite], _ROBUST_METHOD,
                                              reproj_threshold, _CONFIDENCE, _MAX_ITERS)
         else:
