@@ -337,3 +337,62 @@ def test_output_that_is_or_overlaps_the_input_is_refused(tmp_path, capsys, monke
     with pytest.raises(BagError, match="input"):
         pb.process_bag(tmp_path / source, tmp_path / target, object(), overwrite=True)
     assert {p: p.read_bytes() for p in (tmp_path / "data" / "in").iterdir()} == before
+
+
+INTERRUPT_DURING_IMPORTS = """
+import builtins, os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, even if inherited ignored
+real_import, trigger = builtins.__import__, sys.argv[1]
+def interrupting_import(name, *args, **kwargs):
+    if name == trigger:  # Ctrl-C arrives while this module is being imported
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupting_import
+sys.argv = ["process_bag"] + sys.argv[2:]
+runpy.run_module("kp_ros.tools.process_bag", run_name="__main__")
+"""
+
+
+AS_FROM_A_TERMINAL = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner may have it ignored
+print("started", flush=True)  # past the interpreter's own start-up, where SIGINT just kills
+sys.argv = ["process_bag"] + sys.argv[1:]
+runpy.run_module("kp_ros.tools.process_bag", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module", ["numpy", "kp_ros.core.bag_io", "kp_ros.core.stream_continuity"])
+def test_ctrl_c_during_the_imports_exits_130_with_one_line(tmp_path, module):
+    """Issue 13: SIGINT in process_bag's first ~1.5 s (imports) printed a KeyboardInterrupt
+    traceback and exited by the signal."""
+    import subprocess
+    image_bag(tmp_path / "in", frames(2, 32, 32))
+    run = subprocess.run([sys.executable, "-c", INTERRUPT_DURING_IMPORTS, module,
+                          str(tmp_path / "in"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130, run.stderr
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines() == ["process_bag: interrupted; no output bag written"]
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_ctrl_c_at_any_early_moment_exits_130(tmp_path):
+    """A real SIGINT a little after start (imports, option and input checks, model load)."""
+    import signal
+    import subprocess
+    import time
+    image_bag(tmp_path / "in", frames(2, 32, 32))
+    for delay in (0.3, 1.0):  # (a signal before the module starts is the harness's runpy)
+        process = subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL, str(tmp_path / "in"),
+                                    str(tmp_path / "out"), "--random-init-fallback", "--no-progress"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "started\n"
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 130, (delay, err)
+        assert "Traceback" not in err, (delay, err)
+        assert "process_bag: interrupted" in err.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["in"]
