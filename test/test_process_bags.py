@@ -18,6 +18,12 @@ ray = pytest.importorskip("ray", reason="process_bags needs Ray (pip install 'kp
 psutil = pytest.importorskip("psutil")
 
 
+def _import_pipeline() -> None:
+    import kp_ros.core.eloftr  # noqa: F401 - torch, transformers
+    import kp_ros.core.superpoint  # noqa: F401
+    import kp_ros.tools.process_bag  # noqa: F401
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """ONE local Ray instance for the module (start-up is ~10 s here): 2 CPUs, small
@@ -26,8 +32,11 @@ def local_ray():
     saved_path = os.environ.get("PYTHONPATH")
     temp_dir = tempfile.mkdtemp(prefix="kpray_", dir="/tmp")
     pbs.start_local_ray(num_cpus=2, temp_dir=temp_dir, object_store_mb=80)
+    # Both workers import torch and kp_ros now, while this process builds the tiny models.
+    warm_up = [ray.remote(num_cpus=1)(_import_pipeline).remote() for _ in range(2)]
     before = set(psutil.Process().children(recursive=True))
     yield
+    ray.wait(warm_up, num_returns=2, timeout=60)
     started = set(psutil.Process().children(recursive=True)) | before
     ray.shutdown()
     _, alive = psutil.wait_procs(list(started), timeout=20)
