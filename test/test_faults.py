@@ -178,11 +178,12 @@ def test_eloftr_oom_costs_one_frame_and_never_mislabels_matches(eloftr, capfd, m
     Matches pairs keypoints0 with the stamp of the frame they really come from."""
     node = eloftr.node
     frames = [synthetic_frame(120, 160, seed=0, shift=(2 * i, i)) for i in range(4)]
-    sent = [eloftr.submit(frames[0], 30.0)]
+    # Distinct frame_ids, so the frame_id0 check below can tell frames apart (issue 13).
+    sent = [eloftr.submit(frames[0], 30.0, frame_id="cam0")]
     setattr(node.core, method, fail_once(cuda_oom(), getattr(node.core, method)))
-    sent.append(eloftr.submit(frames[1], 30.1))
+    sent.append(eloftr.submit(frames[1], 30.1, frame_id="cam1"))
     assert node.worker.snapshot().rejected == 1
-    sent += [eloftr.submit(frames[2], 30.2), eloftr.submit(frames[3], 30.3)]
+    sent += [eloftr.submit(frames[2], 30.2, frame_id="cam2"), eloftr.submit(frames[3], 30.3, frame_id="cam3")]
     index = {(m.header.stamp.sec, m.header.stamp.nanosec): i for i, m in enumerate(sent)}
     published = [m for m in (eloftr.output_for(msg, timeout=1.0) for msg in sent[2:]) if m is not None]
     assert eloftr.output_for(sent[3]) is not None, "the stream did not recover"
