@@ -297,7 +297,7 @@ def test_geometric_verification_flags(many_matches_dir, frames):
 
 @pytest.mark.parametrize("option, value", [
     ("match_threshold", -0.1), ("match_threshold", 1.5), ("match_threshold", float("nan")), ("max_matches", 2.5),
-    ("max_matches", "10"), ("resize", "half"), ("geometric_verification", "essential"),
+    ("max_matches", "10"), ("resize", "half"), ("geometric_verification", "affine"),
     ("ransac_reproj_threshold", 0.0),
 ])
 def test_set_params_rejects_bad_values(tiny_eloftr_dir, option, value):

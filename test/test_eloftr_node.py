@@ -112,6 +112,28 @@ def test_runtime_parameters_take_effect_on_the_next_frame(running):
     assert not result.successful and "cannot change while running" in result.reason
 
 
+def test_essential_verification_with_camera_info(running):
+    from sensor_msgs.msg import CameraInfo
+    from kp_ros.ros.qos import output_qos
+    harness, _, log = running
+    image = synthetic_frame(120, 160, seed=0)
+    assert harness.set_params(NODE, {"geometric_verification": "essential"})[0].successful
+    feed(harness, image, 6500.0, expect_matches=False)
+    _, out = feed(harness, image, 6500.1, expect_matches=True)  # no camera_info yet: fundamental
+    assert len(out.inliers) == len(out.x0)
+    assert spin_until(harness.executor, lambda: "no camera_info" in log.read_text(), 10)
+    info_pub = harness.node.create_publisher(CameraInfo, "/el_test/camera_info", output_qos())
+    info = CameraInfo(width=160, height=120, distortion_model="plumb_bob",
+                      k=[100.0, 0, 80, 0, 100.0, 60, 0, 0, 1], d=[-0.1, 0.01, 0.0, 0.0, 0.0])
+    spin_until(harness.executor, lambda: info_pub.get_subscription_count() >= 1, 10)
+    info_pub.publish(info)
+    assert spin_until(harness.executor, lambda: "camera_info: 160x120, plumb_bob" in log.read_text(), 10)
+    _, out = feed(harness, image, 6500.2, expect_matches=True)
+    assert len(out.inliers) == len(out.x0)
+    assert harness.set_params(NODE, {"geometric_verification": "none"})[0].successful
+    harness.node.destroy_publisher(info_pub)
+
+
 def test_bad_input_is_rejected_counted_and_the_node_lives_on(running):
     harness, _, _ = running
     before = harness.wait_counters(NODE, lambda c: c.get("received") == harness.published)

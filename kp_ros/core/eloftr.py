@@ -49,7 +49,7 @@ DEFAULT_CONF = {
     "match_threshold": 0.2,        # minimum coarse dual-softmax confidence of a match
     "max_matches": -1,             # <= 0: all; else the top-k by score
     "resize": "model",             # 'model': 480x640 like the reference; 'native': source size, % 32
-    "geometric_verification": "none",  # 'none' | 'fundamental' | 'homography'
+    "geometric_verification": "none",  # 'none' | 'fundamental' | 'homography' | 'essential'
     "ransac_reproj_threshold": 1.0,    # pixels, source resolution
 }
 
@@ -87,6 +87,9 @@ class EfficientLoFTRStreamMatcher:
 
         self._device = resolve_device(device)
         self._conf = dict(DEFAULT_CONF)
+        # The camera's calibration (geometry.CameraModel) for 'essential' verification;
+        # None: 'essential' runs as 'fundamental'. Set by the node from camera_info.
+        self.camera = None
         self.set_params(match_threshold=match_threshold, max_matches=max_matches, resize=resize,
                         geometric_verification=geometric_verification,
                         ransac_reproj_threshold=ransac_reproj_threshold)
@@ -302,7 +305,7 @@ class EfficientLoFTRStreamMatcher:
         if self._conf["geometric_verification"] != "none":
             inliers = torch.from_numpy(verify_matches(
                 keypoints0.numpy(), keypoints1.numpy(), self._conf["geometric_verification"],
-                self._conf["ransac_reproj_threshold"]))
+                self._conf["ransac_reproj_threshold"], self.camera))
         return {"keypoints0": keypoints0, "keypoints1": keypoints1,
                 "scores": scores.float().cpu(), "inliers": inliers}
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import warnings
 
 from rclpy.time import Time
+from sensor_msgs.msg import CameraInfo
+
+from kp_ros.core.geometry import camera_from_info
 
 from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
 from kp_ros.core.precision import PrecisionWarning
@@ -33,7 +36,9 @@ class EfficientLoFTRNode(FeatureNode):
         Param("match_threshold", 0.2, "Minimum coarse matching confidence of a match.", 0.0, 1.0),
         Param("max_matches", 2048, "Keep the top-k matches by score; <= 0 keeps all.", -1, 1000000),
         Param("geometric_verification", "none", "Mark geometric inliers with OpenCV USAC on a "
-              "fundamental matrix or a homography.", choices=("none", "fundamental", "homography")),
+              "fundamental matrix or a homography, or with the 5-point RANSAC on an essential "
+              "matrix (needs sensor_msgs/CameraInfo on camera_info; fundamental until one arrives).",
+              choices=("none", "fundamental", "homography", "essential")),
         Param("ransac_reproj_threshold", 1.0, "Inlier threshold in source pixels.", 0.01, 100.0),
         Param("max_frame_gap", 1.5, "Reset the stream (no matches for that frame) when stamps jump "
               "by more than this many seconds; 0 disables.", 0.0, 3600.0),
@@ -50,6 +55,11 @@ class EfficientLoFTRNode(FeatureNode):
         self._processed_epoch = 0
         self._previous = None  # (header, image) of the last processed frame
         self.resets = 0
+        # Calibration for 'essential': camera_info beside the image, as image_pipeline nodes
+        # take it (latched-style QoS not assumed: drivers publish it with every frame).
+        self._camera_key = None
+        self._warned_no_camera = False
+        self.create_subscription(CameraInfo, "camera_info", self.on_camera_info, 10)
 
     def build_core(self, values: dict) -> EfficientLoFTRStreamMatcher:
         with warnings.catch_warnings():
@@ -69,6 +79,20 @@ class EfficientLoFTRNode(FeatureNode):
             self._arrivals.max_frame_gap = changes["max_frame_gap"]
         self.core.set_params(**{k: v for k, v in changes.items() if k in (
             "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
+
+    def on_camera_info(self, msg: CameraInfo) -> None:
+        key = (tuple(msg.k), tuple(msg.d), msg.distortion_model, msg.width, msg.height)
+        if key == self._camera_key:
+            return  # the same calibration with every frame: nothing to do
+        self._camera_key = key
+        try:
+            self.core.camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
+        except ValueError as exc:
+            self.core.camera = None
+            self.get_logger().error(f"camera_info ignored: {exc}")
+            return
+        self.get_logger().info(f"camera_info: {msg.width}x{msg.height}, {msg.distortion_model or 'plumb_bob'}, "
+                               f"focal {self.core.camera.focal:.1f} px")
 
     def describe(self) -> str:
         return (f"EfficientLoFTR {self.core.model_id} on {self.core.device}, "
@@ -96,6 +120,12 @@ class EfficientLoFTRNode(FeatureNode):
             self.resets += 1
             self.get_logger().warning(f"stream reset, no matches for this frame: {broken}")
             self.core.reset()
+        if self.core.params["geometric_verification"] == "essential" and self.core.camera is None \
+                and not self._warned_no_camera:
+            self._warned_no_camera = True
+            self.get_logger().warning(
+                f"geometric_verification essential: no camera_info on {self.resolve_topic_name('camera_info')} "
+                f"yet; verifying with a fundamental matrix until one arrives")
         try:
             result = self.core.push(image)
         except Exception:
