@@ -294,7 +294,12 @@ def main(argv=None) -> int:
             remove_partials(out_dir, [n for _, n in todo])
             if not ray.is_initialized():
                 if args.address:
-                    ray.init(address=args.address, log_to_driver=True)
+                    try:
+                        ray.init(address=args.address, log_to_driver=True)
+                    except Exception as err:  # noqa: BLE001 - ConnectionError, AuthenticationError, ...
+                        return fail(f"cannot join the Ray cluster at {args.address}: {err} (started "
+                                    f"with `ray start --head` there? RAY_AUTH_MODE=token and the "
+                                    f"cluster's token here?)")
                 else:
                     import torch
                     gpus = torch.cuda.device_count()
