@@ -1,5 +1,6 @@
 """process_bag --tracks: kp_ros/Tracks for every processed frame, deterministic, consistent
-with the Keypoints and Matches written beside them, new tracks after a stream reset."""
+with the Keypoints and Matches written beside them, new tracks after a stream reset; and
+geometric_verification essential with the bag's camera_info."""
 from __future__ import annotations
 
 import numpy as np
@@ -65,3 +66,57 @@ def test_cli_tracks_bad_options(tmp_path, capsys, extra, message):
 def test_tracks_type_is_in_the_typestore():
     store = bag_io.kp_ros_typestore()
     assert bag_io.TRACKS_TYPE in store.fielddefs
+
+
+# --- essential verification with the bag's camera_info -------------------------------
+
+def add_camera_info(path, k=(120.0, 0, 80, 0, 120.0, 64, 0, 0, 1), topic="/cam/camera_info"):
+    """A copy of the image bag at ``path`` with one CameraInfo on ``topic``."""
+    from test_process_bag import TYPESTORE
+    types = TYPESTORE.types
+    info = types["sensor_msgs/msg/CameraInfo"](
+        header=bag_io.header_msg(TYPESTORE, T0, "cam"), height=128, width=160,
+        distortion_model="plumb_bob", d=np.array([-0.1, 0.01, 0, 0, 0], np.float64),
+        k=np.array(k, np.float64), r=np.eye(3).ravel(), p=np.zeros(12),
+        binning_x=0, binning_y=0,
+        roi=types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0,
+                                                      do_rectify=False))
+    original = read_outputs(path)
+    out = path.with_name(path.name + "_info")
+    with bag_io.AtomicBagWriter(out, "sqlite3") as writer:
+        conn = writer.add_connection(topic, "sensor_msgs/msg/CameraInfo", TYPESTORE)
+        writer.write(conn, T0, TYPESTORE.serialize_cdr(info, "sensor_msgs/msg/CameraInfo"))
+        image = writer.add_connection("/cam/image_raw", bag_io.IMAGE_TYPE, TYPESTORE)
+        for log_ns, _, raw in original["/cam/image_raw"]:
+            writer.write(image, log_ns, raw)
+    return out
+
+
+def test_essential_uses_the_bags_camera_info(tmp_path, models):  # noqa: F811
+    detector, matcher = models
+    with_info = add_camera_info(image_bag(tmp_path / "in", frames(3)))
+    logged = []
+    try:
+        matcher.set_params(geometric_verification="essential")
+        pb.process_bag(with_info, tmp_path / "out", detector, matcher, log=logged.append)
+        assert matcher.camera is not None and matcher.camera.focal == 120.0
+        assert not logged
+        matches = read_outputs(tmp_path / "out")["/cam/matches"]
+        assert len(matches) == 2 and all(len(m.inliers) == len(m.x0) for _, m, _ in matches)
+        pb.process_bag(tmp_path / "in", tmp_path / "out2", detector, matcher, log=logged.append)
+        assert matcher.camera is None and "no sensor_msgs/CameraInfo on /cam/camera_info" in logged[0]
+    finally:
+        matcher.set_params(geometric_verification="none")
+        matcher.camera = None
+
+
+def test_essential_with_unusable_camera_info_says_why(tmp_path, models):  # noqa: F811
+    detector, matcher = models
+    with_info = add_camera_info(image_bag(tmp_path / "in", frames(2)), k=(0.0,) * 9)
+    logged = []
+    try:
+        matcher.set_params(geometric_verification="essential")
+        pb.process_bag(with_info, tmp_path / "out", detector, matcher, log=logged.append)
+        assert matcher.camera is None and "intrinsics" in logged[0]
+    finally:
+        matcher.set_params(geometric_verification="none")

@@ -327,6 +327,31 @@ class FrameProcessor:
         self._previous = None
 
 
+def camera_info_topic(image_topic: str) -> str:
+    """camera_info beside the image, as image_pipeline expects: /cam/image_raw -> /cam/camera_info."""
+    return f"{default_prefix(image_topic)}/camera_info"
+
+
+def use_camera_info(reader, typestore, matcher, image_topic: str, log) -> None:
+    """Give ``matcher`` the calibration of the bag's first CameraInfo beside the image
+    topic (intrinsics are taken as fixed for the bag), or say why it runs 'fundamental'."""
+    from kp_ros.core.geometry import camera_from_info
+    topic = camera_info_topic(image_topic)
+    matcher.camera = None
+    connections = [c for c in reader.connections if c.topic == topic
+                   and c.msgtype == "sensor_msgs/msg/CameraInfo"]
+    # An empty connection list would make the reader return every topic.
+    for _, _, data in read_messages(reader, connections) if connections else ():
+        info = typestore.deserialize_cdr(data, "sensor_msgs/msg/CameraInfo")
+        try:
+            matcher.camera = camera_from_info(info.k, info.d, info.distortion_model, info.width, info.height)
+        except ValueError as err:
+            log(f"geometric_verification essential: {topic}: {err}; verifying with a fundamental matrix")
+        return
+    log(f"geometric_verification essential: no sensor_msgs/CameraInfo on {topic} in the bag; "
+        f"verifying with a fundamental matrix")
+
+
 def _copy_connection(writer: AtomicBagWriter, typestore, connection):
     """The output connection for an input one: its own definition and QoS when the bag
     carries them, else the typestore's; None when neither knows the type."""
@@ -366,6 +391,8 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
     try:
         topic, msgtype, connections = image_connections(reader, topic)
         topics = output_topics(default_prefix(topic) if prefix is None else prefix)
+        if matcher is not None and matcher.params["geometric_verification"] == "essential":
+            use_camera_info(reader, typestore, matcher, topic, log)
         if copy_input:
             clash = {c.topic for c in reader.connections} & set(topics.values())
             if clash:
@@ -574,8 +601,9 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
                         help=f"EfficientLoFTR minimum confidence (default {LOFTR['match_threshold']})")
     models.add_argument("--max-matches", type=int, metavar="N",
                         help=f"EfficientLoFTR top-k; <= 0 keeps all (default {LOFTR['max_matches']})")
-    models.add_argument("--geometric-verification", choices=("none", "fundamental", "homography"),
-                        help=f"mark inliers with OpenCV USAC (default {LOFTR['geometric_verification']})")
+    models.add_argument("--geometric-verification", choices=("none", "fundamental", "homography", "essential"),
+                        help=f"mark inliers with OpenCV USAC, or the 5-point RANSAC with the bag's "
+                             f"camera_info for essential (default {LOFTR['geometric_verification']})")
     models.add_argument("--ransac-reproj-threshold", type=float, metavar="PX",
                         help=f"inlier threshold in source pixels (default {LOFTR['ransac_reproj_threshold']})")
     models.add_argument("--max-frame-gap", type=float, metavar="SECONDS",
