@@ -49,6 +49,8 @@ def generate_launch_description():
                               description="Always publish ~/debug_image overlays."),
         DeclareLaunchArgument("detector", default_value="true", description="Run superpoint_node."),
         DeclareLaunchArgument("matcher", default_value="true", description="Run eloftr_node."),
+        DeclareLaunchArgument("tracker", default_value="true",
+                              description="Run track_node (kp_ros/Tracks from keypoints + matches)."),
         DeclareLaunchArgument("respawn", default_value="false",
                               description="Restart a node that exits (after respawn_delay s) "
                                           "instead of shutting the launch down."),
@@ -79,7 +81,11 @@ def feature_nodes(context):
 
     image_topic = arg("image_topic")
     respawn = arg("respawn").lower() in TRUE
-    remappings = [("image", image_topic), ("image/compressed", image_topic + "/compressed")]
+    # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
+    # geometric_verification: essential.
+    camera_info = image_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in image_topic else "camera_info"
+    remappings = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
+                  ("camera_info", camera_info)]
     common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
               "debug_image": arg("debug_images").lower() in TRUE}
     actions = []
@@ -97,6 +103,18 @@ def feature_nodes(context):
         actions.append(node)
         if not respawn:
             actions.append(RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_node_exit)))
+    if arg("tracker").lower() in TRUE:
+        # Not a model node: only the params file and the debug switch apply; the image is
+        # remapped too, for its debug overlay.
+        tracker = Node(package="kp_ros", executable="track_node", name="track_node",
+                       namespace=arg("namespace"),
+                       parameters=[arg("params_file"), {"debug_image": common["debug_image"]}],
+                       remappings=[("image", image_topic)], output="screen",
+                       emulate_tty=sys.stdout.isatty(), respawn=respawn,
+                       respawn_delay=float(arg("respawn_delay")))
+        actions.append(tracker)
+        if not respawn:
+            actions.append(RegisterEventHandler(OnProcessExit(target_action=tracker, on_exit=on_node_exit)))
     return actions
 
 
