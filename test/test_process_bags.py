@@ -31,16 +31,22 @@ def local_ray():
     process it started must be gone after the shutdown."""
     saved_path = os.environ.get("PYTHONPATH")
     temp_dir = tempfile.mkdtemp(prefix="kpray_", dir="/tmp")
+    others = set(psutil.Process().children())  # e.g. another module's node processes
     pbs.start_local_ray(num_cpus=2, temp_dir=temp_dir, object_store_mb=80)
+    ray_roots = set(psutil.Process().children()) - others  # gcs_server, raylet, ...
     # Both workers import torch and kp_ros now, while this process builds the tiny models.
     warm_up = [ray.remote(num_cpus=1)(_import_pipeline).remote() for _ in range(2)]
-    before = set(psutil.Process().children(recursive=True))
     yield
     ray.wait(warm_up, num_returns=2, timeout=60)
-    started = set(psutil.Process().children(recursive=True)) | before
+    started = set(ray_roots)
+    for root in ray_roots:
+        try:
+            started |= set(root.children(recursive=True))  # the workers, as they are now
+        except psutil.NoSuchProcess:
+            pass
     ray.shutdown()
     _, alive = psutil.wait_procs(list(started), timeout=20)
-    for proc in alive:  # only ours: children of this pytest process
+    for proc in alive:  # only processes this Ray instance started
         proc.kill()
     shutil.rmtree(temp_dir, ignore_errors=True)
     if saved_path is None:
