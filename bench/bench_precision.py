@@ -276,6 +276,7 @@ def main(argv=None) -> str:
                     {"ms": ms, "gflop": gflop, "runs": len(times), "slow": slow})
                 rows.append(row(f"{label} kp_ros {name} (per {unit})", ms, seed_ms, gflop,
                                 peak.get(name, {}), slow, agree))
+                print(rows[-1], file=sys.stderr, flush=True)  # progress: emulated bf16 takes minutes
                 del model
         lines += ["| path, 640x480 | ms per call | vs seed | GFLOP per call | GFLOP/s | "
                   "matmul ceiling | % of ceiling | agreement with fp32 |",
@@ -308,6 +309,7 @@ def main(argv=None) -> str:
                         cells.append(f"{ms:.0f} ms, {gflop:.3g} GFLOP ({gflop / ms * 1e3:.3g} GFLOP/s)"
                                      + (" (1 run)" if slow else ""))
                     lines.append(f"| {label} {name} | " + " | ".join(cells) + " |")
+                    print(lines[-1], file=sys.stderr, flush=True)
                     del model
             lines.append("")
     lines.append(f"Load average at the end: {load_average()} (a shared machine: compare within one run).")
