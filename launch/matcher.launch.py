@@ -81,40 +81,39 @@ def feature_nodes(context):
 
     image_topic = arg("image_topic")
     respawn = arg("respawn").lower() in TRUE
-    # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
-    # geometric_verification: essential.
-    camera_info = image_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in image_topic else "camera_info"
-    remappings = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
-                  ("camera_info", camera_info)]
-    common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
-              "debug_image": arg("debug_images").lower() in TRUE}
+    debug_image = arg("debug_images").lower() in TRUE
     actions = []
-    for executable, enabled, model in (("superpoint_node", "detector", "superpoint_model"),
-                                       ("eloftr_node", "matcher", "eloftr_model")):
-        if arg(enabled).lower() not in TRUE:
-            continue
-        overrides = dict(common, **({"model": arg(model)} if arg(model) else {}))
+
+    def add(executable, overrides, remappings):
         node = Node(package="kp_ros", executable=executable, name=executable,
                     namespace=arg("namespace"), parameters=[arg("params_file"), overrides],
                     remappings=remappings, output="screen",
                     # Colour codes only where a person reads a terminal, not in redirected logs.
                     emulate_tty=sys.stdout.isatty(),
-                    respawn=respawn, respawn_delay=float(arg("respawn_delay")))
+                    respawn=respawn, respawn_delay=float(arg("respawn_delay")),
+                    # After Ctrl-C a node finishes its frame in progress (seconds for
+                    # EfficientLoFTR on a CPU) and logs its counters: launch's default 5 s
+                    # before SIGTERM cuts that short on a loaded machine.
+                    sigterm_timeout="30")
         actions.append(node)
         if not respawn:
             actions.append(RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_node_exit)))
+
+    # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
+    # geometric_verification: essential.
+    camera_info = image_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in image_topic else "camera_info"
+    images = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
+              ("camera_info", camera_info)]
+    common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
+              "debug_image": debug_image}
+    for executable, enabled, model in (("superpoint_node", "detector", "superpoint_model"),
+                                       ("eloftr_node", "matcher", "eloftr_model")):
+        if arg(enabled).lower() in TRUE:
+            add(executable, dict(common, **({"model": arg(model)} if arg(model) else {})), images)
     if arg("tracker").lower() in TRUE:
         # Not a model node: only the params file and the debug switch apply; the image is
         # remapped too, for its debug overlay.
-        tracker = Node(package="kp_ros", executable="track_node", name="track_node",
-                       namespace=arg("namespace"),
-                       parameters=[arg("params_file"), {"debug_image": common["debug_image"]}],
-                       remappings=[("image", image_topic)], output="screen",
-                       emulate_tty=sys.stdout.isatty(), respawn=respawn,
-                       respawn_delay=float(arg("respawn_delay")))
-        actions.append(tracker)
-        if not respawn:
-            actions.append(RegisterEventHandler(OnProcessExit(target_action=tracker, on_exit=on_node_exit)))
+        add("track_node", {"debug_image": debug_image}, [("image", image_topic)])
     return actions
 
 

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
+from rclpy.signals import SignalHandlerOptions
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--first-stamp", type=int, default=1000, help="seconds of the first stamp")
     args = parser.parse_args(argv)
 
-    rclpy.init()
+    # SIGINT as a plain KeyboardInterrupt (ends the stream), not rclpy's context shutdown.
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("plain_camera")
     reliability = (ReliabilityPolicy.RELIABLE if args.reliability == "reliable"
                    else ReliabilityPolicy.BEST_EFFORT)
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
     frames = [frame_bytes(args.height, args.width, i) for i in range(8)]
     published: dict[str, float] = {}
     period, start = 1.0 / args.rate, time.monotonic()
-    for i in range(args.count):
+
+    def publish_one(i: int) -> None:
         while (now := time.monotonic()) < start + i * period:
             rclpy.spin_once(node, timeout_sec=max(0.0, start + i * period - now))
         msg = Image(height=args.height, width=args.width, encoding="rgb8", step=3 * args.width,
@@ -89,11 +92,20 @@ def main(argv=None) -> int:
         msg.header.frame_id = "plain_camera"
         published[f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"] = time.monotonic()
         pub.publish(msg)
+
+    try:
+        for i in range(args.count):
+            publish_one(i)
+    except KeyboardInterrupt:  # SIGINT ends the stream early; the result covers what was sent
+        pass
     seconds = time.monotonic() - start
-    end = time.monotonic() + args.linger
-    while time.monotonic() < end:
-        rclpy.spin_once(node, timeout_sec=0.05)
-    print(json.dumps({"sent": args.count, "matched": matched, "seconds": seconds,
+    try:
+        end = time.monotonic() + args.linger
+        while time.monotonic() < end:
+            rclpy.spin_once(node, timeout_sec=0.05)
+    except KeyboardInterrupt:
+        pass
+    print(json.dumps({"sent": len(published), "matched": matched, "seconds": seconds,
                       "published": published, "arrivals": arrivals, "sizes": sizes}), flush=True)
     node.destroy_node()
     rclpy.shutdown()

@@ -23,7 +23,7 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from sensor_msgs.msg import Image
 
 from kp_ros.core.random_init import save_random_eloftr, save_random_superpoint
-from kp_ros.msg import Keypoints, Matches
+from kp_ros.msg import Keypoints, Matches, Tracks
 from kp_ros.ros.conversions import array_to_image_msg
 from kp_ros.ros.qos import output_qos
 
@@ -52,7 +52,8 @@ class TestMatcherLaunch(unittest.TestCase):
         rclpy.init()
         node = rclpy.create_node("launch_test_driver")
         try:
-            got = {"keypoints": [], "matches": []}
+            got = {"keypoints": [], "matches": [], "tracks": []}
+            node.create_subscription(Tracks, "/cam0/tracks", got["tracks"].append, output_qos())
             node.create_subscription(Keypoints, "/cam0/keypoints", got["keypoints"].append, output_qos())
             node.create_subscription(Matches, "/cam0/matches", got["matches"].append, output_qos())
             pub = node.create_publisher(Image, "/launch_test/image_raw", output_qos())
@@ -68,11 +69,17 @@ class TestMatcherLaunch(unittest.TestCase):
                 end = time.monotonic() + 30
                 while time.monotonic() < end and not any(k.header.stamp.sec == 10 + i for k in got["keypoints"]):
                     rclpy.spin_once(node, timeout_sec=0.1)
-            end = time.monotonic() + 10
+            end = time.monotonic() + 60  # EfficientLoFTR is the slower node
             while time.monotonic() < end and len(got["matches"]) < 2:
                 rclpy.spin_once(node, timeout_sec=0.1)
             self.assertEqual(sorted(k.header.stamp.sec for k in got["keypoints"]), [10, 11, 12])
             self.assertEqual([(m.stamp0.sec, m.header.stamp.sec) for m in got["matches"]], [(10, 11), (11, 12)])
+            end = time.monotonic() + 30  # track_node: one Tracks per Keypoints frame
+            while time.monotonic() < end and len(got["tracks"]) < 3:
+                rclpy.spin_once(node, timeout_sec=0.1)
+            self.assertEqual([t.header.stamp.sec for t in got["tracks"]], [10, 11, 12])
+            for tracks, keypoints in zip(got["tracks"], sorted(got["keypoints"], key=lambda k: k.header.stamp.sec)):
+                self.assertEqual(list(tracks.x), list(keypoints.x))
         finally:
             node.destroy_node()
             rclpy.shutdown()
