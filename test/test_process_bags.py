@@ -100,7 +100,7 @@ def test_bad_bag_reported_others_identical_to_process_bag_then_resume(tmp_path, 
         assert raw(out / name) == raw(tmp_path / "serial" / name), name
     summary = json.loads((out / "summary.json").read_text())
     by_bag = {r["bag"]: r for r in summary["bags"]}
-    assert (summary["done"], summary["failed"], summary["skipped"]) == (2, 1, 0)
+    assert summary["last_run"] == {"done": 2, "failed": 1, "skipped": 0}
     assert by_bag["seq_a"]["frames"] == by_bag["seq_b"]["frames"] == 5
     assert by_bag["seq_a"]["keypoints_per_frame"] > 0 and by_bag["seq_a"]["matches_per_frame"] > 0
     assert by_bag["seq_a"]["host"] and by_bag["seq_a"]["seconds"] > 0
@@ -115,8 +115,17 @@ def test_bad_bag_reported_others_identical_to_process_bag_then_resume(tmp_path, 
     assert {n: (out / n).stat().st_mtime_ns for n in mtimes} == mtimes
     summary = json.loads((out / "summary.json").read_text())
     by_bag = {r["bag"]: r for r in summary["bags"]}
-    assert (summary["done"], summary["failed"], summary["skipped"]) == (0, 1, 2)
+    assert summary["last_run"] == {"done": 0, "failed": 1, "skipped": 2}
     assert by_bag["seq_a"]["status"] == "skipped" and by_bag["seq_a"]["frames"] == 5  # kept
+
+    # --overwrite redoes a bag (atomically replaced, same bytes); the others stay listed.
+    assert pbs.main(options + [str(data / "seq_a"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "seq_a").stat().st_mtime_ns != mtimes["seq_a"]
+    assert raw(out / "seq_a") == raw(tmp_path / "serial" / "seq_a")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["bag"], r["status"]) for r in summary["bags"]] == [
+        ("seq_a", "done"), ("seq_b", "skipped"), ("seq_c", "failed")]
+    assert summary["last_run"] == {"done": 1, "failed": 0, "skipped": 0}
     assert no_partials(out)
 
 

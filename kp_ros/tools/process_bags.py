@@ -381,23 +381,20 @@ def _run(ray, args, options, out_dir: Path, todo, records: dict) -> None:
 
 
 def write_summary(out_dir: Path, records: dict, skipped) -> dict:
-    """DIR/summary.json (+ .csv), merged with the previous run's: a skipped bag keeps its
-    record. Written under a temporary name and renamed, like the bags."""
+    """DIR/summary.json (+ .csv): every bag of DIR, this run's records over the previous
+    runs' (a skipped bag keeps its last record, marked skipped), and this run's counts.
+    Written under a temporary name and renamed, like the bags. Returns this run's part."""
     path = out_dir / "summary.json"
     try:
-        old = {r["bag"]: r for r in json.loads(path.read_text()).get("bags", [])}
+        known = {r["bag"]: r for r in json.loads(path.read_text()).get("bags", [])}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        old = {}
-    bags = []
-    for name in sorted(set(records) | set(skipped)):
-        if name in records:
-            bags.append(records[name])
-        else:
-            bags.append({**old.get(name, {"bag": name}), "status": "skipped"})
-    summary = {"bags": bags,
-               "done": sum(r["status"] == "done" for r in bags),
-               "skipped": sum(r["status"] == "skipped" for r in bags),
-               "failed": sum(r["status"] == "failed" for r in bags)}
+        known = {}
+    this_run = {name: {**known.get(name, {"bag": name}), "status": "skipped"} for name in skipped}
+    this_run.update(records)
+    known.update(this_run)
+    counts = {status: sum(r["status"] == status for r in this_run.values())
+              for status in ("done", "skipped", "failed")}
+    summary = {"bags": [known[name] for name in sorted(known)], "last_run": counts}
     tmp = out_dir / ".summary.json.partial"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, path)
@@ -405,10 +402,10 @@ def write_summary(out_dir: Path, records: dict, skipped) -> dict:
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for record in bags:
+        for record in summary["bags"]:
             writer.writerow({k: record.get(k, "") for k in CSV_FIELDS})
     os.replace(tmp, out_dir / "summary.csv")
-    return summary
+    return {"bags": [this_run[name] for name in sorted(this_run)], **counts}
 
 
 def summary_table(summary: dict) -> str:
