@@ -336,6 +336,8 @@ def build(out: Path, size: str, quick: bool, started: float | None, load_start: 
     if not live_sets:
         lines += ["_no result (see logs/live.err)_", ""]
     lines += [f"![{p}]({p})" for p in plots if p in ("latency_vs_rate.png", "drops_vs_rate.png")] + [""]
+    lines += ["## Frames from a plain camera (QoS, transports)", "",
+              read_text(out / "interop.md") or "_no result (see logs/interop.err)_", ""]
     lines += ["## Memory", "", read_text(out / "memory.md") or "_no result (see logs/memory.err)_", ""]
     if "rss_over_time.png" in plots:
         lines += ["![RSS over time](rss_over_time.png)", ""]

@@ -1,0 +1,130 @@
+"""Frames that reach superpoint_node from somebody else's camera, over DDS as users run it.
+
+    python bench/bench_interop.py [--size tiny|full] [--rate 30] [--duration 20]
+                                  [--sizes 640x480,1280x720] [--out DIR]
+
+The camera is test/plain_camera.py in a clean environment (no FASTDDS_* variable, as a
+camera driver or ``ros2 bag play`` in another shell); the node runs with the shipped
+config/matcher.yaml (reliable_input: auto). For each image size, each publisher
+reliability (reliable / best effort) and each transport set-up (the defaults, and
+FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA on both sides) it streams rgb8 frames at --rate for
+--duration s and reports: frames the node received of those sent (its own counter), and
+publish-to-Keypoints latency (the camera process times both: one clock). With tiny models
+(default) the node keeps up with far more than the camera, so losses are the transport's;
+latency includes one tiny-model forward. Writes interop.md / interop.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_live import REPO, model_dirs, setup_env, start_node, stop_node  # noqa: E402
+
+CAMERA = REPO / "test" / "plain_camera.py"
+TOPIC = "/interop/image_raw"
+
+
+def clean_env(transports: str | None) -> dict:
+    """A plain shell with ROS sourced; ``transports`` set on this side when given."""
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"]),
+           "HOME": os.environ.get("HOME", "/tmp"), "ROS_DOMAIN_ID": os.environ["ROS_DOMAIN_ID"],
+           "AMENT_PREFIX_PATH": os.environ.get("AMENT_PREFIX_PATH", ""), "PYTHONUNBUFFERED": "1"}
+    if transports:
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = transports
+    return env
+
+
+def run_case(model_dir: Path, size: tuple[int, int], reliability: str, transports: str | None,
+             rate: float, duration: float, logs: Path) -> dict:
+    width, height = size
+    name = f"{width}x{height}_{reliability}_{transports or 'default'}"
+    log_path = logs / f"interop_{name}.log"
+    if transports:
+        os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = transports  # the node's side
+    else:
+        os.environ.pop("FASTDDS_BUILTIN_TRANSPORTS", None)
+    node = start_node("superpoint", model_dir, "cpu", TOPIC, log_path, params={"max_keypoints": 1024})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and " on /" not in log_path.read_text():
+            time.sleep(0.2)
+        count = int(rate * duration)
+        camera = subprocess.run(
+            [sys.executable, str(CAMERA), "--topic", TOPIC, "--rate", str(rate), "--count", str(count),
+             "--width", str(width), "--height", str(height), "--reliability", reliability,
+             "--listen", "/keypoints", "--linger", "3"],
+            env=clean_env(transports), capture_output=True, text=True, timeout=duration + 180)
+    finally:
+        code, counters = stop_node(node, log_path)
+    if camera.returncode != 0:
+        raise RuntimeError(f"{name}: camera failed: {camera.stderr[-2000:]}")
+    result = json.loads(camera.stdout.strip().splitlines()[-1])
+    latencies = [result["arrivals"][k] - result["published"][k] for k in result["arrivals"]
+                 if k in result["published"]]
+    ms = 1e3 * np.asarray(latencies) if latencies else np.zeros(0)
+    sent = result["sent"]
+    received = counters.get("received", 0)
+    row = {"size": f"{width}x{height}", "publisher": reliability,
+           "transports": transports or "default (both sides)", "sent": sent, "received": received,
+           "received_pct": 100.0 * received / sent if sent else 0.0,
+           "processed": counters.get("processed", 0), "matched": result["matched"],
+           "latency_median_ms": float(np.median(ms)) if ms.size else None,
+           "latency_p95_ms": float(np.percentile(ms, 95)) if ms.size else None,
+           "publish_seconds": result["seconds"], "node_exit": code}
+    print(f"{name}: received {received}/{sent} ({row['received_pct']:.1f} %), latency median "
+          f"{row['latency_median_ms'] or float('nan'):.1f} ms", file=sys.stderr, flush=True)
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"Frames a plain-environment camera sent at {meta['rate']:g} Hz for {meta['duration']:g} s "
+             f"(rgb8) and superpoint_node received (defaults: reliable_input auto; {meta['models']} "
+             f"models; load at start {meta['load']})", "",
+             "| image | publisher QoS | transports | received / sent | % | latency median / p95 (ms) |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        latency = ("-" if r["latency_median_ms"] is None
+                   else f"{r['latency_median_ms']:.1f} / {r['latency_p95_ms']:.1f}")
+        lines.append(f"| {r['size']} | {r['publisher']} | {r['transports']} | {r['received']} / "
+                     f"{r['sent']} | {r['received_pct']:.1f} | {latency} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny", help="model size")
+    parser.add_argument("--rate", type=float, default=30.0)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--sizes", default="640x480,1280x720")
+    parser.add_argument("--domain-id", type=int, default=91)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    setup_env(args.domain_id)
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = model_dirs(args.size, args.out)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    rows = []
+    for size in sizes:
+        for transports in (None, "LARGE_DATA"):
+            for reliability in ("reliable", "best_effort"):
+                rows.append(run_case(models["superpoint"], size, reliability, transports, args.rate,
+                                     args.duration, args.out / "logs"))
+    meta = {"rate": args.rate, "duration": args.duration, "models": args.size,
+            "load": open("/proc/loadavg").read().split()[0]}
+    (args.out / "interop.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = markdown(rows, meta)
+    (args.out / "interop.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
