@@ -1,6 +1,11 @@
 """superpoint_node in its own process, fed frames over DDS by the test (lockstep, so no
 frame is dropped): one Keypoints per frame with the image's header, empty messages for
-uniform images, runtime max_keypoints, bad input rejected and counted, node alive."""
+uniform images, runtime max_keypoints, bad input rejected and counted, node alive.
+Each test stands alone, in any order: the module's node is reset to its start-up
+parameters before each test, counters are read as deltas, and the shutdown test runs a
+node of its own."""
+import contextlib
+
 import numpy as np
 import pytest
 from sensor_msgs.msg import Image
@@ -8,33 +13,58 @@ from sensor_msgs.msg import Image
 from conftest import synthetic_frame
 from kp_ros.msg import Keypoints
 from kp_ros.ros.conversions import keypoints_from_msg
-from ros_helpers import NodeHarness, parse_counters, ros_node, start_node, stop_node
+from ros_helpers import NodeHarness, parse_counters, ros_node, spin_until, start_node, stop_node
 
 NODE = "/sp_test/superpoint_node"
+PARAMS = {"device": "cpu", "max_keypoints": 40, "keypoint_threshold": 0.005, "diagnostics_period": 0.2}
+RUNTIME = ("max_keypoints", "keypoint_threshold")  # what tests change while it runs
+
+
+@contextlib.contextmanager
+def superpoint_node(model_dir, log, namespace):
+    """A superpoint_node process in ``namespace`` and the test's harness, discovery done."""
+    process = start_node("superpoint_node", namespace=namespace, log_path=log,
+                         params={"model": str(model_dir), **PARAMS},
+                         remaps={"image": f"{namespace}/camera/image_raw"})
+    try:
+        with ros_node(f"{namespace.strip('/')}_driver") as (node, executor):
+            harness = NodeHarness(node, executor, f"{namespace}/camera/image_raw", Keypoints,
+                                  f"{namespace}/keypoints")
+            assert harness.wait_ready(90, f"{namespace}/superpoint_node"), \
+                f"node never subscribed:\n{log.read_text()}"
+            harness.published = 0
+            yield harness, process
+    finally:
+        stop_node(process)
 
 
 @pytest.fixture(scope="module")
-def running(tiny_superpoint_dir, tmp_path_factory):
+def shared_node(tiny_superpoint_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("sp_node") / "node.log"
-    process = start_node("superpoint_node", namespace="/sp_test", log_path=log,
-                         params={"model": str(tiny_superpoint_dir), "device": "cpu",
-                                 "max_keypoints": 40, "diagnostics_period": 0.2},
-                         remaps={"image": "/sp_test/camera/image_raw"})
-    with ros_node("sp_test_driver") as (node, executor):
-        harness = NodeHarness(node, executor, "/sp_test/camera/image_raw", Keypoints, "/sp_test/keypoints")
-        assert harness.wait_ready(90, NODE), f"node never subscribed:\n{log.read_text()}"
-        harness.published = 0
+    with superpoint_node(tiny_superpoint_dir, log, "/sp_test") as (harness, process):
         yield harness, process, log
-        code, _ = stop_node(process)
-        harness.exit_code = code
+
+
+@pytest.fixture
+def running(shared_node):
+    """The module's node with its start-up parameters, whatever the test before changed:
+    each test sees the same node state in any order."""
+    harness = shared_node[0]
+    results = harness.set_params(NODE, {name: PARAMS[name] for name in RUNTIME})
+    assert all(r.successful for r in results), [r.reason for r in results]
+    return shared_node
 
 
 def feed(harness, image, stamp, **kw):
+    seen = len(harness.outputs)
     msg = harness.publish_frame(image, stamp, **kw)
     harness.published += 1
-    out = harness.wait_output(msg.header.stamp)
-    assert out is not None, f"no Keypoints for stamp {stamp}"
-    return msg, out
+
+    def new_output():  # only this frame's: a stamp may recur in another test
+        return next((m for m in harness.outputs[seen:] if m.header.stamp == msg.header.stamp), None)
+    spin_until(harness.executor, lambda: new_output() is not None, 30)
+    assert new_output() is not None, f"no Keypoints for stamp {stamp}"
+    return msg, new_output()
 
 
 def test_one_keypoints_per_frame_with_the_image_header(running):
@@ -115,12 +145,21 @@ def test_bad_input_is_rejected_counted_and_the_node_lives_on(running):
     feed(harness, synthetic_frame(120, 160, seed=3), 600.0)  # still alive and processing
 
 
-def test_accounting_at_shutdown(running):
-    harness, process, log = running
-    stop_node(process)
+def test_accounting_at_shutdown(tiny_superpoint_dir, tmp_path):
+    """A node of its own (the module's keeps running for the other tests), fed good and bad
+    frames in lockstep, then stopped: its shutdown line counts exactly what it was sent."""
+    log = tmp_path / "node.log"
+    with superpoint_node(tiny_superpoint_dir, log, "/sp_acct") as (harness, process):
+        fqn = "/sp_acct/superpoint_node"
+        feed(harness, synthetic_frame(120, 160, seed=1), 800.0)
+        harness.publish(Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(10)))  # truncated
+        harness.published += 1
+        counts = harness.wait_counters(fqn, lambda c: c.get("rejected") == 1)
+        assert counts["rejected"] == 1, counts
+        feed(harness, synthetic_frame(120, 160, seed=2), 801.0)
+        stop_node(process)
     text = log.read_text()
     counts = parse_counters(text)
-    assert counts["received"] == harness.published
-    assert counts["received"] == counts["processed"] + counts["dropped"] + counts["rejected"]
-    assert counts["rejected"] == 3
+    assert counts["received"] == harness.published == 3
+    assert counts == {"received": 3, "processed": 2, "dropped": 0, "rejected": 1}, counts
     assert process.returncode == 0 and "Traceback" not in text, text
