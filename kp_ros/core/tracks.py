@@ -43,7 +43,8 @@ class TrackParams:
                 or not math.isfinite(radius) or not 0.0 < radius <= 64.0:
             raise ValueError(f"association_radius must be a number in (0, 64] px, got {radius!r}")
         if self.association not in ASSOCIATIONS:
-            raise ValueError(f"association must be one of {', '.join(ASSOCIATIONS)}, got {self.association!r}")
+            raise ValueError(f"association must be one of {', '.join(ASSOCIATIONS)}, "
+                             f"got {self.association!r}")
         if not isinstance(self.inliers_only, (bool, np.bool_)):
             raise ValueError(f"inliers_only must be a bool, got {self.inliers_only!r}")
         score = self.min_match_score
@@ -85,49 +86,70 @@ def as_points(points) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(points, dtype=np.float32).reshape(-1, 2))
 
 
-def nearest_within(queries: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
-    """For each query (M, 2), the index of its nearest point (N, 2) within ``radius``, else -1.
+class PointGrid:
+    """Points in a uniform grid for nearest-neighbour queries within ``radius``.
 
-    A uniform grid with cells >= 2 * radius, so the disc around a query touches at most
-    the 2x2 cells from its corner: O(M + N) numpy passes, where OpenCV's brute-force
-    matcher takes ~9 ms and FLANN ~3 ms for 2000 x 1024."""
-    queries, points = as_points(queries), as_points(points)
-    out = np.full(len(queries), -1, np.int64)
-    valid = np.isfinite(points).all(1)
-    if not len(queries) or not valid.any():
+    Cells are >= 2 * radius, so the disc around a query touches at most the 2x2 cells
+    from its corner: O(M + N) numpy passes (OpenCV's brute-force matcher takes ~9 ms and
+    FLANN ~3 ms for 2000 x 1024). Built once per frame: the track book keeps each frame's
+    grid, used again when that frame is the older one of the next pair."""
+
+    def __init__(self, points, radius: float):
+        points = as_points(points)
+        self.radius = float(radius)
+        self.points = points
+        self._xs, self._ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+        valid = np.isfinite(points).all(1)
+        self.empty = not valid.any()
+        if self.empty:
+            return
+        cell = max(2.0 * self.radius, _MIN_CELL)
+        self._scale = np.float32(1.0 / cell)
+        kept = np.flatnonzero(valid)
+        self._origin = points[kept].min(0) - np.float32(cell)  # an empty ring of cells around
+        cells = ((points[kept] - self._origin) * self._scale).astype(np.int32)  # >= 0: floor
+        self._w, self._h = int(cells[:, 0].max()) + 2, int(cells[:, 1].max()) + 2
+        flat = cells[:, 1] * self._w + cells[:, 0]
+        order = np.argsort(flat, kind="stable")
+        flat_sorted = flat[order]
+        rank = np.arange(len(flat_sorted)) - np.searchsorted(flat_sorted, flat_sorted, side="left")
+        self._table = np.full((self._h * self._w, int(rank.max()) + 1), -1, np.int32)
+        self._table[flat_sorted, rank] = kept[order]
+        self._block = np.array([0, 1, self._w, self._w + 1], np.int32)
+
+    def query(self, queries) -> np.ndarray:
+        """For each query (M, 2), the index of its nearest point within the radius, else -1."""
+        queries = as_points(queries)
+        out = np.full(len(queries), -1, np.int64)
+        if self.empty or not len(queries):
+            return out
+        # Far or NaN queries are moved far away: clamped onto the grid's edge below, where
+        # every distance is then too large to be a hit.
+        q = np.where(np.isfinite(queries), queries, np.float32(1e9))
+        corner = np.floor((q - np.float32(self.radius) - self._origin) * self._scale)
+        cx = np.clip(corner[:, 0], 0, self._w - 2).astype(np.int32)
+        cy = np.clip(corner[:, 1], 0, self._h - 2).astype(np.int32)
+        candidates = self._table[(cy * self._w + cx)[:, None] + self._block].reshape(len(q), -1)
+        # Gathered per coordinate: 1-D takes are ~8x faster than indexing (N, 2) rows.
+        # A -1 candidate reads the last point; masked below.
+        d2 = (self._xs[candidates] - q[:, :1]) ** 2 + (self._ys[candidates] - q[:, 1:]) ** 2
+        d2[candidates < 0] = np.inf
+        best = d2.argmin(1)[:, None]
+        hit = np.take_along_axis(d2, best, 1)[:, 0] <= np.float32(self.radius) ** 2
+        out[hit] = np.take_along_axis(candidates, best, 1)[hit, 0]
         return out
-    cell = max(2.0 * float(radius), _MIN_CELL)
-    scale = np.float32(1.0 / cell)
-    kept = np.flatnonzero(valid)
-    origin = points[kept].min(0) - np.float32(cell)  # an empty ring of cells around the points
-    cells = ((points[kept] - origin) * scale).astype(np.int32)  # >= 0: truncation is floor
-    grid_w, grid_h = int(cells[:, 0].max()) + 2, int(cells[:, 1].max()) + 2
-    flat = cells[:, 1] * grid_w + cells[:, 0]
-    order = np.argsort(flat, kind="stable")
-    flat_sorted = flat[order]
-    rank = np.arange(len(flat_sorted)) - np.searchsorted(flat_sorted, flat_sorted, side="left")
-    depth = int(rank.max()) + 1
-    table = np.full((grid_h * grid_w, depth), -1, np.int32)
-    table[flat_sorted, rank] = kept[order]
 
-    # Far or NaN queries are moved far away: they are clamped onto the grid's edge below,
-    # where every distance is then too large to be a hit.
-    far = np.float32(1e9)
-    q = np.where(np.isfinite(queries), queries, far)
-    corner = np.floor((q - np.float32(radius) - origin) * scale)
-    cx = np.clip(corner[:, 0], 0, grid_w - 2).astype(np.int32)
-    cy = np.clip(corner[:, 1], 0, grid_h - 2).astype(np.int32)
-    slots = (cy * grid_w + cx)[:, None] + np.array([0, 1, grid_w, grid_w + 1], np.int32)
-    candidates = table[slots].reshape(len(q), -1)  # (M, 4 * depth), -1 = empty
-    # Gathered per coordinate: 1-D takes are ~8x faster than indexing (N, 2) rows.
-    # A -1 candidate reads the last point; masked below.
-    xs, ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
-    d2 = (xs[candidates] - q[:, :1]) ** 2 + (ys[candidates] - q[:, 1:]) ** 2
-    d2[candidates < 0] = np.inf
-    best = d2.argmin(1)[:, None]
-    hit = np.take_along_axis(d2, best, 1)[:, 0] <= np.float32(radius) ** 2
-    out[hit] = np.take_along_axis(candidates, best, 1)[hit, 0]
-    return out
+
+def nearest_within(queries, points, radius: float) -> np.ndarray:
+    """For each query (M, 2), the index of its nearest point (N, 2) within ``radius``, else -1."""
+    return PointGrid(points, radius).query(queries)
+
+
+def _grid(points, radius: float) -> PointGrid:
+    """``points`` as a PointGrid for ``radius`` (a given grid is reused when it fits)."""
+    if isinstance(points, PointGrid) and points.radius == float(radius):
+        return points
+    return PointGrid(points.points if isinstance(points, PointGrid) else points, radius)
 
 
 def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
@@ -143,7 +165,8 @@ def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
     asking its newer point to land near j too keeps ~3x more links at radius 3 px with
     99.8 % of them right (test_tracks.py, README). Only flagged matches vote when
     ``inliers`` is given. Conflicts (two links sharing a keypoint) go to the higher score,
-    as a greedy pass by descending score does."""
+    as a greedy pass by descending score does. ``keypoints0``/``keypoints1`` may be
+    PointGrids, reused when built for ``radius``."""
     if mode not in ASSOCIATIONS:
         raise ValueError(f"association mode must be one of {ASSOCIATIONS}, got {mode!r}")
     points0, points1 = as_points(points0), as_points(points1)
@@ -160,17 +183,18 @@ def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
     empty = np.empty(0, np.int64)
     if not keep.any():
         return empty, empty
-    idx0 = nearest_within(points0[keep], keypoints0, radius)
+    grid0 = _grid(keypoints0, radius)
+    idx0 = grid0.query(points0[keep])
     voted = idx0 >= 0  # only these need their newer keypoint looked up
     keep[keep] = voted
     idx0 = idx0[voted]
     if mode == "flow":
         # The match's displacement carried to the keypoint it voted for: where that
         # keypoint should be in the newer frame; the nearest keypoint there is j.
-        moved = as_points(keypoints0)[idx0] + (points1[keep] - points0[keep])
-        idx1 = nearest_within(moved, keypoints1, radius)
+        moved = grid0.points[idx0] + (points1[keep] - points0[keep])
+        idx1 = _grid(keypoints1, radius).query(moved)
     else:
-        idx1 = nearest_within(points1[keep], keypoints1, radius)
+        idx1 = _grid(keypoints1, radius).query(points1[keep])
     score = scores[keep]
     ok = idx1 >= 0
     idx0, idx1, score = idx0[ok], idx1[ok], score[ok]
@@ -198,6 +222,7 @@ class _Remembered:
     keypoints: np.ndarray
     ids: np.ndarray
     lengths: np.ndarray
+    grid: PointGrid | None = None  # the keypoints' grid, built when the frame was linked
 
 
 class TrackBook:
@@ -242,13 +267,16 @@ class TrackBook:
         ids = np.empty(n, np.uint64)
         lengths = np.ones(n, np.uint32)
         previous_index = np.full(n, -1, np.int32)
+        grid = None
         if previous is not None:
             params = self.params
             inliers = matches.inliers if params.inliers_only and matches.inliers is not None \
                 and len(matches.inliers) else None
-            idx0, idx1 = associate(previous.keypoints, keypoints, matches.points0, matches.points1,
-                                   matches.scores, params.association_radius, inliers,
-                                   params.min_match_score, params.association)
+            grid = PointGrid(keypoints, params.association_radius)
+            older = previous.grid if previous.grid is not None else previous.keypoints
+            idx0, idx1 = associate(older, grid, matches.points0, matches.points1, matches.scores,
+                                   params.association_radius, inliers, params.min_match_score,
+                                   params.association)
             ids[idx1] = previous.ids[idx0]
             lengths[idx1] = previous.lengths[idx0] + 1
             previous_index[idx1] = idx0
@@ -261,7 +289,7 @@ class TrackBook:
         ids[new] = np.arange(self._next_id, self._next_id + int(new.sum()), dtype=np.uint64)
         self._next_id += int(new.sum())
 
-        self._frames[stamp_ns] = _Remembered(keypoints, ids, lengths)
+        self._frames[stamp_ns] = _Remembered(keypoints, ids, lengths, grid)
         while len(self._frames) > self._history_size:
             del self._frames[min(self._frames)]
         self._last_stamp = stamp_ns

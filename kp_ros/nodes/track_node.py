@@ -183,7 +183,8 @@ class TrackNode(Node):
         if not (len(msg.x0) == len(msg.y0) == len(msg.x1) == len(msg.y1) == n) \
                 or len(msg.inliers) not in (0, n):
             return self._reject(f"Matches with inconsistent lengths (x0 {len(msg.x0)}, y0 {len(msg.y0)}, "
-                                f"x1 {len(msg.x1)}, y1 {len(msg.y1)}, scores {n}, inliers {len(msg.inliers)})")
+                                f"x1 {len(msg.x1)}, y1 {len(msg.y1)}, scores {n}, "
+                                f"inliers {len(msg.inliers)})")
         matches = MatchSet(
             _stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0),
             np.stack([np.frombuffer(msg.x0, np.float32), np.frombuffer(msg.y0, np.float32)], 1),
@@ -278,7 +279,8 @@ class TrackNode(Node):
             status.level, status.message = DiagnosticStatus.WARN, f"{self.counts['rejected']} inputs rejected"
         values = {
             "published rate (Hz)": (self.counts["published"] - published0) / max(now - then, 1e-6),
-            **self.counts, **dict(self.sync.counters), **{f"book {k}": v for k, v in self.sync.book.counters.items()},
+            **self.counts, **dict(self.sync.counters),
+            **{f"book {k}": v for k, v in self.sync.book.counters.items()},
             "pending": self.sync.pending,
             "latency median (ms)": 1e3 * statistics.median(latencies) if latencies else 0.0,
             "latency max (ms)": 1e3 * latencies[-1] if latencies else 0.0,
