@@ -229,6 +229,19 @@ def test_sync_stream_reset_frame_gets_new_tracks_without_waiting():
     assert out[1].previous_index.tolist() == [0, 1]
 
 
+def test_sync_frames_the_matcher_skipped_go_out_without_waiting():
+    # A slow matcher drops frames: it matches 1 with 4; 2 and 3 never get Matches.
+    sync = _sync(timeout=100.0)
+    out = []
+    for stamp in (1, 2, 3, 4):
+        out += sync.add_keypoints(stamp, K, now=0)
+    assert out == []
+    out = sync.add_matches(_matches(4, 1, K, K), now=0)
+    assert _stamps(out) == [1, 2, 3, 4]
+    assert all((f.previous_index == -1).all() for f in out[:3])
+    assert out[3].linked_from_ns == 1 and out[3].ids.tolist() == out[0].ids.tolist()
+
+
 def test_sync_buffers_are_bounded():
     sync = _sync(timeout=100.0, max_pending=4)
     out = []

@@ -10,8 +10,9 @@ through the matches between the two frames.
   the index of the same track in the frame they were linked from.
 - ``TrackSynchronizer``: pairs Keypoints (by stamp) with the Matches whose newer frame
   they are, whichever arrives first, in bounded buffers; a frame whose Matches never
-  come starts new tracks after ``timeout`` seconds (or at once, when the matcher has
-  already moved past it). Frames come out in stamp order.
+  come starts new tracks after ``timeout`` seconds, or at once when Matches of a newer
+  frame arrived (the matcher publishes in order: it skipped this one, e.g. a drop on a
+  slow device or a stream reset). Frames come out in stamp order.
 
 Pure numpy, no ROS: the node, process_bag and the tests drive the same code.
 """
@@ -321,7 +322,9 @@ class TrackSynchronizer:
         self._keypoints: dict[int, _Pending] = {}
         self._matches: dict[int, MatchSet] = {}
         self._published: int | None = None   # stamp of the last frame handed out
-        self._matcher_past: int | None = None  # newest older-frame stamp seen in matches
+        # Newest newer-frame stamp seen in matches: the matcher publishes in stamp order, so
+        # a frame older than this without matches of its own will never get any.
+        self._matcher_past: int | None = None
 
     def add_keypoints(self, stamp_ns: int, keypoints, now: float, payload=None) -> list[FrameTracks]:
         if self._published is not None and stamp_ns <= self._published:
@@ -345,9 +348,9 @@ class TrackSynchronizer:
         if self._published is not None and matches.stamp_ns <= self._published:
             self.counters["late matches"] += 1  # its frame went out already
             return self.poll(now)
-        if self._matcher_past is not None and matches.stamp0_ns < self._matcher_past:
+        if self._matcher_past is not None and matches.stamp_ns < self._matcher_past:
             self._matcher_past = None  # the matcher restarted on older stamps
-        self._matcher_past = max(self._matcher_past or matches.stamp0_ns, matches.stamp0_ns)
+        self._matcher_past = max(self._matcher_past or matches.stamp_ns, matches.stamp_ns)
         self._matches[matches.stamp_ns] = matches
         while len(self._matches) > self.max_pending:
             del self._matches[min(self._matches)]
@@ -362,7 +365,7 @@ class TrackSynchronizer:
             matches = self._matches.get(stamp)
             if matches is not None:  # its older frame, if pending, is older still: gone already
                 out += self._emit(stamp, matches, None)
-            elif self._matcher_past is not None and self._matcher_past >= stamp:
+            elif self._matcher_past is not None and self._matcher_past > stamp:
                 # The matcher publishes in order and has moved past this frame.
                 out += self._emit(stamp, None, "the matcher skipped this frame (reset or drop)")
             elif now - self._keypoints[stamp].arrived >= self.timeout:
