@@ -1,5 +1,5 @@
 """precision: fp32 | bf16 | fp16 | auto: resolution, CPU capability detection, and the
-agreement of bf16 with fp32 on the same weights and frames (bounds stated in README.md).
+agreement of bf16 with fp32 on the same weights and frames (bounds stated in docs/performance.md).
 
 bf16 results do not depend on whether the CPU computes bf16 natively (only the speed
 does), so the agreement bounds are checked on any machine; on one without AVX512-BF16 /
