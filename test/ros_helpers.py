@@ -51,6 +51,21 @@ def node_env(extra: dict | None = None) -> dict:
     return env
 
 
+def require_launch_and_installed_kp_ros() -> None:
+    """Skip (with the reason) unless launch_ros / launch_testing are importable and kp_ros
+    is installed in an ament prefix, as ``ros2 launch kp_ros ...`` needs."""
+    import pytest
+    for module in ("launch_ros", "launch_testing"):
+        pytest.importorskip(module, reason=f"{module} is not installed (a ROS 2 install has it; "
+                                           "scripts/setup_env.sh installs it from ../shared/ros2-cli)")
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    try:
+        get_package_share_directory("kp_ros")
+    except PackageNotFoundError:
+        pytest.skip("kp_ros is not installed in an ament prefix (scripts/setup_env.sh, or colcon "
+                    "build && source install/setup.bash)")
+
+
 def clean_env(extra: dict | None = None) -> dict:
     """The environment of a user's plain shell with ROS sourced (what a camera driver,
     ``ros2 bag play`` or the ros2 CLI started elsewhere gets): no FASTDDS_* or other

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ros_helpers import REPO_ROOT, clean_env
+from ros_helpers import REPO_ROOT, clean_env, require_launch_and_installed_kp_ros
 
 
 @pytest.fixture
@@ -25,12 +25,7 @@ def ros2():
     if exe is None:
         pytest.skip("the ros2 CLI is not installed (a ROS 2 install, or scripts/setup_env.sh "
                     "with ../shared/ros2-cli beside the repository)")
-    pytest.importorskip("launch_ros", reason="launch_ros is not installed")
-    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-    try:
-        get_package_share_directory("kp_ros")
-    except PackageNotFoundError:
-        pytest.skip("kp_ros is not installed in an ament prefix (scripts/setup_env.sh, or colcon)")
+    require_launch_and_installed_kp_ros()
     yield exe
     subprocess.run([exe, "daemon", "stop"], env=clean_env(), capture_output=True, timeout=30)
 
