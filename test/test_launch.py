@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-
 from ros_helpers import REPO_ROOT, require_launch_and_installed_kp_ros
 
 LAUNCH_FILE = REPO_ROOT / "launch" / "matcher.launch.py"
