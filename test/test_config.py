@@ -42,3 +42,78 @@ def test_track_node_parameters_match_the_yaml():
         assert len(descriptor.description) > 20, param.name
         if isinstance(param.default, (int, float)) and not isinstance(param.default, bool):
             assert descriptor.integer_range or descriptor.floating_point_range, param.name
+
+
+def test_matcher_yaml_follows_the_parameter_spec():
+    """Every yaml value: the spec's default, its type, within its range and choices."""
+    from kp_ros.core import params
+
+    config = yaml.safe_load(PARAMS_FILE.read_text())
+    for node, specs in params.NODES.items():
+        in_file = config[f"/**/{node}"]["ros__parameters"]
+        assert set(in_file) == {p.name for p in specs}, node
+        for spec in specs:
+            value = in_file[spec.name]
+            assert value == spec.default and type(value) is spec.type, f"{node}.{spec.name}"
+            assert spec.checked(value) == value
+            if spec.low is not None:
+                assert spec.low <= value <= spec.high, f"{node}.{spec.name}"
+
+
+def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
+    import inspect
+
+    from kp_ros.core import params
+    from kp_ros.core.eloftr import DEFAULT_CONF, EfficientLoFTRStreamMatcher
+    from kp_ros.core.stream_continuity import StreamContinuity
+    from kp_ros.core.superpoint import SuperPointParams
+    from kp_ros.core.tracks import TrackParams
+    from kp_ros.tools import process_bag
+
+    for node, node_class in (("superpoint_node", SuperPointNode), ("eloftr_node", EfficientLoFTRNode)):
+        assert [(p.name, p.default, p.runtime) for p in node_class.MODEL_PARAMS + COMMON_PARAMS] \
+            == [(p.name, p.default, p.runtime) for p in params.NODES[node]]
+    assert [p.name for p in TrackNode.PARAMS] == [p.name for p in params.TRACK]
+    # The core API keeps everything unless told (max_keypoints / max_matches -1); the nodes
+    # publish a bounded top-k: both written in the spec, nowhere else.
+    core_sp = params.defaults("superpoint_node", core=True)
+    assert SuperPointParams() == SuperPointParams(**{k: core_sp[k] for k in (
+        "keypoint_threshold", "nms_radius", "max_keypoints", "resize")})
+    assert SuperPointParams().max_keypoints == -1 and core_sp["max_keypoints"] == -1
+    assert params.defaults("superpoint_node")["max_keypoints"] == 1024
+    core_lo = params.defaults("eloftr_node", core=True)
+    assert DEFAULT_CONF == {k: core_lo[k] for k in DEFAULT_CONF} and DEFAULT_CONF["max_matches"] == -1
+    signature = inspect.signature(EfficientLoFTRStreamMatcher).parameters
+    assert all(signature[k].default == v for k, v in DEFAULT_CONF.items())
+    assert StreamContinuity().max_frame_gap == core_lo["max_frame_gap"] == process_bag.MAX_FRAME_GAP
+    track = params.defaults("track_node")
+    assert TrackParams() == TrackParams(**{k: track[k] for k in (
+        "association_radius", "association", "inliers_only", "min_match_score")})
+    assert process_bag.SUPERPOINT_MODEL == params.spec("superpoint_node", "model").default
+
+
+def test_process_bag_model_flags_come_from_the_spec():
+    from kp_ros.core import params
+    from kp_ros.tools import process_bag
+
+    parser = process_bag.build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for flag, (nodes, name) in process_bag.MODEL_FLAGS.items():
+        spec = params.spec(nodes[0], name)
+        assert actions[flag].default is None, flag  # not given: the params file decides
+        assert tuple(actions[flag].choices or ()) == spec.choices, flag
+    # Every model parameter the nodes share with process_bag has a flag.
+    shared = set(process_bag.DETECTOR_PARAMS) | set(process_bag.MATCHER_PARAMS) | {"max_frame_gap"}
+    assert shared == {name for _, name in process_bag.MODEL_FLAGS.values()}
+
+
+def test_a_spec_rejects_what_the_node_rejects():
+    import pytest
+
+    from kp_ros.core import params
+
+    assert params.spec("superpoint_node", "reliable_input").checked(True) == "reliable"
+    with pytest.raises(ValueError, match="resize must be one of model, native"):
+        params.spec("eloftr_node", "resize").checked("huge")
+    with pytest.raises(KeyError, match="track_node has no parameter 'model'"):
+        params.spec("track_node", "model")

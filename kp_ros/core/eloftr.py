@@ -42,16 +42,14 @@ import torch.nn.functional as F
 from .geometry import VERIFICATION_METHODS, verify_matches
 from .model_loading import load_pretrained, resolve_device
 from .precision import resolve_precision, warn_once
+from . import params
 from .preprocess import RESIZE_POLICIES, preprocess_gray, scale_to_source, target_size
 
 SIZE_MULTIPLE = 32  # the backbone (1/8) and the 4x4 attention aggregation need H, W % 32 == 0
-DEFAULT_CONF = {
-    "match_threshold": 0.2,        # minimum coarse dual-softmax confidence of a match
-    "max_matches": -1,             # <= 0: all; else the top-k by score
-    "resize": "model",             # 'model': 480x640 like the reference; 'native': source size, % 32
-    "geometric_verification": "none",  # 'none' | 'fundamental' | 'homography' | 'essential'
-    "ransac_reproj_threshold": 1.0,    # pixels, source resolution
-}
+# match_threshold (coarse dual-softmax confidence), max_matches (<= 0: all), resize,
+# geometric_verification, ransac_reproj_threshold (source pixels): see kp_ros/core/params.py.
+DEFAULT_CONF = {name: params.spec("eloftr_node", name).core_value for name in (
+    "match_threshold", "max_matches", "resize", "geometric_verification", "ransac_reproj_threshold")}
 
 
 @dataclass
@@ -79,9 +77,11 @@ def empty_result() -> dict[str, torch.Tensor]:
 class EfficientLoFTRStreamMatcher:
     """Matches each pushed frame against the previous one, reusing its backbone features."""
 
-    def __init__(self, model: str, device: str = "auto", match_threshold: float = 0.2,
-                 max_matches: int = -1, resize: str = "model",
-                 geometric_verification: str = "none", ransac_reproj_threshold: float = 1.0,
+    def __init__(self, model: str, device: str = "auto",
+                 match_threshold: float = DEFAULT_CONF["match_threshold"],
+                 max_matches: int = DEFAULT_CONF["max_matches"], resize: str = DEFAULT_CONF["resize"],
+                 geometric_verification: str = DEFAULT_CONF["geometric_verification"],
+                 ransac_reproj_threshold: float = DEFAULT_CONF["ransac_reproj_threshold"],
                  fp16: bool = False, precision: str = "fp32"):
         from transformers import EfficientLoFTRForKeypointMatching
 

@@ -17,7 +17,9 @@ import cv2
 import numpy as np
 import torch
 
-VERIFICATION_METHODS = ("none", "fundamental", "homography", "essential")
+from kp_ros.core.params import VERIFICATION_CHOICES
+
+VERIFICATION_METHODS = VERIFICATION_CHOICES
 MIN_POINTS = {"fundamental": 8, "homography": 4, "essential": 5}
 DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant")
 # USAC_MAGSAC (OpenCV >= 4.5) is more accurate and needs less threshold tuning than RANSAC.

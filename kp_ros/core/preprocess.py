@@ -24,8 +24,10 @@ import cv2
 import numpy as np
 import torch
 
+from kp_ros.core.params import RESIZE_CHOICES
+
 MODEL_SIZE = (480, 640)  # (height, width) of the reference processors' resize
-RESIZE_POLICIES = ("model", "native")
+RESIZE_POLICIES = RESIZE_CHOICES
 # 'native' caps the model input here (aspect kept): a 4K or corrupt-but-plausible frame
 # would otherwise need tens of GB in EfficientLoFTR; 1920x1088 fits a consumer GPU.
 MAX_NATIVE_PIXELS = 1920 * 1088

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kp_ros.core.params import spec
+
 
 @dataclass(frozen=True)
 class FrameInfo:
@@ -21,7 +23,7 @@ class FrameInfo:
 class StreamContinuity:
     """Remembers the last accepted frame; ``check`` says why a new one breaks the stream."""
 
-    def __init__(self, max_frame_gap: float = 1.5):
+    def __init__(self, max_frame_gap: float = spec("eloftr_node", "max_frame_gap").default):
         self.max_frame_gap = max_frame_gap  # seconds; <= 0 disables the gap check
         self._last: FrameInfo | None = None
 

@@ -32,20 +32,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core import params
 from kp_ros.core.model_loading import load_pretrained, resolve_device
 from kp_ros.core.precision import resolve_precision, warn_once
 from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
 
+_SPEC = {p.name: p for p in params.NODES["superpoint_node"]}
 CELL = 8  # SuperPoint's score/descriptor cell: the model runs at multiples of 8
 
 
 @dataclass(frozen=True)
 class SuperPointParams:
-    """Runtime settings; the one place their defaults live."""
-    keypoint_threshold: float = 0.005
-    nms_radius: int = 4
-    max_keypoints: int = -1  # <= 0: unbounded
-    resize: str = "model"  # 'model' (480x640, as the reference) | 'native' (source size, multiple of 8)
+    """Runtime settings; defaults from kp_ros/core/params.py (the core's own where it differs)."""
+    keypoint_threshold: float = _SPEC["keypoint_threshold"].core_value
+    nms_radius: int = _SPEC["nms_radius"].core_value
+    max_keypoints: int = _SPEC["max_keypoints"].core_value  # <= 0: unbounded
+    # 'model' (480x640, as the reference) | 'native' (source size, multiple of 8)
+    resize: str = _SPEC["resize"].core_value
 
     def validated(self) -> "SuperPointParams":
         threshold = self.keypoint_threshold
@@ -58,7 +61,7 @@ class SuperPointParams:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.nms_radius < 0:
             raise ValueError(f"nms_radius must be >= 0, got {self.nms_radius}")
-        if self.resize not in ("model", "native"):
+        if self.resize not in params.RESIZE_CHOICES:
             raise ValueError(f"resize must be 'model' or 'native', got {self.resize!r}")
         return SuperPointParams(float(threshold), int(self.nms_radius), int(self.max_keypoints),
                                 self.resize)

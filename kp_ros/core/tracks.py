@@ -24,19 +24,21 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kp_ros.core.params import ASSOCIATION_CHOICES, spec
+
 # A nearest-neighbour grid cell is at least this big, so a tiny radius cannot ask for a
 # huge table; the 3x3 cell neighbourhood still covers the radius.
 _MIN_CELL = 2.0
-ASSOCIATIONS = ("flow", "points")
+ASSOCIATIONS = ASSOCIATION_CHOICES
 
 
 @dataclass(frozen=True)
 class TrackParams:
-    """Runtime settings; the one place their defaults live."""
-    association_radius: float = 3.0  # px: how close a match (or its flow) must come to a keypoint
-    association: str = "flow"        # 'flow' | 'points', see associate()
-    inliers_only: bool = True        # when Matches carry inlier flags, link through inliers only
-    min_match_score: float = 0.0     # matches below this score link nothing
+    """Runtime settings; defaults (and what each means) in kp_ros/core/params.py."""
+    association_radius: float = spec("track_node", "association_radius").default  # px
+    association: str = spec("track_node", "association").default  # 'flow' | 'points', see associate()
+    inliers_only: bool = spec("track_node", "inliers_only").default
+    min_match_score: float = spec("track_node", "min_match_score").default
 
     def validated(self) -> "TrackParams":
         radius = self.association_radius

@@ -17,12 +17,13 @@ from sensor_msgs.msg import CameraInfo
 from kp_ros.core.geometry import camera_from_info
 
 from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
+from kp_ros.core import params
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
 from kp_ros.core.visualize import draw_matches
 from kp_ros.msg import Matches
 from kp_ros.ros.conversions import matches_to_msg
-from kp_ros.ros.feature_node import FeatureNode, Param, run_node
+from kp_ros.ros.feature_node import FeatureNode, ros_params, run_node
 from kp_ros.ros.qos import output_qos
 
 VERIFICATION_PARAMS = ("geometric_verification", "ransac_reproj_threshold")
@@ -30,19 +31,7 @@ VERIFICATION_PARAMS = ("geometric_verification", "ransac_reproj_threshold")
 
 class EfficientLoFTRNode(FeatureNode):
     NODE_NAME = "eloftr_node"
-    MODEL_PARAMS = (
-        Param("model", "zju-community/efficientloftr", "Hugging Face hub id or local directory of an "
-              "EfficientLoFTRForKeypointMatching checkpoint.", runtime=False),
-        Param("match_threshold", 0.2, "Minimum coarse matching confidence of a match.", 0.0, 1.0),
-        Param("max_matches", 2048, "Keep the top-k matches by score; <= 0 keeps all.", -1, 1000000),
-        Param("geometric_verification", "none", "Mark geometric inliers with OpenCV USAC on a "
-              "fundamental matrix or a homography, or with the 5-point RANSAC on an essential "
-              "matrix (needs sensor_msgs/CameraInfo on camera_info; fundamental until one arrives).",
-              choices=("none", "fundamental", "homography", "essential")),
-        Param("ransac_reproj_threshold", 1.0, "Inlier threshold in source pixels.", 0.01, 100.0),
-        Param("max_frame_gap", 1.5, "Reset the stream (no matches for that frame) when stamps jump "
-              "by more than this many seconds; 0 disables.", 0.0, 3600.0),
-    )
+    MODEL_PARAMS = ros_params(params.ELOFTR)
 
     def __init__(self, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)

@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import warnings
 
+from kp_ros.core import params
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.superpoint import SuperPointDetector
 from kp_ros.core.visualize import draw_keypoints
 from kp_ros.msg import Keypoints
 from kp_ros.ros.conversions import keypoints_to_msg
-from kp_ros.ros.feature_node import FeatureNode, Param, run_node
+from kp_ros.ros.feature_node import FeatureNode, ros_params, run_node
 from kp_ros.ros.qos import output_qos
 
 
 class SuperPointNode(FeatureNode):
     NODE_NAME = "superpoint_node"
-    MODEL_PARAMS = (
-        Param("model", "magic-leap-community/superpoint", "Hugging Face hub id or local directory "
-              "of a SuperPointForKeypointDetection checkpoint.", runtime=False),
-        Param("keypoint_threshold", 0.005, "Minimum detection score of a keypoint.", 0.0, 1.0),
-        Param("nms_radius", 4, "Non-maximum suppression radius in model pixels.", 0, 64),
-        Param("max_keypoints", 1024, "Keep the top-k keypoints by score; <= 0 keeps all.", -1, 100000),
-    )
+    MODEL_PARAMS = ros_params(params.SUPERPOINT)
 
     def __init__(self, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)

@@ -27,13 +27,14 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
 from sensor_msgs.msg import Image
 
+from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.tracks import (ASSOCIATIONS, FrameTracks, MatchSet, TrackBook, TrackParams,
                                 TrackSynchronizer)
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
-from kp_ros.ros.feature_node import Param, run_node
+from kp_ros.ros.feature_node import ros_params, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
 
 # Inputs are small and each one matters (a lost Matches costs a frame its links):
@@ -72,29 +73,7 @@ def _stamp_ns(stamp) -> int:
 
 class TrackNode(Node):
     NODE_NAME = "track_node"
-    PARAMS = (
-        Param("association_radius", TrackParams.association_radius, "Pixels: how close a match "
-              "(association 'points') or a keypoint moved by a match's flow ('flow') must come to "
-              "a keypoint to link it.", 0.1, 64.0),
-        Param("association", TrackParams.association, "'flow': keypoint i of the older frame is "
-              "moved by the displacement of a match within the radius and linked to the nearest "
-              "keypoint there; 'points': a match must start near i and end near j.",
-              choices=ASSOCIATIONS),
-        Param("inliers_only", TrackParams.inliers_only, "Link through geometric inliers only, "
-              "when the Matches carry inlier flags (eloftr_node geometric_verification)."),
-        Param("min_match_score", TrackParams.min_match_score, "Matches below this confidence link "
-              "nothing.", 0.0, 1.0),
-        Param("match_timeout", 1.0, "Seconds a frame's Keypoints wait for its Matches before it "
-              "is published with new tracks.", 0.01, 60.0),
-        Param("max_pending", 32, "Frames waiting for their Matches (and Matches waiting for "
-              "their Keypoints) at most; the oldest goes out unlinked beyond.", 1, 1000,
-              runtime=False),
-        Param("trail_length", 10, "Frames of trail drawn per track on ~/debug_image.", 1, 100),
-        Param("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
-              "someone subscribes to it)."),
-        Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0,
-              runtime=False),
-    )
+    PARAMS = ros_params(params.TRACK)
 
     def __init__(self, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)

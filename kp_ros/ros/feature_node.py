@@ -9,8 +9,7 @@ from __future__ import annotations
 import signal
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import fields
 
 import numpy as np
 import rclpy
@@ -22,28 +21,22 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 
+from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
+from kp_ros.core.params import ParamSpec
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
-from kp_ros.ros.image_input import RELIABILITY_CHOICES, ImageInput, normalize_reliability
+from kp_ros.ros.image_input import ImageInput
 from kp_ros.ros.qos import output_qos
 
 
-@dataclass(frozen=True)
-class Param:
-    """One declared parameter: default, description, optional range, and whether it can
-    change while running (those that cannot are rejected with a reason)."""
-    name: str
-    default: object
-    description: str
-    low: float | None = None
-    high: float | None = None
-    runtime: bool = True
-    choices: tuple[str, ...] = ()
-    # Maps accepted aliases (e.g. an old boolean form) to the canonical value; raises
-    # ValueError with the reason. Such a parameter is declared dynamically typed.
-    normalize: Callable[[object], object] | None = None
+class Param(ParamSpec):
+    """A kp_ros.core.params.ParamSpec that can build its ROS ParameterDescriptor."""
+
+    @classmethod
+    def of(cls, spec: ParamSpec) -> "Param":
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(ParamSpec)})
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
@@ -57,26 +50,11 @@ class Param:
         return desc
 
 
-COMMON_PARAMS = (
-    Param("device", "auto", "Torch device for inference: auto (cuda when available), cpu, cuda or cuda:N.",
-          runtime=False),
-    Param("precision", "fp32", "Model precision: fp32; bf16 (CPU with AVX512-BF16/AMX, or CUDA; "
-          "emulated and slower on other CPUs); fp16 (CUDA only, fp32 on CPU); auto = fp16 on "
-          "CUDA, fp32 on CPU.", runtime=False, choices=("fp32", "bf16", "fp16", "auto")),
-    Param("fp16", False, "Deprecated alias of precision: fp16.", runtime=False),
-    Param("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
-          "'native' = the camera size rounded to what the model needs (at most 1920x1088 "
-          "pixels, aspect kept).", choices=("model", "native")),
-    Param("use_compressed", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed "
-          "instead of sensor_msgs/Image on image.", runtime=False),
-    Param("reliable_input", "auto", "Image subscription reliability: auto follows the "
-          "publishers (reliable when all are, else best effort); reliable or best_effort fix it. "
-          "true/false are accepted as reliable/best_effort.", runtime=False,
-          choices=RELIABILITY_CHOICES, normalize=normalize_reliability),
-    Param("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
-          "someone subscribes to it)."),
-    Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0, runtime=False),
-)
+def ros_params(specs) -> tuple[Param, ...]:
+    return tuple(Param.of(spec) for spec in specs)
+
+
+COMMON_PARAMS = ros_params(params.COMMON)
 
 
 class FeatureNode(Node):

@@ -19,25 +19,12 @@ import time
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSPolicyKind, ReliabilityPolicy
 
+from kp_ros.core.params import RELIABILITY_CHOICES, normalize_reliability  # noqa: F401 (re-exported)
 from kp_ros.ros.qos import image_input_qos
 
-RELIABILITY_CHOICES = ("auto", "reliable", "best_effort")
 POLL_PERIOD = 0.25     # s between looks at the ROS graph (a local cache: microseconds)
 WARN_AFTER = 5.0       # s without a matched publisher before the first warning
 WARN_REPEAT = 60.0     # s between repeats of an unchanged warning
-
-
-def normalize_reliability(value) -> str:
-    """'auto' | 'reliable' | 'best_effort'; the old boolean ``reliable_input`` still works
-    (true = reliable, false = best_effort). ValueError for anything else."""
-    if isinstance(value, bool):
-        return "reliable" if value else "best_effort"
-    text = str(value).strip().lower().replace("-", "_")
-    aliases = {"true": "reliable", "false": "best_effort", "besteffort": "best_effort"}
-    text = aliases.get(text, text)
-    if text not in RELIABILITY_CHOICES:
-        raise ValueError(f"reliable_input must be one of {', '.join(RELIABILITY_CHOICES)}, got {value!r}")
-    return text
 
 
 class ImageInput:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kp_ros.core.params import spec
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_FRAMES = REPO_ROOT.parent / "shared" / "data" / "tum_fr3_long_office_household"
-MODELS = {"superpoint_node": "magic-leap-community/superpoint",
-          "eloftr_node": "zju-community/efficientloftr"}
+MODELS = {node: spec(node, "model").default for node in ("superpoint_node", "eloftr_node")}
 
 
 def resolve_model(node: str, model: str, cache: Path) -> tuple[str, bool]:

@@ -32,7 +32,6 @@ Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 inte
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import signal
@@ -55,20 +54,33 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
                                     image_encoding, image_msg, iter_frames, keypoints_msg,
                                     kp_ros_typestore, matches_msg, open_bag, read_messages,
                                     stamp_to_ns)
+    from kp_ros.core import params
     from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
 except KeyboardInterrupt:
     print("process_bag: interrupted; no output bag written", file=sys.stderr)
     raise SystemExit(130) from None  # EXIT_INTERRUPTED, not defined yet
 
-SUPERPOINT_MODEL = "magic-leap-community/superpoint"
-ELOFTR_MODEL = "zju-community/efficientloftr"
-MAX_FRAME_GAP = inspect.signature(StreamContinuity).parameters["max_frame_gap"].default
+SUPERPOINT_MODEL = params.spec("superpoint_node", "model").default
+ELOFTR_MODEL = params.spec("eloftr_node", "model").default
+MAX_FRAME_GAP = params.spec("eloftr_node", "max_frame_gap").default
 
 # The nodes' ROS parameters that map 1:1 to keywords of the core classes.
 DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
                    "resize", "fp16", "precision")
 MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
                   "geometric_verification", "ransac_reproj_threshold", "fp16", "precision")
+# Model flags (each a parameter of kp_ros/core/params.py) -> (the nodes it sets, parameter).
+_BOTH = ("superpoint_node", "eloftr_node")
+MODEL_FLAGS = {
+    "superpoint_model": (("superpoint_node",), "model"), "eloftr_model": (("eloftr_node",), "model"),
+    "device": (_BOTH, "device"), "precision": (_BOTH, "precision"), "fp16": (_BOTH, "fp16"),
+    "resize": (_BOTH, "resize"),
+    **{name: (("superpoint_node",), name) for name in ("keypoint_threshold", "nms_radius",
+                                                        "max_keypoints")},
+    **{name: (("eloftr_node",), name) for name in ("match_threshold", "max_matches",
+                                                    "geometric_verification",
+                                                    "ransac_reproj_threshold", "max_frame_gap")},
+}
 EXIT_OK, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -125,26 +137,37 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
     """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
     use_file = args.params_file and str(args.params_file).lower() != "none"
     file_sp, file_lo = load_params_file(args.params_file) if use_file else ({}, {})
-    detector = {"model": SUPERPOINT_MODEL} | {k: file_sp[k] for k in DETECTOR_PARAMS if k in file_sp}
-    matcher = {"model": ELOFTR_MODEL} | {k: file_lo[k] for k in MATCHER_PARAMS if k in file_lo}
-    max_frame_gap = float(file_lo.get("max_frame_gap", MAX_FRAME_GAP))
-    flags = {k: v for k, v in vars(args).items() if v is not None}
-    for flag, name in (("superpoint_model", "model"), ("keypoint_threshold", "keypoint_threshold"),
-                       ("nms_radius", "nms_radius"), ("max_keypoints", "max_keypoints")):
-        if flag in flags:
-            detector[name] = flags[flag]
-    for flag, name in (("eloftr_model", "model"), ("match_threshold", "match_threshold"),
-                       ("max_matches", "max_matches"),
-                       ("geometric_verification", "geometric_verification"),
-                       ("ransac_reproj_threshold", "ransac_reproj_threshold")):
-        if flag in flags:
-            matcher[name] = flags[flag]
-    for shared in ("device", "resize", "fp16", "precision"):
-        if shared in flags:
-            detector[shared] = matcher[shared] = flags[shared]
-    if "max_frame_gap" in flags:
-        max_frame_gap = float(flags["max_frame_gap"])
-    return detector, matcher, max_frame_gap
+    options = {"superpoint_node": {"model": SUPERPOINT_MODEL} | file_sp,
+               "eloftr_node": {"model": ELOFTR_MODEL} | file_lo}
+    for flag, (nodes, name) in MODEL_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            for node in nodes:
+                options[node][name] = getattr(args, flag)
+    detector = {k: v for k, v in options["superpoint_node"].items() if k in DETECTOR_PARAMS}
+    matcher = {k: v for k, v in options["eloftr_node"].items() if k in MATCHER_PARAMS}
+    return detector, matcher, float(options["eloftr_node"].get("max_frame_gap", MAX_FRAME_GAP))
+
+
+def add_model_flags(group) -> None:
+    """One flag per MODEL_FLAGS entry: type, choices and text from the parameter spec."""
+    metavars = {"superpoint_model": "ID_OR_DIR", "eloftr_model": "ID_OR_DIR", "device": "DEVICE",
+                "max_frame_gap": "SECONDS", "ransac_reproj_threshold": "PX", "nms_radius": "PX"}
+    for flag, (nodes, name) in MODEL_FLAGS.items():
+        spec = params.spec(nodes[0], name)
+        default = f"default {spec.default}"
+        if spec.core_value != spec.default:
+            default += f"; {spec.core_value} with --params-file none"
+        text = f"{spec.description} ({default})".replace("%", "%%")
+        if len(nodes) == 1 and name != "model":
+            text = ("SuperPoint: " if nodes[0] == "superpoint_node" else "EfficientLoFTR: ") + text
+        kwargs = {"help": text}
+        if spec.type is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        elif spec.choices:
+            kwargs.update(choices=spec.choices)
+        else:
+            kwargs.update(type=spec.type, metavar=metavars.get(flag, "N" if spec.type is int else "S"))
+        group.add_argument("--" + flag.replace("_", "-"), **kwargs)
 
 
 # --- summary -------------------------------------------------------------------------
@@ -563,10 +586,13 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
     parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")
     parser.add_argument("--tracks", action="store_true",
                         help="also write kp_ros/Tracks (track ids over frames, as track_node) on <prefix>/tracks")
-    parser.add_argument("--association", choices=("flow", "points"), default="flow",
-                        help="with --tracks: how matches link keypoints (default flow; see track_node)")
-    parser.add_argument("--association-radius", type=float, default=3.0, metavar="PX",
-                        help="with --tracks: link radius in pixels (default 3)")
+    association = params.spec("track_node", "association")
+    radius = params.spec("track_node", "association_radius")
+    parser.add_argument("--association", choices=association.choices, default=association.default,
+                        help=f"with --tracks: how matches link keypoints (default "
+                             f"{association.default}; see track_node)")
+    parser.add_argument("--association-radius", type=float, default=radius.default, metavar="PX",
+                        help=f"with --tracks: link radius in pixels (default {radius.default})")
     parser.add_argument("--copy-input", action="store_true",
                         help="copy every input topic into the output bag too")
     parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
@@ -575,39 +601,9 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
                         help="the nodes' ROS 2 params file (superpoint_node/eloftr_node "
                              "ros__parameters); default: %(default)s; 'none': the core defaults")
 
-    # Defaults shown are the core's own (the one place they live); None here = not given.
-    from kp_ros.core.eloftr import DEFAULT_CONF as LOFTR
-    from kp_ros.core.superpoint import SuperPointParams
-    sp = SuperPointParams()
-    models = parser.add_argument_group("models (default: the core defaults, or the params file)")
-    models.add_argument("--superpoint-model", metavar="ID_OR_DIR", help=f"default {SUPERPOINT_MODEL}")
-    models.add_argument("--eloftr-model", metavar="ID_OR_DIR", help=f"default {ELOFTR_MODEL}")
-    models.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    models.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"),
-                        help="fp32 (default) | bf16 (CPUs with AVX512-BF16/AMX, CUDA; emulated and "
-                             "slower on other CPUs) | fp16 (CUDA only) | auto (fp16 on CUDA, fp32 on CPU)")
-    models.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
-                        help="deprecated alias of --precision fp16")
-    models.add_argument("--resize", choices=("model", "native"),
-                        help="model input size: 'model' = 480x640 as the reference pipeline, "
-                             f"'native' = the camera size (default {sp.resize})")
-    models.add_argument("--keypoint-threshold", type=float, metavar="S",
-                        help=f"SuperPoint minimum score (default {sp.keypoint_threshold})")
-    models.add_argument("--nms-radius", type=int, metavar="PX",
-                        help=f"SuperPoint NMS radius in model pixels (default {sp.nms_radius})")
-    models.add_argument("--max-keypoints", type=int, metavar="N",
-                        help=f"SuperPoint top-k; <= 0 keeps all (default {sp.max_keypoints})")
-    models.add_argument("--match-threshold", type=float, metavar="S",
-                        help=f"EfficientLoFTR minimum confidence (default {LOFTR['match_threshold']})")
-    models.add_argument("--max-matches", type=int, metavar="N",
-                        help=f"EfficientLoFTR top-k; <= 0 keeps all (default {LOFTR['max_matches']})")
-    models.add_argument("--geometric-verification", choices=("none", "fundamental", "homography", "essential"),
-                        help=f"mark inliers with OpenCV USAC, or the 5-point RANSAC with the bag's "
-                             f"camera_info for essential (default {LOFTR['geometric_verification']})")
-    models.add_argument("--ransac-reproj-threshold", type=float, metavar="PX",
-                        help=f"inlier threshold in source pixels (default {LOFTR['ransac_reproj_threshold']})")
-    models.add_argument("--max-frame-gap", type=float, metavar="SECONDS",
-                        help=f"a larger stamp jump resets the matcher; 0 disables (default {MAX_FRAME_GAP})")
+    # None here = not given: the params file (or the core default) applies.
+    models = parser.add_argument_group("models (default: the params file, or the core defaults)")
+    add_model_flags(models)
     models.add_argument("--random-init-fallback", action="store_true",
                         help="if pretrained weights are unavailable, use RANDOM-INIT models "
                              "(meaningless features; for demos and pipeline tests) instead of failing")

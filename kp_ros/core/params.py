@@ -1,0 +1,157 @@
+"""Every parameter of superpoint_node, eloftr_node and track_node, written once.
+
+ROS-free (no rclpy), like LightGlue's ``default_conf``: name, default, range or choices,
+whether it may change while running, and its description. The nodes declare their ROS
+parameters from it (kp_ros/ros/feature_node.py builds the descriptors), process_bag builds
+its flags from it, the core classes take their defaults from it, and test/test_config.py
+checks config/matcher.yaml against it.
+
+``core_default`` is the ROS-free API's default where it differs from the node's: the core
+keeps every keypoint / match unless told otherwise, the nodes publish a bounded top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+_SAME = object()  # core_default not given: the core uses the node's default
+
+RESIZE_CHOICES = ("model", "native")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "auto")
+VERIFICATION_CHOICES = ("none", "fundamental", "homography", "essential")
+ASSOCIATION_CHOICES = ("flow", "points")
+RELIABILITY_CHOICES = ("auto", "reliable", "best_effort")
+
+
+def normalize_reliability(value) -> str:
+    """'auto' | 'reliable' | 'best_effort'; the old boolean ``reliable_input`` still works
+    (true = reliable, false = best_effort). ValueError for anything else."""
+    if isinstance(value, bool):
+        return "reliable" if value else "best_effort"
+    text = str(value).strip().lower().replace("-", "_")
+    aliases = {"true": "reliable", "false": "best_effort", "besteffort": "best_effort"}
+    text = aliases.get(text, text)
+    if text not in RELIABILITY_CHOICES:
+        raise ValueError(f"reliable_input must be one of {', '.join(RELIABILITY_CHOICES)}, got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: default, description, optional range, and whether it can change
+    while running (those that cannot are rejected with a reason)."""
+    name: str
+    default: object
+    description: str
+    low: float | None = None
+    high: float | None = None
+    runtime: bool = True
+    choices: tuple[str, ...] = ()
+    # Maps accepted aliases (e.g. an old boolean form) to the canonical value; raises
+    # ValueError with the reason. Such a parameter is declared dynamically typed.
+    normalize: Callable[[object], object] | None = None
+    core_default: object = _SAME
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    @property
+    def core_value(self):
+        """The default of the ROS-free core API (the node's unless ``core_default`` is set)."""
+        return self.default if self.core_default is _SAME else self.core_default
+
+    def checked(self, value):
+        """The canonical value, or ValueError with the reason (aliases, choices)."""
+        if self.normalize is not None:
+            value = self.normalize(value)
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}")
+        return value
+
+
+COMMON = (
+    ParamSpec("device", "auto", "Torch device for inference: auto (cuda when available), cpu, cuda "
+              "or cuda:N.", runtime=False),
+    ParamSpec("precision", "fp32", "Model precision: fp32; bf16 (CPU with AVX512-BF16/AMX, or CUDA; "
+              "emulated and slower on other CPUs); fp16 (CUDA only, fp32 on CPU); auto = fp16 on "
+              "CUDA, fp32 on CPU.", runtime=False, choices=PRECISION_CHOICES),
+    ParamSpec("fp16", False, "Deprecated alias of precision: fp16.", runtime=False),
+    ParamSpec("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
+              "'native' = the camera size rounded to what the model needs (at most 1920x1088 "
+              "pixels, aspect kept).", choices=RESIZE_CHOICES),
+    ParamSpec("use_compressed", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed "
+              "instead of sensor_msgs/Image on image.", runtime=False),
+    ParamSpec("reliable_input", "auto", "Image subscription reliability: auto follows the "
+              "publishers (reliable when all are, else best effort); reliable or best_effort fix it. "
+              "true/false are accepted as reliable/best_effort.", runtime=False,
+              choices=RELIABILITY_CHOICES, normalize=normalize_reliability),
+    ParamSpec("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
+              "someone subscribes to it)."),
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0,
+              runtime=False),
+)
+
+SUPERPOINT = (
+    ParamSpec("model", "magic-leap-community/superpoint", "Hugging Face hub id or local directory "
+              "of a SuperPointForKeypointDetection checkpoint.", runtime=False),
+    ParamSpec("keypoint_threshold", 0.005, "Minimum detection score of a keypoint.", 0.0, 1.0),
+    ParamSpec("nms_radius", 4, "Non-maximum suppression radius in model pixels.", 0, 64),
+    ParamSpec("max_keypoints", 1024, "Keep the top-k keypoints by score; <= 0 keeps all.", -1, 100000,
+              core_default=-1),
+)
+
+ELOFTR = (
+    ParamSpec("model", "zju-community/efficientloftr", "Hugging Face hub id or local directory of "
+              "an EfficientLoFTRForKeypointMatching checkpoint.", runtime=False),
+    ParamSpec("match_threshold", 0.2, "Minimum coarse matching confidence of a match.", 0.0, 1.0),
+    ParamSpec("max_matches", 2048, "Keep the top-k matches by score; <= 0 keeps all.", -1, 1000000,
+              core_default=-1),
+    ParamSpec("geometric_verification", "none", "Mark geometric inliers with OpenCV USAC on a "
+              "fundamental matrix or a homography, or with the 5-point RANSAC on an essential "
+              "matrix (needs sensor_msgs/CameraInfo on camera_info; fundamental until one arrives).",
+              choices=VERIFICATION_CHOICES),
+    ParamSpec("ransac_reproj_threshold", 1.0, "Inlier threshold in source pixels.", 0.01, 100.0),
+    ParamSpec("max_frame_gap", 1.5, "Reset the stream (no matches for that frame) when stamps jump "
+              "by more than this many seconds; 0 disables.", 0.0, 3600.0),
+)
+
+_COMMON = {p.name: p for p in COMMON}
+TRACK = (
+    ParamSpec("association_radius", 3.0, "Pixels: how close a match (association 'points') or a "
+              "keypoint moved by a match's flow ('flow') must come to a keypoint to link it.",
+              0.1, 64.0),
+    ParamSpec("association", "flow", "'flow': keypoint i of the older frame is moved by the "
+              "displacement of a match within the radius and linked to the nearest keypoint there; "
+              "'points': a match must start near i and end near j.", choices=ASSOCIATION_CHOICES),
+    ParamSpec("inliers_only", True, "Link through geometric inliers only, when the Matches carry "
+              "inlier flags (eloftr_node geometric_verification)."),
+    ParamSpec("min_match_score", 0.0, "Matches below this confidence link nothing.", 0.0, 1.0),
+    ParamSpec("match_timeout", 1.0, "Seconds a frame's Keypoints wait for its Matches before it "
+              "is published with new tracks.", 0.01, 60.0),
+    ParamSpec("max_pending", 32, "Frames waiting for their Matches (and Matches waiting for their "
+              "Keypoints) at most; the oldest goes out unlinked beyond.", 1, 1000, runtime=False),
+    ParamSpec("trail_length", 10, "Frames of trail drawn per track on ~/debug_image.", 1, 100),
+    _COMMON["debug_image"],
+    _COMMON["diagnostics_period"],
+)
+
+# Node name -> every parameter it declares, in declaration order.
+NODES = {
+    "superpoint_node": SUPERPOINT + COMMON,
+    "eloftr_node": ELOFTR + COMMON,
+    "track_node": TRACK,
+}
+
+
+def spec(node: str, name: str) -> ParamSpec:
+    """One node's parameter, by name (KeyError names both when unknown)."""
+    for param in NODES[node]:
+        if param.name == name:
+            return param
+    raise KeyError(f"{node} has no parameter {name!r}")
+
+
+def defaults(node: str, core: bool = False) -> dict:
+    """name -> default of one node's parameters (``core=True``: the core API's defaults)."""
+    return {p.name: p.core_value if core else p.default for p in NODES[node]}
