@@ -11,6 +11,10 @@ and again on each node's shutdown line.
 eloftr_node runs resize 'native' for the small corpus (fast; 'model' at odd sizes is
 covered in test_coordinate_properties.py) and switches to 'model' at runtime for the
 4000x3000 frames ('native' caps them at 1664x1248: seconds per frame on this CPU).
+
+Each test stands alone, in any order: ``Fed`` mirrors what each node has been sent (its
+counters, latest stamp, last good frame), tests that need a new stream make one with a
+stamp jump, and a node stopped by the shutdown test is restarted for the next test.
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ from test_robustness_conversions import COMPRESSED_CORPUS, RAW_CORPUS, Case
 GOOD_SIZE = (120, 160)
 
 
+def to_time(seconds: float) -> Time:
+    """Rounded to whole nanoseconds first: int() of an accumulated 1104.9999999 would give
+    1104 s (and the wrapped nanoseconds 0), a stamp 1 s back that resets the matcher's stream
+    at a point that depends on how many frames earlier tests sent."""
+    ns = round(seconds * 1e9)
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
 @dataclass
 class Fed:
     """One node under test, as the test sees it: its harness and what it must have counted."""
@@ -43,8 +55,11 @@ class Fed:
     harness: NodeHarness | None = None
     expected: dict = field(default_factory=lambda: {"received": 0, "processed": 0, "dropped": 0,
                                                     "rejected": 0})
-    stamp: float = 1000.0
+    stamp: float = 1000.0  # only moves forward: every stamp the node was sent is <= it
     last_good: object = None  # the matcher's last good frame, when the next one must match it
+    params: dict = field(default_factory=dict)
+    log_dir: object = None
+    starts: int = 0
 
     @property
     def fqn(self) -> str:
@@ -56,11 +71,25 @@ class Fed:
 
     def next_stamp(self) -> Time:
         self.stamp += 0.1
-        return Time(sec=int(self.stamp), nanosec=int(round(self.stamp % 1 * 1e9)) % 1_000_000_000)
+        return to_time(self.stamp)
+
+    def new_stream_stamp(self) -> float:
+        """100 s after every stamp this node was sent, more than max_frame_gap (1.5 s): a
+        frame there starts a new stream whatever the node saw before (or if it saw nothing)."""
+        return self.stamp + 100
+
+    def start(self) -> None:
+        """(Re)start the node process; a fresh process has counted nothing and seen no frame."""
+        self.starts += 1
+        self.log = self.log_dir / f"{self.namespace.strip('/')}-{self.starts}.log"
+        self.process = start_node(self.executable, params=self.params, namespace=self.namespace,
+                                  log_path=self.log)
+        self.expected = dict.fromkeys(self.expected, 0)
+        self.last_good = None
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_superpoint_dir, tmp_path_factory):
+def started_fleet(tiny_superpoint_dir, tmp_path_factory):
     """All four nodes started at once (their start-up overlaps), one driver node."""
     from kp_ros.core.random_init import save_random_eloftr
     nodes = {"sp": Fed("superpoint_node", "/rb_sp", False), "el": Fed("eloftr_node", "/rb_el", False),
@@ -74,8 +103,8 @@ def fleet(tiny_superpoint_dir, tmp_path_factory):
             params.update(model=str(eloftr_model), match_threshold=0.0, resize="native")
         else:
             params.update(model=str(tiny_superpoint_dir), max_keypoints=50)
-        fed.log = root / f"{fed.namespace.strip('/')}.log"
-        fed.process = start_node(fed.executable, params=params, namespace=fed.namespace, log_path=fed.log)
+        fed.params, fed.log_dir = params, root
+        fed.start()
     try:
         with ros_node("robustness_driver") as (node, executor):
             for fed in nodes.values():
@@ -91,6 +120,26 @@ def fleet(tiny_superpoint_dir, tmp_path_factory):
     finally:
         for fed in nodes.values():
             stop_node(fed.process)
+
+
+@pytest.fixture
+def fleet(started_fleet):
+    """The four nodes, each running: one that test_accounting_and_clean_shutdown stopped is
+    started again (with fresh expected counters), so no test depends on running before it."""
+    stopped = [fed for fed in started_fleet.values() if fed.process.poll() is not None]
+    if stopped:
+        executor = stopped[0].harness.executor
+        # Take in the old processes' last /diagnostics first: their counters must not pass
+        # for a new node's (which start at zero: checked below).
+        spin_until(executor, lambda: False, 0.5)
+        for fed in stopped:
+            fed.harness.diagnostics.pop(fed.fqn, None)
+            fed.start()
+        for fed in stopped:
+            assert fed.harness.wait_ready(120, fed.fqn), f"{fed.fqn} never subscribed:\n{fed.log.read_text()}"
+            counts = fed.harness.wait_counters(fed.fqn, lambda c, fed=fed: c == fed.expected)
+            assert counts == fed.expected, (fed.fqn, counts)
+    return started_fleet
 
 
 # --- feeding ---------------------------------------------------------------------------------
@@ -153,9 +202,11 @@ def check_matches(out: Matches, msg, previous, size) -> None:
 
 
 def assert_inside(points: np.ndarray, size) -> None:
+    """Inside the image's extent [-0.5, W - 0.5] x [-0.5, H - 0.5] (pixel centres at integers:
+    a 1x1 frame's keypoints lie within half a pixel of 0)."""
     height, width = size
     assert np.isfinite(points).all()
-    assert (points >= 0).all() and (points[:, 0] < width).all() and (points[:, 1] < height).all()
+    assert (points >= -0.5).all() and (points[:, 0] <= width - 0.5).all() and (points[:, 1] <= height - 0.5).all()
 
 
 def feed_case(fed: Fed, case: Case) -> None:
@@ -212,12 +263,12 @@ def test_4000x3000_frame_with_model_resize(fleet, node):
 
 def test_superpoint_keeps_each_header_when_stamps_go_back_repeat_and_frame_ids_change(fleet):
     fed = fleet["sp"]
-    base = fed.stamp + 100
+    base = fed.new_stream_stamp()
     plan = [(base, "cam_a"), (base - 5, "cam_b"), (base - 5, "cam_b"), (base - 5, "cam_c"), (base + 1, "cam_a")]
     for i, (stamp, frame_id) in enumerate(plan):
         seen = len(fed.harness.outputs)
         msg, _ = publish(fed, good_frame(fed, i), "processed", frame_id,
-                         Time(sec=int(stamp), nanosec=int(round(stamp % 1 * 1e9)) % 1_000_000_000))
+                         to_time(stamp))
         spin_until(fed.harness.executor, lambda: len(fed.harness.outputs) > seen, 10)
         out = fed.harness.outputs[seen]  # stamps repeat: take this frame's output by order
         check_keypoints(out, msg, GOOD_SIZE)
@@ -227,11 +278,11 @@ def test_superpoint_keeps_each_header_when_stamps_go_back_repeat_and_frame_ids_c
 
 def test_matcher_restarts_on_stamps_going_back_or_repeating_and_follows_frame_ids(fleet):
     fed = fleet["el"]
-    base = fed.stamp + 100
+    base = fed.new_stream_stamp()
 
     def send(stamp, frame_id, matched):
         msg, out = publish(fed, good_frame(fed, int(stamp * 10)), "processed", frame_id,
-                           Time(sec=int(stamp), nanosec=int(round(stamp % 1 * 1e9)) % 1_000_000_000),
+                           to_time(stamp),
                            wait_output=matched)
         if not matched:  # give a wrong Matches the time to show up
             spin_until(fed.harness.executor, lambda: False, 0.3)
@@ -239,7 +290,7 @@ def test_matcher_restarts_on_stamps_going_back_or_repeating_and_follows_frame_id
         assert (out is not None) == matched, f"stamp {stamp}: expected {'a' if matched else 'no'} Matches"
         return msg, out
 
-    a, _ = send(base, "cam_a", matched=False)  # a jump from the previous test: a new stream
+    a, _ = send(base, "cam_a", matched=False)  # a jump past anything sent before: a new stream
     b, out = send(base + 0.1, "cam_b", matched=True)  # a frame_id change is no reason to restart
     check_matches(out, b, a, GOOD_SIZE)
     send(base - 5, "cam_b", matched=False)  # backwards
@@ -251,7 +302,13 @@ def test_matcher_restarts_on_stamps_going_back_or_repeating_and_follows_frame_id
 
 
 def test_accounting_and_clean_shutdown(fleet):
-    """Each node's shutdown line: received = published = processed + dropped + rejected."""
+    """Each node's shutdown line: received = published = processed + dropped + rejected,
+    after whatever ran before plus two bad frames and two good ones of this test's own."""
+    bad = {False: next(c for c in RAW_CORPUS if c.name == "data shorter than step*height"),
+           True: next(c for c in COMPRESSED_CORPUS if c.name == "empty")}
+    for fed in fleet.values():
+        for _ in range(2):  # the second good frame continues the matcher's stream
+            feed_case(fed, bad[fed.compressed])
     for fed in fleet.values():
         code, _ = stop_node(fed.process)
         text = fed.log.read_text()
