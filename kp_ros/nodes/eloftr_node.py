@@ -19,8 +19,7 @@ from kp_ros.core.geometry import camera_from_info
 from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
 from kp_ros.core import params
 from kp_ros.core.precision import PrecisionWarning
-from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
-from kp_ros.core.visualize import draw_matches
+from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.msg import Matches
 from kp_ros.ros.conversions import matches_to_msg
 from kp_ros.ros.feature_node import FeatureNode, ros_params, run_node
@@ -36,14 +35,8 @@ class EfficientLoFTRNode(FeatureNode):
     def __init__(self, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
         self._pub = self.create_publisher(Matches, "matches", output_qos())
-        # Stamps judged on arrival (every frame), size/encoding on processing; an arrival
-        # break starts a new epoch, and the first processed frame of a new epoch resets.
-        self._arrivals = StreamContinuity(self.values["max_frame_gap"])
-        self._epoch = (0, None)  # (number, why it began) of the frames now arriving
-        self._processed = StreamContinuity(max_frame_gap=0)
-        self._processed_epoch = 0
-        self._previous = None  # (header, image) of the last processed frame
-        self.resets = 0
+        # Continuity, pairing and resets: see kp_ros/core/pipeline.py.
+        self.pipeline = FeaturePipeline(matcher=self.core, max_frame_gap=self.values["max_frame_gap"])
         # Calibration for 'essential': camera_info beside the image, as image_pipeline nodes
         # take it (latched-style QoS not assumed: drivers publish it with every frame).
         self._camera_key = None
@@ -65,7 +58,7 @@ class EfficientLoFTRNode(FeatureNode):
 
     def apply_params(self, changes: dict) -> None:
         if "max_frame_gap" in changes:
-            self._arrivals.max_frame_gap = changes["max_frame_gap"]
+            self.pipeline.max_frame_gap = changes["max_frame_gap"]
         self.core.set_params(**{k: v for k, v in changes.items() if k in (
             "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
 
@@ -87,55 +80,34 @@ class EfficientLoFTRNode(FeatureNode):
         return (f"EfficientLoFTR {self.core.model_id} on {self.core.device}, "
                 f"precision {self.core.precision.note}")
 
+    @property
+    def resets(self) -> int:
+        return self.pipeline.resets
+
     def on_arrival(self, msg) -> tuple[int, str | None]:
-        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
-        broken = self._arrivals.check(FrameInfo(stamp_ns, 0, 0, ""))
-        if broken:
-            self._epoch = (self._epoch[0] + 1, broken)
-        return self._epoch
+        return self.pipeline.arrive(Time.from_msg(msg.header.stamp).nanoseconds)
 
     def process(self, msg, image, arrival) -> None:
-        height, width = image.shape[:2]
-        encoding = getattr(msg, "encoding", None) or getattr(msg, "format", "")
-        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
-        epoch, why = arrival
-        broken = None
-        if epoch != self._processed_epoch:
-            self._processed_epoch = epoch
-            self._processed.reset()
-            broken = why if self._previous is not None else None
-        broken = self._processed.check(FrameInfo(stamp_ns, height, width, encoding)) or broken
-        if broken:
-            self.resets += 1
-            self.get_logger().warning(f"stream reset, no matches for this frame: {broken}")
-            self.core.reset()
         if self.core.params["geometric_verification"] == "essential" and self.core.camera is None \
                 and not self._warned_no_camera:
             self._warned_no_camera = True
             self.get_logger().warning(
                 f"geometric_verification essential: no camera_info on {self.resolve_topic_name('camera_info')} "
                 f"yet; verifying with a fundamental matrix until one arrives")
-        try:
-            result = self.core.push(image)
-        except Exception:
-            # The core may already hold this frame's features while self._previous does not:
-            # restart both, so a later Matches never pairs one frame's keypoints0 with
-            # another frame's stamp0.
-            self.core.reset()
-            self._previous = None
-            raise
-        previous, self._previous = self._previous, (msg.header, image)
-        if result is None:
+        encoding = getattr(msg, "encoding", None) or getattr(msg, "format", "")
+        step = self.pipeline.match(image, Time.from_msg(msg.header.stamp).nanoseconds, encoding,
+                                   token=msg.header, arrival=arrival, overlay=self.debug_wanted())
+        if step.reset:
+            self.get_logger().warning(f"stream reset, no matches for this frame: {step.reset}")
+        if step.matches is None:
             return
-        header0 = previous[0]
+        height, width = image.shape[:2]
+        found, header0 = step.matches, step.previous
         self._pub.publish(matches_to_msg(
             msg.header, header0.stamp, header0.frame_id, height, width, self.core.model_id,
-            result["keypoints0"], result["keypoints1"], result["scores"], result["inliers"]))
-        if self.debug_wanted():
-            self.publish_debug(draw_matches(previous[1], image, result["keypoints0"].numpy(),
-                                            result["keypoints1"].numpy(), result["scores"].numpy(),
-                                            result["inliers"].numpy() if len(result["inliers"]) else None),
-                               msg.header)
+            found["keypoints0"], found["keypoints1"], found["scores"], found["inliers"]))
+        if step.overlay is not None:
+            self.publish_debug(step.overlay, msg.header)
 
     def shutdown(self) -> None:
         super().shutdown()

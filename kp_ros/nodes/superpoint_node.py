@@ -10,7 +10,7 @@ import warnings
 from kp_ros.core import params
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.superpoint import SuperPointDetector
-from kp_ros.core.visualize import draw_keypoints
+from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.msg import Keypoints
 from kp_ros.ros.conversions import keypoints_to_msg
 from kp_ros.ros.feature_node import FeatureNode, ros_params, run_node
@@ -24,6 +24,7 @@ class SuperPointNode(FeatureNode):
     def __init__(self, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
         self._pub = self.create_publisher(Keypoints, "keypoints", output_qos())
+        self.pipeline = FeaturePipeline(detector=self.core)
 
     def build_core(self, values: dict) -> SuperPointDetector:
         with warnings.catch_warnings():
@@ -44,14 +45,12 @@ class SuperPointNode(FeatureNode):
         return f"SuperPoint {self.core.model_id} on {self.core.device}, precision {self.core.precision.note}"
 
     def process(self, msg, image, arrival) -> None:
-        features = self.core.detect(image)
+        found = self.pipeline.detect(image, overlay=self.debug_wanted())
         height, width = image.shape[:2]
-        self._pub.publish(keypoints_to_msg(
-            msg.header, height, width, self.core.model_id,
-            features["keypoints"], features["scores"], features["descriptors"]))
-        if self.debug_wanted():
-            self.publish_debug(draw_keypoints(image, features["keypoints"].numpy(),
-                                              features["scores"].numpy()), msg.header)
+        self._pub.publish(keypoints_to_msg(msg.header, height, width, self.core.model_id,
+                                           found.keypoints, found.scores, found.descriptors))
+        if found.overlay is not None:
+            self.publish_debug(found.overlay, msg.header)
 
 
 def main(args=None) -> int:

@@ -55,7 +55,7 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
                                     kp_ros_typestore, matches_msg, open_bag, read_messages,
                                     stamp_to_ns)
     from kp_ros.core import params
-    from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
+    from kp_ros.core.pipeline import FeaturePipeline
 except KeyboardInterrupt:
     print("process_bag: interrupted; no output bag written", file=sys.stderr)
     raise SystemExit(130) from None  # EXIT_INTERRUPTED, not defined yet
@@ -255,11 +255,9 @@ class FrameProcessor:
         self.detector, self.matcher = detector, matcher
         self.detector_name = detector_name or (detector.model_id if detector else "")
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
-        self.continuity = StreamContinuity(max_frame_gap)
+        # Continuity, pairing, resets and overlays: kp_ros/core/pipeline.py, as in the nodes.
+        self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap)
         self.debug_images = debug_images
-        self._previous = None  # (header, image) of the last frame the matcher took
-        if matcher is not None:
-            matcher.reset()
 
     def process(self, data, msgtype: str, summary: Summary) -> list[tuple[str, str, object]] | None:
         """[(topic, msgtype, message)] for one serialized frame, or None if rejected."""
@@ -281,13 +279,9 @@ class FrameProcessor:
         if self.matcher is not None:
             try:
                 outputs += self._match(msg, msgtype, image, summary)
-            except ValueError as err:
-                self._restart()
+            except ValueError as err:  # the pipeline restarted the stream
                 summary.note(summary.rejected, f"matcher: {err}")
                 return None
-            except BaseException:
-                self._restart()
-                raise
         if self.book is not None:
             outputs += self._track(msg, image)
         return outputs
@@ -299,55 +293,40 @@ class FrameProcessor:
         return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))]
 
     def _detect(self, msg, image) -> list:
-        features = self.detector.detect(image)
-        self._frame_keypoints = features["keypoints"].numpy()
+        found = self.pipeline.detect(image, overlay=self.debug_images)
+        self._frame_keypoints = found.keypoints
         height, width = image.shape[:2]
         out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
             self.typestore, msg.header, height, width, self.detector_name,
-            features["keypoints"], features["scores"], features["descriptors"]))]
-        if self.debug_images:
-            from kp_ros.core.visualize import draw_keypoints
-            overlay = draw_keypoints(image, features["keypoints"].numpy(), features["scores"].numpy())
+            found.keypoints, found.scores, found.descriptors))]
+        if found.overlay is not None:
             out.append((self.topics["keypoints_debug"], IMAGE_TYPE,
-                        image_msg(self.typestore, overlay, "rgb8", msg.header)))
+                        image_msg(self.typestore, found.overlay, "rgb8", msg.header)))
         return out
 
     def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
         height, width = image.shape[:2]
-        broken = self.continuity.check(FrameInfo(stamp_to_ns(msg.header.stamp), height, width,
-                                                 image_encoding(msg, msgtype)))
-        if broken:
-            summary.note(summary.resets, broken)
-            self.matcher.reset()
-        result = self.matcher.push(image)
-        previous, self._previous = self._previous, (msg.header, image)
+        step = self.pipeline.match(image, stamp_to_ns(msg.header.stamp), image_encoding(msg, msgtype),
+                                   token=msg.header, overlay=self.debug_images)
+        if step.reset:
+            summary.note(summary.resets, step.reset)
         self._frame_matches = None
-        if result is None:
+        if step.matches is None:
             return []
-        header0 = previous[0]
-        inliers = result["inliers"] if len(result["inliers"]) else None
+        found, header0 = step.matches, step.previous
+        inliers = found["inliers"] if len(found["inliers"]) else None
         if self.book is not None:
             from kp_ros.core.tracks import MatchSet
             self._frame_matches = MatchSet(
-                stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), result["keypoints0"].numpy(),
-                result["keypoints1"].numpy(), result["scores"].numpy(),
-                None if inliers is None else inliers.numpy())
+                stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), found["keypoints0"],
+                found["keypoints1"], found["scores"], inliers)
         out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
             self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
-            self.matcher_name, result["keypoints0"], result["keypoints1"], result["scores"], inliers))]
-        if self.debug_images:
-            from kp_ros.core.visualize import draw_matches
-            overlay = draw_matches(previous[1], image, result["keypoints0"].numpy(),
-                                   result["keypoints1"].numpy(), result["scores"].numpy(),
-                                   None if inliers is None else inliers.numpy().astype(bool))
+            self.matcher_name, found["keypoints0"], found["keypoints1"], found["scores"], inliers))]
+        if step.overlay is not None:
             out.append((self.topics["matches_debug"], IMAGE_TYPE,
-                        image_msg(self.typestore, overlay, "rgb8", msg.header)))
+                        image_msg(self.typestore, step.overlay, "rgb8", msg.header)))
         return out
-
-    def _restart(self) -> None:
-        self.matcher.reset()
-        self.continuity.reset()
-        self._previous = None
 
 
 def camera_info_topic(image_topic: str) -> str:
