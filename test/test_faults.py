@@ -253,7 +253,7 @@ def test_stop_signals_shut_down_cleanly_with_the_counters(tiny_superpoint_dir, t
             env=node_env(), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
             preexec_fn=_ignore_sigint if how.startswith("SIGINT") else None)
     try:
-        assert spin_until_file(log, "QoS)", 120), log.read_text()
+        assert spin_until_file(log, " on /stop_test/image (", 120), log.read_text()  # the start-up line
         process.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
         assert process.wait(timeout=30) == 0, log.read_text()
     finally:
