@@ -6,7 +6,8 @@
 The camera is test/plain_camera.py in a clean environment (no FASTDDS_* variable, as a
 camera driver or ``ros2 bag play`` in another shell); the node runs with the shipped
 config/matcher.yaml (reliable_input: auto). For each image size, each publisher
-reliability (reliable / best effort) and each transport set-up (the defaults, and
+reliability (reliable / best effort, history depth 10 as image_transport's default; plus a
+reliable publisher with a deeper history) and each transport set-up (the defaults, and
 FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA on both sides) it streams rgb8 frames at --rate for
 --duration s and reports: frames the node received of those sent (its own counter), and
 publish-to-Keypoints latency (the camera process times both: one clock). With tiny models
@@ -43,9 +44,9 @@ def clean_env(transports: str | None) -> dict:
 
 
 def run_case(model_dir: Path, size: tuple[int, int], reliability: str, transports: str | None,
-             rate: float, duration: float, logs: Path) -> dict:
+             rate: float, duration: float, logs: Path, depth: int = 10) -> dict:
     width, height = size
-    name = f"{width}x{height}_{reliability}_{transports or 'default'}"
+    name = f"{width}x{height}_{reliability}_{transports or 'default'}_depth{depth}"
     log_path = logs / f"interop_{name}.log"
     if transports:
         os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = transports  # the node's side
@@ -60,6 +61,7 @@ def run_case(model_dir: Path, size: tuple[int, int], reliability: str, transport
         camera = subprocess.run(
             [sys.executable, str(CAMERA), "--topic", TOPIC, "--rate", str(rate), "--count", str(count),
              "--width", str(width), "--height", str(height), "--reliability", reliability,
+             "--depth", str(depth),
              "--listen", "/keypoints", "--linger", "3"],
             env=clean_env(transports), capture_output=True, text=True, timeout=duration + 180)
     finally:
@@ -72,7 +74,7 @@ def run_case(model_dir: Path, size: tuple[int, int], reliability: str, transport
     ms = 1e3 * np.asarray(latencies) if latencies else np.zeros(0)
     sent = result["sent"]
     received = counters.get("received", 0)
-    row = {"size": f"{width}x{height}", "publisher": reliability,
+    row = {"size": f"{width}x{height}", "publisher": f"{reliability}, depth {depth}",
            "transports": transports or "default (both sides)", "sent": sent, "received": received,
            "received_pct": 100.0 * received / sent if sent else 0.0,
            "processed": counters.get("processed", 0), "matched": result["matched"],
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--sizes", default="640x480,1280x720")
     parser.add_argument("--domain-id", type=int, default=91)
+    parser.add_argument("--deep-publisher", type=int, default=50,
+                        help="also run reliable publishers on the default transports with this "
+                             "history depth (10 is image_transport's default; 0: skip)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     setup_env(args.domain_id)
@@ -117,6 +122,9 @@ def main(argv=None) -> int:
             for reliability in ("reliable", "best_effort"):
                 rows.append(run_case(models["superpoint"], size, reliability, transports, args.rate,
                                      args.duration, args.out / "logs"))
+            if transports is None and args.deep_publisher:
+                rows.append(run_case(models["superpoint"], size, "reliable", None, args.rate,
+                                     args.duration, args.out / "logs", depth=args.deep_publisher))
     meta = {"rate": args.rate, "duration": args.duration, "models": args.size,
             "load": open("/proc/loadavg").read().split()[0]}
     (args.out / "interop.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

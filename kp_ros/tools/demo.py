@@ -19,10 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from kp_ros.core.bag_io import package_file
 from kp_ros.core.params import spec
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_FRAMES = REPO_ROOT.parent / "shared" / "data" / "tum_fr3_long_office_household"
+# Run from a source checkout (scripts/demo), the shared TUM frames lie beside the repository;
+# installed (colcon, the venv), pass --frames. The parameters file is the installed one.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+IN_SOURCE_TREE = (SOURCE_ROOT / "package.xml").is_file()
+DEFAULT_FRAMES = (SOURCE_ROOT.parent / "shared" / "data" / "tum_fr3_long_office_household"
+                  if IN_SOURCE_TREE else None)
 MODELS = {node: spec(node, "model").default for node in ("superpoint_node", "eloftr_node")}
 
 
@@ -63,11 +68,12 @@ def load_frames(folder: Path, limit: int) -> list[tuple[float, np.ndarray]]:
 
 def start_node(name: str, model: str, device: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", f"kp_ros.nodes.{name}", "--ros-args",
-           "--params-file", str(REPO_ROOT / "config" / "matcher.yaml"),
+           "--params-file", str(package_file("config/matcher.yaml")),
            "-p", f"model:={model}", "-p", f"device:={device}", "-p", "debug_image:=true",
            "-p", "reliable_input:=true", "-r", "__ns:=/kp_demo", "-r", "image:=/kp_demo/image_raw"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    if IN_SOURCE_TREE:  # the nodes run this checkout's code, as this process does
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("ROS_LOG_DIR", str(Path(os.environ.get("HOME", "/tmp")) / ".ros" / "log"))
 
-    if not args.frames.is_dir():
+    if args.frames is None or not args.frames.is_dir():
         print(f"kp_demo: no frames folder {args.frames} (pass --frames DIR)", file=sys.stderr)
         return 2
     frames = load_frames(args.frames, args.max_frames)
