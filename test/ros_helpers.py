@@ -51,6 +51,14 @@ def node_env(extra: dict | None = None) -> dict:
     return env
 
 
+def to_time(seconds: float):
+    """builtin_interfaces/Time of ``seconds``, rounded to whole nanoseconds first: int() of
+    an accumulated 1104.9999999 would give 1104 s and an invalid 1e9 ns."""
+    from builtin_interfaces.msg import Time
+    ns = round(seconds * 1e9)
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
 def require_launch_and_installed_kp_ros() -> None:
     """Skip (with the reason) unless launch_ros / launch_testing are importable and kp_ros
     is installed in an ament prefix, as ``ros2 launch kp_ros ...`` needs."""
@@ -161,10 +169,9 @@ class NodeHarness:
         self.image_pub.publish(msg)
 
     def publish_frame(self, image, stamp_sec: float, frame_id: str = "camera", encoding=None):
-        from builtin_interfaces.msg import Time
         from kp_ros.ros.conversions import array_to_image_msg
         msg = array_to_image_msg(image, encoding)
-        msg.header.stamp = Time(sec=int(stamp_sec), nanosec=int(round((stamp_sec % 1) * 1e9)))
+        msg.header.stamp = to_time(stamp_sec)
         msg.header.frame_id = frame_id
         self.publish(msg)
         return msg
@@ -229,10 +236,9 @@ class InProcessNode:
     def submit(self, image, stamp_sec: float, frame_id="camera", wait: bool = True):
         """Hand one frame to the node as its subscription callback does; by default wait
         until the worker is idle again."""
-        from builtin_interfaces.msg import Time
         from kp_ros.ros.conversions import array_to_image_msg
         msg = array_to_image_msg(image)
-        msg.header.stamp = Time(sec=int(stamp_sec), nanosec=int(round(stamp_sec % 1 * 1e9)))
+        msg.header.stamp = to_time(stamp_sec)
         msg.header.frame_id = frame_id
         self.node.on_image(msg)
         self.submitted += 1

@@ -17,15 +17,14 @@ from kp_ros.msg import Keypoints, Matches
 from kp_ros.nodes.eloftr_node import EfficientLoFTRNode
 from kp_ros.nodes.superpoint_node import SuperPointNode
 from kp_ros.ros.conversions import array_to_image_msg
-from ros_helpers import InProcessNode
+from ros_helpers import InProcessNode, to_time
 
 
 def truncated(image, stamp_sec: float, frame_id: str = "camera"):
     """An Image whose data is shorter than step*height."""
-    from builtin_interfaces.msg import Time
     msg = array_to_image_msg(image)
     msg.data = bytes(msg.data)[: len(msg.data) // 2]
-    msg.header.stamp = Time(sec=int(stamp_sec), nanosec=int(round(stamp_sec % 1 * 1e9)))
+    msg.header.stamp = to_time(stamp_sec)
     msg.header.frame_id = frame_id
     return msg
 

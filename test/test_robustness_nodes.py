@@ -18,7 +18,6 @@ stamp jump, and a node stopped by the shutdown test is restarted for the next te
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,18 +29,12 @@ from conftest import synthetic_frame
 from kp_ros.msg import Keypoints, Matches
 from kp_ros.ros.conversions import array_to_image_msg, keypoints_from_msg, matches_from_msg
 from kp_ros.ros.qos import output_qos
-from ros_helpers import NodeHarness, parse_counters, ros_node, spin_until, start_node, stop_node
+from ros_helpers import (NodeHarness, parse_counters, ros_node, spin_until, start_node, stop_node,
+                         to_time)
 from test_robustness_conversions import COMPRESSED_CORPUS, RAW_CORPUS, Case
 
 GOOD_SIZE = (120, 160)
 
-
-def to_time(seconds: float) -> Time:
-    """Rounded to whole nanoseconds first: int() of an accumulated 1104.9999999 would give
-    1104 s (and the wrapped nanoseconds 0), a stamp 1 s back that resets the matcher's stream
-    at a point that depends on how many frames earlier tests sent."""
-    ns = round(seconds * 1e9)
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
 @dataclass

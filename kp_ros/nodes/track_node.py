@@ -14,13 +14,11 @@ All the logic is kp_ros.core.tracks (pure); this file converts messages and coun
 from __future__ import annotations
 
 import array
-import statistics
 import time
 from collections import deque
 
 import numpy as np
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -29,10 +27,11 @@ from sensor_msgs.msg import Image
 
 from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
-from kp_ros.core.tracks import (ASSOCIATIONS, FrameTracks, MatchSet, TrackBook, TrackParams,
+from kp_ros.core.tracks import (FrameTracks, MatchSet, TrackBook, TrackParams,
                                 TrackSynchronizer)
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
+from kp_ros.ros.diagnostics import diagnostic_array, latency_values
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
 from kp_ros.ros.feature_node import ros_params, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
@@ -251,24 +250,15 @@ class TrackNode(Node):
         now = time.monotonic()
         then, published0 = self._diag_prev
         self._diag_prev = (now, self.counts["published"])
-        latencies = sorted(self._latencies)
-        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: feature tracks",
-                                  hardware_id="cpu", level=DiagnosticStatus.OK, message="ok")
-        if self.counts["rejected"]:
-            status.level, status.message = DiagnosticStatus.WARN, f"{self.counts['rejected']} inputs rejected"
+        warning = f"{self.counts['rejected']} inputs rejected" if self.counts["rejected"] else None
         values = {
             "published rate (Hz)": (self.counts["published"] - published0) / max(now - then, 1e-6),
             **self.counts, **dict(self.sync.counters),
             **{f"book {k}": v for k, v in self.sync.book.counters.items()},
             "pending": self.sync.pending,
-            "latency median (ms)": 1e3 * statistics.median(latencies) if latencies else 0.0,
-            "latency max (ms)": 1e3 * latencies[-1] if latencies else 0.0,
+            **latency_values(self._latencies),
         }
-        status.values = [KeyValue(key=k, value=f"{v:.2f}" if isinstance(v, float) else str(v))
-                         for k, v in values.items()]
-        array_msg = DiagnosticArray(status=[status])
-        array_msg.header.stamp = self.get_clock().now().to_msg()
-        self._diag_pub.publish(array_msg)
+        self._diag_pub.publish(diagnostic_array(self, "feature tracks", "cpu", values, warning))
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in {**self.counts, **self.sync.counters}.items())

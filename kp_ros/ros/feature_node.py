@@ -7,13 +7,12 @@ A subclass declares its model parameters, builds its core model, and implements
 from __future__ import annotations
 
 import signal
-import statistics
 import time
 from dataclasses import fields
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
 from rclpy.executors import ExternalShutdownException
@@ -25,6 +24,7 @@ from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.params import ParamSpec
 from kp_ros.core.model_loading import ModelUnavailableError
+from kp_ros.ros.diagnostics import diagnostic_array, latency_values
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
 from kp_ros.ros.image_input import ImageInput
@@ -202,32 +202,22 @@ class FeatureNode(Node):
         then, received0, processed0 = self._diag_prev
         self._diag_prev = (now, counts.received, counts.processed)
         elapsed = max(now - then, 1e-6)
-        latencies = sorted(self.worker.latencies)
-        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: feature pipeline",
-                                  hardware_id=str(self.core.device))
-        status.level = DiagnosticStatus.OK
-        status.message = "ok"
-        if counts.rejected:
-            status.level, status.message = DiagnosticStatus.WARN, f"{counts.rejected} frames rejected"
+        warning = f"{counts.rejected} frames rejected" if counts.rejected else None
         if self.input is not None and self.input.problem:
-            status.level, status.message = DiagnosticStatus.WARN, self.input.problem
+            warning = self.input.problem
         values = {
             "input rate (Hz)": (counts.received - received0) / elapsed,
             "processed rate (Hz)": (counts.processed - processed0) / elapsed,
             "received": counts.received, "processed": counts.processed,
             "dropped": counts.dropped, "rejected": counts.rejected,
-            "latency median (ms)": 1e3 * statistics.median(latencies) if latencies else 0.0,
-            "latency max (ms)": 1e3 * latencies[-1] if latencies else 0.0,
+            **latency_values(self.worker.latencies),
             "device": str(self.core.device), "model": self.core.model_id,
             "input topic": self.input.topic if self.input else "",
             "input QoS": self.input.describe_qos() if self.input else "",
             "input publishers matched": self.input.matched_publishers() if self.input else 0,
         }
-        status.values = [KeyValue(key=k, value=f"{v:.2f}" if isinstance(v, float) else str(v))
-                         for k, v in values.items()]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diag_pub.publish(array)
+        self._diag_pub.publish(diagnostic_array(self, "feature pipeline", str(self.core.device),
+                                                values, warning))
 
     def shutdown(self) -> None:
         """Finish the frame in progress and log the counters."""

@@ -19,7 +19,7 @@ import time
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSPolicyKind, ReliabilityPolicy
 
-from kp_ros.core.params import RELIABILITY_CHOICES, normalize_reliability  # noqa: F401 (re-exported)
+from kp_ros.core.params import normalize_reliability
 from kp_ros.ros.qos import image_input_qos
 
 POLL_PERIOD = 0.25     # s between looks at the ROS graph (a local cache: microseconds)
