@@ -96,9 +96,11 @@ def test_launch_with_defaults_serves_a_plain_camera_and_the_cli(
         assert "average rate" in hz, hz
         stamp0 = cli("topic", "echo", "--once", "/matches", "--field", "stamp0", timeout=45)
         assert "sec:" in stamp0, stamp0
-        rejected = cli("param", "set", "/eloftr_node", "model", "other", "--no-daemon")
+        # --spin-time: without a daemon each call discovers the graph anew.
+        rejected = cli("param", "set", "/eloftr_node", "model", "other", "--no-daemon", "--spin-time", "5")
         assert "Setting parameter failed" in rejected and "restart the node" in rejected, rejected
-        changed = cli("param", "set", "/superpoint_node", "max_keypoints", "3", "--no-daemon")
+        changed = cli("param", "set", "/superpoint_node", "max_keypoints", "3", "--no-daemon",
+                      "--spin-time", "5")
         assert "Set parameter successful" in changed, changed
         set_at = time.monotonic()
         time.sleep(6)
