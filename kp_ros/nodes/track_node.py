@@ -33,7 +33,7 @@ from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
 from kp_ros.ros.diagnostics import diagnostic_array, latency_values
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
-from kp_ros.ros.feature_node import ros_params, run_node
+from kp_ros.ros.feature_node import parameter_changes, ros_params, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
 
 # Inputs are small and each one matters (a lost Matches costs a frame its links):
@@ -119,18 +119,9 @@ class TrackNode(Node):
         return TrackParams(**{k: values[k] for k in TRACK_PARAMS}).validated()
 
     def _on_set_parameters(self, params) -> SetParametersResult:
-        changes = {}
-        for param in params:
-            spec = self._params.get(param.name)
-            if spec is None:
-                continue
-            if not spec.runtime and param.value != self.values[param.name]:
-                return SetParametersResult(successful=False, reason=(
-                    f"{param.name} cannot change while running: restart the node with the new value"))
-            if spec.choices and param.value not in spec.choices:
-                return SetParametersResult(successful=False, reason=(
-                    f"{param.name} must be one of {', '.join(spec.choices)}, got {param.value!r}"))
-            changes[param.name] = param.value
+        changes, reason = parameter_changes(self._params, self.values, params)
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
         values = {**self.values, **changes}
         try:
             track_params = self._track_params(values)

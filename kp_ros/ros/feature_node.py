@@ -57,6 +57,28 @@ def ros_params(specs) -> tuple[Param, ...]:
 COMMON_PARAMS = ros_params(params.COMMON)
 
 
+def parameter_changes(specs: dict, values: dict, params) -> tuple[dict, str | None]:
+    """The changes a ``ros2 param set`` asks for, canonical (aliases normalized), or the
+    reason to reject them all: an unknown value, a choice not offered, or a parameter that
+    cannot change while running. Parameters not in ``specs`` are ignored."""
+    changes = {}
+    for param in params:
+        spec = specs.get(param.name)
+        if spec is None:
+            continue
+        try:
+            value = spec.normalize(param.value) if spec.normalize is not None else param.value
+        except ValueError as exc:
+            return {}, str(exc)
+        if not spec.runtime and value != values[param.name]:
+            return {}, (f"{param.name} cannot change while running: restart the node "
+                        f"(ros2 launch / ros2 run) with the new value")
+        if spec.choices and value not in spec.choices:
+            return {}, f"{param.name} must be one of {', '.join(spec.choices)}, got {value!r}"
+        changes[param.name] = value
+    return changes, None
+
+
 class FeatureNode(Node):
     """Base class; see module docstring. Subclasses set ``MODEL_PARAMS`` and implement
     ``build_core(values)``, ``apply_params(changes)`` and ``process(msg, image)``."""
@@ -172,23 +194,9 @@ class FeatureNode(Node):
         return None
 
     def _on_set_parameters(self, params) -> SetParametersResult:
-        changes = {}
-        for param in params:
-            spec = self._params.get(param.name)
-            if spec is None:
-                continue
-            try:
-                value = self._normalized(param.name, param.value)
-            except ValueError as exc:
-                return SetParametersResult(successful=False, reason=str(exc))
-            if not spec.runtime and value != self.values[param.name]:
-                return SetParametersResult(successful=False, reason=(
-                    f"{param.name} cannot change while running: restart the node "
-                    f"(ros2 launch / ros2 run) with the new value"))
-            reason = self._choice_error(param.name, value)
-            if reason:
-                return SetParametersResult(successful=False, reason=reason)
-            changes[param.name] = value
+        changes, reason = parameter_changes(self._params, self.values, params)
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
         try:
             self.apply_params(changes)
         except ValueError as exc:
