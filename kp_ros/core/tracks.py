@@ -94,53 +94,74 @@ class PointGrid:
 
     Cells are >= 2 * radius, so the disc around a query touches at most the 2x2 cells
     from its corner: O(M + N) numpy passes (OpenCV's brute-force matcher takes ~9 ms and
-    FLANN ~3 ms for 2000 x 1024). Built once per frame: the track book keeps each frame's
-    grid, used again when that frame is the older one of the next pair."""
+    FLANN ~3 ms for 2000 x 1024; scipy's cKDTree ~0.7 ms, and is not a dependency). Built
+    once per frame: the track book keeps each frame's grid, used again when that frame is
+    the older one of the next pair. Column-wise arrays and ``np.take`` on whole rows
+    throughout: fancy indexing of (N, 2) rows and reductions along axis 0 cost 3-10x more
+    at these sizes, and track_node's budget is 2 ms a frame (bench/bench_tracks.py)."""
 
     def __init__(self, points, radius: float):
         points = as_points(points)
         self.radius = float(radius)
         self.points = points
-        self._xs, self._ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
-        valid = np.isfinite(points).all(1)
+        xs, ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+        valid = np.isfinite(xs) & np.isfinite(ys)
         self.empty = not valid.any()
         if self.empty:
             return
+        kept = None if valid.all() else np.flatnonzero(valid)
+        if kept is not None:
+            xs, ys = xs[kept], ys[kept]
         cell = max(2.0 * self.radius, _MIN_CELL)
         self._scale = np.float32(1.0 / cell)
-        kept = np.flatnonzero(valid)
-        self._origin = points[kept].min(0) - np.float32(cell)  # an empty ring of cells around
-        cells = ((points[kept] - self._origin) * self._scale).astype(np.int32)  # >= 0: floor
-        self._w, self._h = int(cells[:, 0].max()) + 2, int(cells[:, 1].max()) + 2
-        flat = cells[:, 1] * self._w + cells[:, 0]
+        # An empty ring of cells around the points: a query's 2x2 block never leaves the grid.
+        self._x0, self._y0 = xs.min() - np.float32(cell), ys.min() - np.float32(cell)
+        cx = ((xs - self._x0) * self._scale).astype(np.intp)  # >= 0: truncation is floor
+        cy = ((ys - self._y0) * self._scale).astype(np.intp)
+        self._w, self._h = int(cx.max()) + 2, int(cy.max()) + 2
+        flat = cy * self._w + cx
         order = np.argsort(flat, kind="stable")
         flat_sorted = flat[order]
         rank = np.arange(len(flat_sorted)) - np.searchsorted(flat_sorted, flat_sorted, side="left")
-        self._table = np.full((self._h * self._w, int(rank.max()) + 1), -1, np.int32)
-        self._table[flat_sorted, rank] = kept[order]
-        self._block = np.array([0, 1, self._w, self._w + 1], np.int32)
+        # Per cell, up to K points: their index (-1 = none) and coordinates (inf = none,
+        # never within the radius, so empty slots need no mask).
+        slots = (self._h * self._w, int(rank.max()) + 1)
+        self._index = np.full(slots, -1, np.int32)
+        self._xs = np.full(slots, np.inf, np.float32)
+        self._ys = np.full(slots, np.inf, np.float32)
+        self._index[flat_sorted, rank] = order if kept is None else kept[order]
+        self._xs[flat_sorted, rank] = xs[order]
+        self._ys[flat_sorted, rank] = ys[order]
+        self._block = np.array([0, 1, self._w, self._w + 1], np.intp)
 
     def query(self, queries) -> np.ndarray:
         """For each query (M, 2), the index of its nearest point within the radius, else -1."""
         queries = as_points(queries)
-        out = np.full(len(queries), -1, np.int64)
-        if self.empty or not len(queries):
-            return out
-        # Far or NaN queries are moved far away: clamped onto the grid's edge below, where
-        # every distance is then too large to be a hit.
-        q = np.where(np.isfinite(queries), queries, np.float32(1e9))
-        corner = np.floor((q - np.float32(self.radius) - self._origin) * self._scale)
-        cx = np.clip(corner[:, 0], 0, self._w - 2).astype(np.int32)
-        cy = np.clip(corner[:, 1], 0, self._h - 2).astype(np.int32)
-        candidates = self._table[(cy * self._w + cx)[:, None] + self._block].reshape(len(q), -1)
-        # Gathered per coordinate: 1-D takes are ~8x faster than indexing (N, 2) rows.
-        # A -1 candidate reads the last point; masked below.
-        d2 = (self._xs[candidates] - q[:, :1]) ** 2 + (self._ys[candidates] - q[:, 1:]) ** 2
-        d2[candidates < 0] = np.inf
-        best = d2.argmin(1)[:, None]
-        hit = np.take_along_axis(d2, best, 1)[:, 0] <= np.float32(self.radius) ** 2
-        out[hit] = np.take_along_axis(candidates, best, 1)[hit, 0]
-        return out
+        m = len(queries)
+        if self.empty or not m:
+            return np.full(m, -1, np.int64)
+        qx, qy = queries[:, 0], queries[:, 1]
+        # Far, infinite or NaN queries (NaN read as -1) are clamped into an edge cell, where
+        # every distance is then too large, or NaN, to be a hit.
+        rx = np.float32(self.radius) + self._x0
+        ry = np.float32(self.radius) + self._y0
+        cx = np.clip(np.nan_to_num((qx - rx) * self._scale, nan=-1.0), 0, self._w - 2).astype(np.intp)
+        cy = np.clip(np.nan_to_num((qy - ry) * self._scale, nan=-1.0), 0, self._h - 2).astype(np.intp)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN queries: never hits
+            rows = (cy * self._w + cx)[:, None] + self._block         # (M, 4) cells
+            d2 = np.take(self._xs, rows, axis=0).reshape(m, -1)        # (M, 4K) candidates
+            d2 -= qx[:, None]
+            d2 *= d2
+            dy = np.take(self._ys, rows, axis=0).reshape(m, -1)
+            dy -= qy[:, None]
+            dy *= dy
+            d2 += dy
+        best = d2.argmin(1)
+        width = d2.shape[1]
+        hit = d2.ravel()[np.arange(m) * width + best] <= np.float32(self.radius) ** 2
+        k = self._index.shape[1]
+        cells = rows.ravel()[np.arange(m) * 4 + best // k]
+        return np.where(hit, self._index.ravel()[cells * k + best % k], -1).astype(np.int64, copy=False)
 
 
 def nearest_within(queries, points, radius: float) -> np.ndarray:
@@ -153,6 +174,21 @@ def _grid(points, radius: float) -> PointGrid:
     if isinstance(points, PointGrid) and points.radius == float(radius):
         return points
     return PointGrid(points.points if isinstance(points, PointGrid) else points, radius)
+
+
+def _by_score(score, idx0, idx1) -> np.ndarray:
+    """The order by descending score, ties broken by (idx0, idx1): deterministic.
+
+    One argsort of a packed uint64 key where it fits (the bits of a float32 >= 0 sort as
+    the number does) instead of a 3-key lexsort, which costs ~5x more at 2000 matches."""
+    score = np.asarray(score, np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+    span1 = int(idx1.max()) + 1 if len(idx1) else 1
+    span = (int(idx0.max()) + 1 if len(idx0) else 1) * span1
+    if not len(score) or score.min() < 0 or span > 1 << 32:
+        return np.lexsort((idx1, idx0, -score))
+    key = (np.uint64(0xFFFFFFFF) - score.view(np.uint32).astype(np.uint64)) << np.uint64(32)
+    key |= (idx0.astype(np.uint64) * np.uint64(span1) + idx1.astype(np.uint64))
+    return np.argsort(key, kind="stable")
 
 
 def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
@@ -187,36 +223,42 @@ def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
     if not keep.any():
         return empty, empty
     grid0 = _grid(keypoints0, radius)
-    idx0 = grid0.query(points0[keep])
+    # Row takes (np.take on axis 0), not boolean/fancy row indexing: ~5x faster here.
+    chosen = np.flatnonzero(keep)
+    idx0 = grid0.query(np.take(points0, chosen, axis=0))
     voted = idx0 >= 0  # only these need their newer keypoint looked up
-    keep[keep] = voted
-    idx0 = idx0[voted]
+    chosen, idx0 = chosen[voted], idx0[voted]
     if mode == "flow":
         # The match's displacement carried to the keypoint it voted for: where that
         # keypoint should be in the newer frame; the nearest keypoint there is j.
-        moved = grid0.points[idx0] + (points1[keep] - points0[keep])
+        moved = np.take(grid0.points, idx0, axis=0)
+        moved += np.take(points1, chosen, axis=0) - np.take(points0, chosen, axis=0)
         idx1 = _grid(keypoints1, radius).query(moved)
     else:
-        idx1 = _grid(keypoints1, radius).query(points1[keep])
-    score = scores[keep]
+        idx1 = _grid(keypoints1, radius).query(np.take(points1, chosen, axis=0))
     ok = idx1 >= 0
-    idx0, idx1, score = idx0[ok], idx1[ok], score[ok]
+    idx0, idx1, score = idx0[ok], idx1[ok], scores[chosen[ok]]
     # Greedy by score, vectorised: every candidate that is the best of both its keypoints
     # is what the greedy pass would take; take all of them, drop what they block, repeat.
-    order = np.lexsort((idx1, idx0, -score))  # by score, ties broken by index: deterministic
+    order = _by_score(score, idx0, idx1)
     idx0, idx1 = idx0[order], idx1[order]
     taken0, taken1 = [empty], [empty]
+    if len(idx0):
+        used0 = np.zeros(int(idx0.max()) + 1, bool)
+        used1 = np.zeros(int(idx1.max()) + 1, bool)
     while len(idx0):
         rank = np.arange(len(idx0))
-        best0 = np.full(int(idx0.max()) + 1, len(idx0))
+        best0 = np.full(len(used0), len(idx0))
         np.minimum.at(best0, idx0, rank)
-        best1 = np.full(int(idx1.max()) + 1, len(idx1))
+        best1 = np.full(len(used1), len(idx1))
         np.minimum.at(best1, idx1, rank)
         mutual = (best0[idx0] == rank) & (best1[idx1] == rank)
         taken0.append(idx0[mutual])
         taken1.append(idx1[mutual])
-        blocked = np.isin(idx0, idx0[mutual]) | np.isin(idx1, idx1[mutual])
-        idx0, idx1 = idx0[~blocked], idx1[~blocked]
+        used0[taken0[-1]] = True
+        used1[taken1[-1]] = True
+        free = ~(used0[idx0] | used1[idx1])
+        idx0, idx1 = idx0[free], idx1[free]
     return np.concatenate(taken0), np.concatenate(taken1)
 
 
