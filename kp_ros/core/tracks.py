@@ -141,12 +141,13 @@ class PointGrid:
         if self.empty or not m:
             return np.full(m, -1, np.int64)
         qx, qy = queries[:, 0], queries[:, 1]
-        # Far, infinite or NaN queries (NaN read as -1) are clamped into an edge cell, where
-        # every distance is then too large, or NaN, to be a hit.
+        # Far, infinite or NaN queries are clamped into an edge cell, where every distance
+        # is then too large, or NaN, to be a hit.
         rx = np.float32(self.radius) + self._x0
         ry = np.float32(self.radius) + self._y0
-        cx = np.clip(np.nan_to_num((qx - rx) * self._scale, nan=-1.0), 0, self._w - 2).astype(np.intp)
-        cy = np.clip(np.nan_to_num((qy - ry) * self._scale, nan=-1.0), 0, self._h - 2).astype(np.intp)
+        # fmax, not maximum: it takes the 0 where the other side is NaN.
+        cx = np.minimum(np.fmax((qx - rx) * self._scale, 0), self._w - 2).astype(np.intp)
+        cy = np.minimum(np.fmax((qy - ry) * self._scale, 0), self._h - 2).astype(np.intp)
         with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN queries: never hits
             rows = (cy * self._w + cx)[:, None] + self._block         # (M, 4) cells
             d2 = np.take(self._xs, rows, axis=0).reshape(m, -1)        # (M, 4K) candidates
