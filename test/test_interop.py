@@ -79,9 +79,16 @@ def test_a_forced_reliable_subscription_warns_about_a_best_effort_camera(superpo
     run_plain_camera("--topic", "/plain/image_raw", "--rate", "5", "--count", "10",
                      "--width", "160", "--height", "120", "--reliability", "best_effort",
                      "--wait", "8", "--subscribers", "1")
+    # The best-effort camera has gone; a reliable one replaces it: the warning is lifted
+    # (on /diagnostics too: the same ``problem``) and its frames arrive.
+    result = run_plain_camera("--topic", "/plain/image_raw", "--rate", "5", "--count", "10",
+                              "--width", "160", "--height", "120", "--reliability", "reliable",
+                              "--listen", "/keypoints")
     log = stopped_log(proc, tmp_path)
     assert "offers QoS incompatible" in log and "RELIABILITY" in log, log[-3000:]
-    assert parse_counters(log)["received"] == 0
+    assert log.index("offers QoS incompatible") < log.index("publisher matched, frames can flow"), log[-3000:]
+    assert result["matched"] == 1
+    assert parse_counters(log)["received"] == 10, log[-3000:]
 
 
 def wait_for_log(path, text: str, timeout: float = 90.0) -> bool:

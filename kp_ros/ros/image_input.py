@@ -87,6 +87,8 @@ class ImageInput:
             if reliable != self.reliable:
                 kinds = "reliable" if reliable else "best-effort or mixed"
                 self._subscribe(reliable, f"{len(publishers)} {kinds} publisher(s)")
+        if self._incompatible is not None and not any(self._offends(p) for p in publishers):
+            self._incompatible = None  # the offending publisher left: judge afresh
         if self.matched_publishers() and self._incompatible is None:
             if self.problem is not None:
                 self._node.get_logger().info(f"input on {self.topic}: publisher matched, frames can flow")
@@ -108,6 +110,10 @@ class ImageInput:
             f"from it. A best-effort camera needs reliable_input: auto or best_effort.")
         self.problem = self._incompatible
         self._warn(self.problem)
+
+    def _offends(self, publisher) -> bool:
+        """Whether this publisher cannot match the fixed reliability we subscribe with."""
+        return bool(self.reliable) and publisher.qos_profile.reliability != ReliabilityPolicy.RELIABLE
 
     def _warn(self, text: str) -> None:
         now = time.monotonic()
