@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
+
+from kp_ros.tools import node_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "config" / "matcher.yaml"
@@ -43,12 +44,8 @@ def spin_until(executor, predicate, timeout: float) -> bool:
 
 
 def node_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("HOME", "/tmp")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
+    """kp_ros's node environment running this checkout's code (unlike clean_env below)."""
+    return node_process.node_env(source_root=REPO_ROOT, extra=extra)
 
 
 def to_time(seconds: float):
@@ -98,34 +95,16 @@ def run_plain_camera(*args: str, timeout: float = 180.0) -> dict:
 
 def start_node(executable: str, params: dict | None = None, remaps: dict | None = None,
                params_file: Path | None = PARAMS_FILE, namespace: str | None = None,
-               log_path: Path | None = None) -> subprocess.Popen:
+               log_path: Path | None = None) -> node_process.NodeProcess:
     """Run kp_ros.nodes.<executable> as its own process with the launch file's arguments:
     the parameters file, then per-node overrides, then remappings."""
-    cmd = [sys.executable, "-m", f"kp_ros.nodes.{executable}", "--ros-args"]
-    if params_file is not None:
-        cmd += ["--params-file", str(params_file)]
-    for key, value in (params or {}).items():
-        value = str(value).lower() if isinstance(value, bool) else value
-        cmd += ["-p", f"{key}:={value}"]
-    for src, dst in (remaps or {}).items():
-        cmd += ["-r", f"{src}:={dst}"]
-    if namespace:
-        cmd += ["-r", f"__ns:={namespace}"]
-    out = open(log_path, "w") if log_path else subprocess.PIPE
-    return subprocess.Popen(cmd, env=node_env(), stdout=out, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO_ROOT)
+    return node_process.start_node(executable, log_path, params=params, params_file=params_file,
+                                   remaps=remaps, namespace=namespace, env=node_env(), cwd=REPO_ROOT)
 
 
-def stop_node(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str]:
-    """SIGINT (Ctrl-C), as ros2 launch does; returns (exit code, output)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-    return process.returncode, out or ""
+def stop_node(process: node_process.NodeProcess, timeout: float = 30.0) -> tuple[int, str]:
+    """SIGINT (Ctrl-C), as ros2 launch does; returns (exit code, the node's log)."""
+    return process.stop(timeout)
 
 
 def wait_for_subscribers(publisher, count: int, executor, timeout: float) -> bool:
@@ -206,8 +185,7 @@ class NodeHarness:
 
 def parse_counters(log: str) -> dict:
     """The counters of a node's shutdown line 'received=.. processed=.. dropped=.. rejected=..'."""
-    from kp_ros.ros.frame_worker import parse_summary
-    counts = parse_summary(log)
+    counts = node_process.parse_counters(log)
     assert counts is not None, f"no counters line in the node's log:\n{log[-2000:]}"
     return counts
 
