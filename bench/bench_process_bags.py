@@ -45,18 +45,18 @@ def source_frames(count: int) -> list[np.ndarray]:
 
 
 def make_bags(root: Path, bags: int, frames: int) -> list[Path]:
-    from kp_ros.core import bag_io
-    typestore = bag_io.kp_ros_typestore()
+    from kp_ros.tools import bag_messages, bag_reader, bag_writer
+    typestore = bag_messages.kp_ros_typestore()
     images = source_frames(frames)
     paths = []
     for b in range(bags):
         path = root / f"seq_{b:02d}"
-        with bag_io.AtomicBagWriter(path, "sqlite3") as writer:
-            connection = writer.add_connection("/camera/image_raw", bag_io.IMAGE_TYPE, typestore)
+        with bag_writer.AtomicBagWriter(path, "sqlite3") as writer:
+            connection = writer.add_connection("/camera/image_raw", bag_messages.IMAGE_TYPE, typestore)
             for i, image in enumerate(images):
                 stamp = 1_700_000_000_000_000_000 + i * 33_333_333
-                msg = bag_io.image_msg(typestore, image, "rgb8", bag_io.header_msg(typestore, stamp, "camera"))
-                writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_io.IMAGE_TYPE))
+                msg = bag_messages.image_msg(typestore, image, "rgb8", bag_messages.header_msg(typestore, stamp, "camera"))
+                writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_messages.IMAGE_TYPE))
         paths.append(path)
     return paths
 
@@ -71,8 +71,8 @@ def timed(command: list[str]) -> float:
 
 
 def raw(path: Path) -> dict:
-    from kp_ros.core import bag_io
-    reader = bag_io.open_bag(path)
+    from kp_ros.tools import bag_messages, bag_reader, bag_writer
+    reader = bag_reader.open_bag(path)
     out = {}
     for connection, log_ns, data in reader.messages():
         out.setdefault(connection.topic, []).append((log_ns, bytes(data)))

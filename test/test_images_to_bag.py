@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from conftest import TUM_DIR, synthetic_frame, tum_frame_paths
 
-from kp_ros.core import bag_io
+from kp_ros.tools import bag_messages, bag_reader
 from kp_ros.tools.images_to_bag import main, stamp_from_name
 
 
 def read_topic(path):
-    typestore = bag_io.kp_ros_typestore()
-    reader = bag_io.open_bag(path)
-    topic, msgtype, connections = bag_io.image_connections(reader, None)
+    typestore = bag_messages.kp_ros_typestore()
+    reader = bag_reader.open_bag(path)
+    topic, msgtype, connections = bag_reader.image_connections(reader, None)
     out = [(log_ns, typestore.deserialize_cdr(data, msgtype))
-           for _, log_ns, data in bag_io.read_messages(reader, connections)]
+           for _, log_ns, data in bag_reader.read_messages(reader, connections)]
     reader.close()
     return topic, msgtype, out
 
@@ -44,13 +44,13 @@ def test_tum_folder(tmp_path, capsys):
     assert main([str(TUM_DIR), str(tmp_path / "tum"), "--limit", "3"]) == 0
     assert "wrote 3 frames" in capsys.readouterr().out
     topic, msgtype, messages = read_topic(tmp_path / "tum")
-    assert (topic, msgtype) == ("/camera/image_raw", bag_io.IMAGE_TYPE)
+    assert (topic, msgtype) == ("/camera/image_raw", bag_messages.IMAGE_TYPE)
     for path, (log_ns, msg) in zip(paths, messages):
-        assert log_ns == bag_io.stamp_to_ns(msg.header.stamp) == stamp_from_name(path)
+        assert log_ns == bag_messages.stamp_to_ns(msg.header.stamp) == stamp_from_name(path)
         assert (msg.encoding, msg.height, msg.width, msg.step, msg.header.frame_id) == \
             ("rgb8", 480, 640, 1920, "camera")
         expected = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        assert np.array_equal(bag_io.decode_image_msg(msg, msgtype), expected)
+        assert np.array_equal(bag_reader.decode_image_msg(msg, msgtype), expected)
 
 
 @pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8"])
@@ -60,11 +60,11 @@ def test_rate_and_encodings(tmp_path, encoding):
     assert main([str(tmp_path / "imgs"), str(out), "--rate", "4", "--start", "10", "--encoding", encoding,
                  "--topic", "/cam/image", "--frame-id", "optical", "--storage", "mcap"]) == 0
     topic, _, messages = read_topic(out)
-    assert topic == "/cam/image" and bag_io.detect_storage(out) == "mcap"
+    assert topic == "/cam/image" and bag_reader.detect_storage(out) == "mcap"
     assert [log for log, _ in messages] == [10_000_000_000, 10_250_000_000, 10_500_000_000]
     first = messages[0][1]
     assert first.encoding == encoding and first.header.frame_id == "optical"
-    decoded = bag_io.decode_image_msg(first, bag_io.IMAGE_TYPE)  # a.png: name order
+    decoded = bag_reader.decode_image_msg(first, bag_messages.IMAGE_TYPE)  # a.png: name order
     expected = frames[1] if encoding != "mono8" else cv2.cvtColor(frames[1], cv2.COLOR_RGB2GRAY)
     assert np.array_equal(decoded, expected)
 
@@ -75,10 +75,10 @@ def test_compressed(tmp_path, fmt):
     assert main([str(tmp_path / "imgs"), str(tmp_path / "bag"), "--compressed", fmt,
                  "--topic", "/cam/image/compressed"]) == 0
     _, msgtype, messages = read_topic(tmp_path / "bag")
-    assert msgtype == bag_io.COMPRESSED_TYPE
+    assert msgtype == bag_messages.COMPRESSED_TYPE
     assert [log for log, _ in messages] == [1_000_000_000, 1_500_000_000]  # sorted by stamp
     assert messages[0][1].format == fmt
-    decoded = bag_io.decode_image_msg(messages[0][1], msgtype)
+    decoded = bag_reader.decode_image_msg(messages[0][1], msgtype)
     error = np.abs(decoded.astype(int) - frames[1]).mean()
     assert error == 0 if fmt == "png" else error < 8
 
@@ -124,7 +124,7 @@ def test_frame_index_names_are_not_taken_as_times(tmp_path, capsys):
     assert [log_ns for log_ns, _ in messages] == [0, 100_000_000, 200_000_000, 300_000_000]
     # numeric order, not string order: 1000.png is last
     for frame, (_, msg) in zip(frames, messages):
-        assert np.array_equal(bag_io.decode_image_msg(msg, bag_io.IMAGE_TYPE), frame)
+        assert np.array_equal(bag_reader.decode_image_msg(msg, bag_messages.IMAGE_TYPE), frame)
 
 
 def test_times_in_seconds_are_still_read_from_names(tmp_path):

@@ -19,23 +19,24 @@ from ros_helpers import REPO_ROOT
 CHECK = r"""
 import json, sys
 from pathlib import Path
-import kp_ros.core.bag_io as bag_io
+from kp_ros.core.package_files import msg_dir, package_file
+from kp_ros.tools import bag_messages, bag_reader
 from kp_ros.tools import images_to_bag, process_bag
 site, models, frames = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 assert images_to_bag.main([frames, "in.bag", "--rate", "10"]) == 0
 assert process_bag.main(["in.bag", "out.bag", "--superpoint-model", models + "/sp",
                          "--eloftr-model", models + "/el", "--device", "cpu", "--resize", "native",
                          "--match-threshold", "0", "--no-progress"]) == 0
-store = bag_io.kp_ros_typestore()
-reader = bag_io.open_bag("out.bag")
+store = bag_messages.kp_ros_typestore()
+reader = bag_reader.open_bag("out.bag")
 counts = {}
 for connection, _, data in reader.messages():
     store.deserialize_cdr(data, connection.msgtype)
     counts[connection.msgtype] = counts.get(connection.msgtype, 0) + 1
 reader.close()
 print(json.dumps({
-    "bag_io": bag_io.__file__, "msg": str(bag_io.msg_dir()),
-    "config": str(bag_io.package_file("config/matcher.yaml")),
+    "bag_io": bag_reader.__file__, "msg": str(msg_dir()),
+    "config": str(package_file("config/matcher.yaml")),
     "counts": counts, "rclpy": "rclpy" in sys.modules}))
 """
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from conftest import TUM_DIR, synthetic_frame, tum_frame_paths
 
-from kp_ros.core import bag_io
-from kp_ros.core.bag_io import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE, BagError
+from kp_ros.tools import bag_messages, bag_reader, bag_writer
+from kp_ros.tools.bag_messages import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE
+from kp_ros.tools.bag_reader import BagError
 from kp_ros.tools import process_bag as pb
 
 T0 = 1_700_000_000_000_000_000
 STEP = 100_000_000  # 10 Hz
-TYPESTORE = bag_io.kp_ros_typestore()
+TYPESTORE = bag_messages.kp_ros_typestore()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,15 +52,15 @@ def image_bag(path, images, stamps=None, logs=None, storage="sqlite3", topic="/c
     stamps = stamps or [T0 + i * STEP for i in range(len(images))]
     logs = logs or [s + 5_000_000 for s in stamps]
     msgtype = COMPRESSED_TYPE if compressed else IMAGE_TYPE
-    with bag_io.AtomicBagWriter(path, storage) as writer:
+    with bag_writer.AtomicBagWriter(path, storage) as writer:
         connection = writer.add_connection(topic, msgtype, TYPESTORE)
         for i, (image, stamp, log) in enumerate(zip(images, stamps, logs)):
-            header = bag_io.header_msg(TYPESTORE, stamp, f"cam{i}")
+            header = bag_messages.header_msg(TYPESTORE, stamp, f"cam{i}")
             if compressed:
                 data = b"\x89PNG garbage" if i in garbage else cv2.imencode(".png", image[:, :, ::-1])[1].tobytes()
-                msg = bag_io.compressed_image_msg(TYPESTORE, data, "png", header)
+                msg = bag_messages.compressed_image_msg(TYPESTORE, data, "png", header)
             else:
-                msg = bag_io.image_msg(TYPESTORE, image, "rgb8", header)
+                msg = bag_messages.image_msg(TYPESTORE, image, "rgb8", header)
                 if i in garbage:
                     msg.step = 1  # shorter than a row
             writer.write(connection, log, TYPESTORE.serialize_cdr(msg, msgtype))
@@ -68,7 +69,7 @@ def image_bag(path, images, stamps=None, logs=None, storage="sqlite3", topic="/c
 
 def read_outputs(path):
     """topic -> [(log_ns, message, raw bytes)] in bag order."""
-    reader = bag_io.open_bag(path)
+    reader = bag_reader.open_bag(path)
     out = {c.topic: [] for c in reader.connections}
     for connection, log_ns, data in reader.messages():
         out[connection.topic].append((log_ns, TYPESTORE.deserialize_cdr(data, connection.msgtype), bytes(data)))
@@ -77,7 +78,7 @@ def read_outputs(path):
 
 
 def stamps_of(messages, field="header"):
-    return [bag_io.stamp_to_ns(getattr(m, field).stamp if field == "header" else getattr(m, field))
+    return [bag_messages.stamp_to_ns(getattr(m, field).stamp if field == "header" else getattr(m, field))
             for _, m, _ in messages]
 
 
@@ -86,7 +87,7 @@ def test_every_frame_keypoints_and_paired_matches(tmp_path, models, storage):
     images = frames(5)
     image_bag(tmp_path / "in", images, storage=storage)
     summary = pb.process_bag(tmp_path / "in", tmp_path / "out", *models)
-    assert bag_io.detect_storage(tmp_path / "out") == storage  # same as the input by default
+    assert bag_reader.detect_storage(tmp_path / "out") == storage  # same as the input by default
     assert (summary.frames, summary.processed, summary.keypoints_msgs, summary.matches_msgs) == (5, 5, 5, 4)
     assert not summary.rejected and not summary.resets
     out = read_outputs(tmp_path / "out")
@@ -96,7 +97,7 @@ def test_every_frame_keypoints_and_paired_matches(tmp_path, models, storage):
     assert stamps_of(keypoints) == stamps
     assert [log for log, _, _ in keypoints] == [s + 5_000_000 for s in stamps]  # receive times kept
     for _, msg, _ in keypoints:
-        k = bag_io.keypoints_from_msg(msg)
+        k = bag_messages.keypoints_from_msg(msg)
         assert (msg.height, msg.width, msg.descriptor_size) == (128, 160, 256)
         assert 0 < len(k["keypoints"]) <= 64 and msg.detector == models[0].model_id
         assert (k["keypoints"] >= 0).all() and (k["keypoints"][:, 0] < 160).all()
@@ -106,7 +107,7 @@ def test_every_frame_keypoints_and_paired_matches(tmp_path, models, storage):
     assert [m.frame_id0 for _, m, _ in matches] == ["cam0", "cam1", "cam2", "cam3"]
     assert [log for log, _, _ in matches] == [s + 5_000_000 for s in stamps[1:]]
     for _, msg, _ in matches:
-        m = bag_io.matches_from_msg(msg)
+        m = bag_messages.matches_from_msg(msg)
         assert len(m["keypoints0"]) == len(m["keypoints1"]) == len(m["scores"]) > 0
         assert len(m["inliers"]) == 0 and msg.matcher == models[1].model_id
 
@@ -127,7 +128,7 @@ def test_cli_is_deterministic_and_reads_params_file(tmp_path, tiny_superpoint_di
         runs.append(read_outputs(tmp_path / name))
     text = capsys.readouterr().out
     assert "4 read, 4 processed" in text and "keypoints/frame" in text
-    assert bag_io.detect_storage(tmp_path / "a") == "sqlite3"
+    assert bag_reader.detect_storage(tmp_path / "a") == "sqlite3"
     a, b = runs
     assert {t: [raw for _, _, raw in v] for t, v in a.items()} == {t: [raw for _, _, raw in v] for t, v in b.items()}
     assert all(0 < len(m.x) <= 16 for _, m, _ in a["/cam/keypoints"])  # the flag beat the file's 32
@@ -211,9 +212,9 @@ def test_debug_images_copy_input_and_single_model(tmp_path, models):
 
 def test_bad_inputs(tmp_path, capsys):
     image_bag(tmp_path / "in", frames(2, 32, 32))
-    with bag_io.AtomicBagWriter(tmp_path / "in2", "sqlite3") as writer:  # a bag without images
-        header = bag_io.header_msg(TYPESTORE, T0, "cam")
-        msg = bag_io.keypoints_msg(TYPESTORE, header, 1, 1, "x", np.zeros((0, 2)), np.zeros(0))
+    with bag_writer.AtomicBagWriter(tmp_path / "in2", "sqlite3") as writer:  # a bag without images
+        header = bag_messages.header_msg(TYPESTORE, T0, "cam")
+        msg = bag_messages.keypoints_msg(TYPESTORE, header, 1, 1, "x", np.zeros((0, 2)), np.zeros(0))
         writer.write(writer.add_connection("/kp", KEYPOINTS_TYPE, TYPESTORE), T0,
                      TYPESTORE.serialize_cdr(msg, KEYPOINTS_TYPE))
     cases = [
@@ -363,7 +364,7 @@ runpy.run_module("kp_ros.tools.process_bag", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("module", ["numpy", "kp_ros.core.bag_io", "kp_ros.core.stream_continuity"])
+@pytest.mark.parametrize("module", ["numpy", "kp_ros.tools.bag_reader", "kp_ros.core.stream_continuity"])
 def test_ctrl_c_during_the_imports_exits_130_with_one_line(tmp_path, module):
     """Issue 13: SIGINT in process_bag's first ~1.5 s (imports) printed a KeyboardInterrupt
     traceback and exited by the signal."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kp_ros.core import bag_io
+from kp_ros.tools import bag_messages, bag_writer
 from kp_ros.core.tracks import TrackParams
 from kp_ros.tools import process_bag as pb
 from test_process_bag import STEP, T0, frames, image_bag, models, one_thread, read_outputs  # noqa: F401
@@ -64,8 +64,8 @@ def test_cli_tracks_bad_options(tmp_path, capsys, extra, message):
 
 
 def test_tracks_type_is_in_the_typestore():
-    store = bag_io.kp_ros_typestore()
-    assert bag_io.TRACKS_TYPE in store.fielddefs
+    store = bag_messages.kp_ros_typestore()
+    assert bag_messages.TRACKS_TYPE in store.fielddefs
 
 
 # --- essential verification with the bag's camera_info -------------------------------
@@ -75,7 +75,7 @@ def add_camera_info(path, k=(120.0, 0, 80, 0, 120.0, 64, 0, 0, 1), topic="/cam/c
     from test_process_bag import TYPESTORE
     types = TYPESTORE.types
     info = types["sensor_msgs/msg/CameraInfo"](
-        header=bag_io.header_msg(TYPESTORE, T0, "cam"), height=128, width=160,
+        header=bag_messages.header_msg(TYPESTORE, T0, "cam"), height=128, width=160,
         distortion_model="plumb_bob", d=np.array([-0.1, 0.01, 0, 0, 0], np.float64),
         k=np.array(k, np.float64), r=np.eye(3).ravel(), p=np.zeros(12),
         binning_x=0, binning_y=0,
@@ -83,10 +83,10 @@ def add_camera_info(path, k=(120.0, 0, 80, 0, 120.0, 64, 0, 0, 1), topic="/cam/c
                                                       do_rectify=False))
     original = read_outputs(path)
     out = path.with_name(path.name + "_info")
-    with bag_io.AtomicBagWriter(out, "sqlite3") as writer:
+    with bag_writer.AtomicBagWriter(out, "sqlite3") as writer:
         conn = writer.add_connection(topic, "sensor_msgs/msg/CameraInfo", TYPESTORE)
         writer.write(conn, T0, TYPESTORE.serialize_cdr(info, "sensor_msgs/msg/CameraInfo"))
-        image = writer.add_connection("/cam/image_raw", bag_io.IMAGE_TYPE, TYPESTORE)
+        image = writer.add_connection("/cam/image_raw", bag_messages.IMAGE_TYPE, TYPESTORE)
         for log_ns, _, raw in original["/cam/image_raw"]:
             writer.write(image, log_ns, raw)
     return out

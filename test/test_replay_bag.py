@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_frame
 
-from kp_ros.core import bag_io
+from kp_ros.tools import bag_messages, bag_writer
 from kp_ros.tools.replay_bag import Pacer
 from ros_helpers import parse_counters
 
@@ -28,16 +28,16 @@ def env() -> dict:
 
 
 def image_bag(path, count=8, rate_hz=10.0, malformed=()):
-    typestore = bag_io.kp_ros_typestore()
-    with bag_io.AtomicBagWriter(path, "sqlite3") as writer:
-        connection = writer.add_connection("/camera/image_raw", bag_io.IMAGE_TYPE, typestore)
+    typestore = bag_messages.kp_ros_typestore()
+    with bag_writer.AtomicBagWriter(path, "sqlite3") as writer:
+        connection = writer.add_connection("/camera/image_raw", bag_messages.IMAGE_TYPE, typestore)
         for i in range(count):
             stamp = T0 + int(i * 1e9 / rate_hz)
-            msg = bag_io.image_msg(typestore, synthetic_frame(128, 160, seed=0, shift=(2 * i, i)), "rgb8",
-                                   bag_io.header_msg(typestore, stamp, "camera"))
+            msg = bag_messages.image_msg(typestore, synthetic_frame(128, 160, seed=0, shift=(2 * i, i)), "rgb8",
+                                   bag_messages.header_msg(typestore, stamp, "camera"))
             if i in malformed:
                 msg.step = 7  # shorter than one row: the nodes must reject it
-            writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_io.IMAGE_TYPE))
+            writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_messages.IMAGE_TYPE))
     return path
 
 

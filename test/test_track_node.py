@@ -15,8 +15,7 @@ from sensor_msgs.msg import Image
 
 from conftest import synthetic_frame
 from kp_ros.msg import Keypoints, Matches, Tracks
-from kp_ros.nodes.track_node import tracks_from_msg
-from kp_ros.ros.conversions import array_to_image_msg, keypoints_to_msg, matches_to_msg
+from kp_ros.ros.conversions import array_to_image_msg, keypoints_to_msg, matches_to_msg, tracks_from_msg
 from kp_ros.ros.qos import output_qos
 from ros_helpers import node_env, ros_node, spin_until, start_node, stop_node
 

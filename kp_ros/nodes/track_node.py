@@ -13,7 +13,6 @@ All the logic is kp_ros.core.tracks (pure); this file converts messages and coun
 """
 from __future__ import annotations
 
-import array
 import time
 from collections import deque
 
@@ -32,7 +31,7 @@ from kp_ros.core.tracks import (FrameTracks, MatchSet, TrackBook, TrackParams,
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
 from kp_ros.ros.diagnostics import diagnostic_array, latency_values
-from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input
+from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input, tracks_to_msg
 from kp_ros.ros.feature_node import parameter_changes, ros_params, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
 
@@ -42,28 +41,6 @@ INPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=Re
 IMAGES_KEPT = 8  # frames kept for the debug overlay, waiting for their tracks
 
 TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
-
-
-def tracks_to_msg(header, height: int, width: int, tracks: FrameTracks) -> Tracks:
-    """kp_ros/Tracks from a FrameTracks, arrays assigned whole (see conversions.py)."""
-    msg = Tracks(header=header, height=int(height), width=int(width))
-    for field, code, values in (("x", "f", tracks.keypoints[:, 0]), ("y", "f", tracks.keypoints[:, 1]),
-                                ("ids", "Q", tracks.ids), ("lengths", "I", tracks.lengths),
-                                ("previous_index", "i", tracks.previous_index)):
-        out = array.array(code)  # f, Q, I, i: float32, uint64, uint32, int32 as numpy reads them
-        out.frombytes(np.ascontiguousarray(values, dtype=np.dtype(code)).tobytes())
-        setattr(msg, field, out)
-    return msg
-
-
-def tracks_from_msg(msg: Tracks) -> dict[str, np.ndarray]:
-    """Zero-copy views: keypoints (N, 2), ids, lengths, previous_index."""
-    return {
-        "keypoints": np.stack([np.frombuffer(msg.x, np.float32), np.frombuffer(msg.y, np.float32)], 1),
-        "ids": np.frombuffer(msg.ids, np.uint64),
-        "lengths": np.frombuffer(msg.lengths, np.uint32),
-        "previous_index": np.frombuffer(msg.previous_index, np.int32),
-    }
 
 
 def _stamp_ns(stamp) -> int:

@@ -1,8 +1,10 @@
-"""numpy <-> kp_ros / sensor_msgs messages, through bytes and array.array.
+"""numpy <-> kp_ros / sensor_msgs messages (rclpy), through bytes and array.array.
 
-Filling a float32[] field from a numpy array element by element costs 30-50 ms for a
-2000x256 descriptor block; going through ``array.array.frombytes`` costs ~2 ms, and
-reading back with ``np.frombuffer`` is zero-copy.
+Which array goes into which field is kp_ros.core.messages' (shared with the bag tools);
+this file only hands the arrays to rclpy. Filling a float32[] field from a numpy array
+element by element costs 30-50 ms for a 2000x256 descriptor block; going through
+``array.array.frombytes`` costs < 0.5 ms, and reading back with ``np.frombuffer``
+(kp_ros.core.messages' ``*_from_msg``, re-exported here) is zero-copy.
 """
 from __future__ import annotations
 
@@ -13,79 +15,44 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from kp_ros.core.image_codec import (ImageDecodeError, check_compressed, decode_compressed,
                                      image_from_buffer, model_input_encoding, to_model_input)
-from kp_ros.msg import Keypoints, Matches
+from kp_ros.core.messages import (keypoints_fields, keypoints_from_msg, matches_fields,
+                                  matches_from_msg, tracks_fields, tracks_from_msg)
+from kp_ros.msg import Keypoints, Matches, Tracks
+
+# numpy dtype -> array.array typecode of the same item (Linux: I = 4, Q = 8 bytes).
+_TYPECODES = {np.dtype(np.float32): "f", np.dtype(np.uint8): "B", np.dtype(np.uint32): "I",
+              np.dtype(np.int32): "i", np.dtype(np.uint64): "Q"}
 
 
-def _f32(values) -> array.array:
-    out = array.array("f")
-    out.frombytes(np.ascontiguousarray(np.asarray(values, dtype=np.float32)).tobytes())
+def as_rclpy_arrays(fields: dict) -> dict:
+    """kp_ros.core.messages fields with each numpy array as the array.array rclpy stores
+    (one ``frombytes`` copy; rclpy's setters take an array.array of the right typecode as is)."""
+    out = {}
+    for name, value in fields.items():
+        if isinstance(value, np.ndarray):
+            value, values = array.array(_TYPECODES[value.dtype]), value
+            value.frombytes(values.view(np.uint8))  # contiguous (messages' fields): no copy in between
+        out[name] = value
     return out
-
-
-def _u8(values) -> array.array:
-    out = array.array("B")
-    out.frombytes(np.ascontiguousarray(np.asarray(values, dtype=np.uint8)).tobytes())
-    return out
-
-
-def _as_numpy(values):
-    return values.numpy() if hasattr(values, "numpy") else np.asarray(values)
 
 
 def keypoints_to_msg(header, height: int, width: int, detector: str, keypoints_xy,
                      scores, descriptors=None) -> Keypoints:
-    """Keypoints message from (N,2) x,y, (N,) scores and optional (N,D) descriptors
-    (numpy arrays or CPU tensors)."""
-    keypoints_xy = _as_numpy(keypoints_xy).reshape(-1, 2)
-    msg = Keypoints(header=header, height=int(height), width=int(width), detector=detector)
-    msg.x = _f32(keypoints_xy[:, 0])
-    msg.y = _f32(keypoints_xy[:, 1])
-    msg.scores = _f32(_as_numpy(scores))
-    if descriptors is not None:
-        descriptors = _as_numpy(descriptors)
-        if descriptors.ndim != 2:  # a flat block: D follows from N (N = 0 gives D = 0)
-            descriptors = descriptors.reshape(len(keypoints_xy), -1) if len(keypoints_xy) else \
-                descriptors.reshape(0, 0)
-        msg.descriptor_size = descriptors.shape[1]
-        msg.descriptors = _f32(descriptors.ravel())
-    return msg
-
-
-def keypoints_from_msg(msg: Keypoints) -> dict[str, np.ndarray]:
-    """Zero-copy float32 views: keypoints (N,2) x,y, scores (N,), descriptors (N,D)."""
-    x = np.frombuffer(msg.x, dtype=np.float32)
-    y = np.frombuffer(msg.y, dtype=np.float32)
-    size = msg.descriptor_size
-    descriptors = np.frombuffer(msg.descriptors, dtype=np.float32)
-    return {
-        "keypoints": np.stack([x, y], axis=1),
-        "scores": np.frombuffer(msg.scores, dtype=np.float32),
-        "descriptors": descriptors.reshape(-1, size) if size else descriptors.reshape(len(x), 0),
-    }
+    """Keypoints message from (N,2) x,y, (N,) scores and optional (N,D) descriptors (numpy)."""
+    fields = keypoints_fields(height, width, detector, keypoints_xy, scores, descriptors)
+    return Keypoints(header=header, **as_rclpy_arrays(fields))
 
 
 def matches_to_msg(header, stamp0, frame_id0: str, height: int, width: int, matcher: str,
                    keypoints0, keypoints1, scores, inliers=None) -> Matches:
     """Matches message: header of the newer frame, stamp0/frame_id0 of the older one."""
-    keypoints0 = _as_numpy(keypoints0).reshape(-1, 2)
-    keypoints1 = _as_numpy(keypoints1).reshape(-1, 2)
-    msg = Matches(header=header, stamp0=stamp0, frame_id0=frame_id0, height=int(height),
-                  width=int(width), matcher=matcher)
-    msg.x0, msg.y0 = _f32(keypoints0[:, 0]), _f32(keypoints0[:, 1])
-    msg.x1, msg.y1 = _f32(keypoints1[:, 0]), _f32(keypoints1[:, 1])
-    msg.scores = _f32(_as_numpy(scores))
-    if inliers is not None and len(inliers):
-        msg.inliers = _u8(_as_numpy(inliers))
-    return msg
+    fields = matches_fields(frame_id0, height, width, matcher, keypoints0, keypoints1, scores, inliers)
+    return Matches(header=header, stamp0=stamp0, **as_rclpy_arrays(fields))
 
 
-def matches_from_msg(msg: Matches) -> dict[str, np.ndarray]:
-    return {
-        "keypoints0": np.stack([np.frombuffer(msg.x0, np.float32), np.frombuffer(msg.y0, np.float32)], 1),
-        "keypoints1": np.stack([np.frombuffer(msg.x1, np.float32), np.frombuffer(msg.y1, np.float32)], 1),
-        "scores": np.frombuffer(msg.scores, dtype=np.float32),
-        "inliers": np.frombuffer(msg.inliers, dtype=np.uint8),
-    }
+def tracks_to_msg(header, height: int, width: int, tracks) -> Tracks:
+    """kp_ros/Tracks from a kp_ros.core.tracks.FrameTracks."""
+    return Tracks(header=header, **as_rclpy_arrays(tracks_fields(height, width, tracks)))
 
 
 def image_msg_to_array(msg: Image) -> np.ndarray:
@@ -127,3 +94,8 @@ def array_to_image_msg(image: np.ndarray, encoding: str | None = None, header=No
     msg.step = image.itemsize * int(np.prod(image.shape[1:]))
     msg.data = image.tobytes()
     return msg
+
+
+__all__ = ["array_to_image_msg", "as_rclpy_arrays", "image_msg_problem", "image_msg_to_array",
+           "image_msg_to_model_input", "keypoints_from_msg", "keypoints_to_msg", "matches_from_msg",
+           "matches_to_msg", "tracks_from_msg", "tracks_to_msg"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kp_ros.core.bag_io import package_file
+from kp_ros.core.package_files import package_file
 from kp_ros.core.params import spec
 
 # Run from a source checkout (scripts/demo), the shared TUM frames lie beside the repository;
@@ -33,23 +33,20 @@ MODELS = {node: spec(node, "model").default for node in ("superpoint_node", "elo
 
 def resolve_model(node: str, model: str, cache: Path) -> tuple[str, bool]:
     """(model to use, is_random). Falls back to random-init full-size weights, loudly."""
-    from kp_ros.core import random_init
     from kp_ros.core.model_loading import ModelUnavailableError, load_pretrained
+    from kp_ros.tools.model_setup import loud_warning, random_init_stand_in
     from transformers import AutoConfig
     try:
         load_pretrained(AutoConfig, model)
         return model, False
     except ModelUnavailableError as exc:
         reason = str(exc)
-    target = cache / f"{node}_random_full_seed0"
-    if not (target / "config.json").exists():
-        save = random_init.save_random_superpoint if node == "superpoint_node" else random_init.save_random_eloftr
-        save(target, "full", seed=0)
-    bar = "!" * 78
-    print(f"\n{bar}\n!! {node}: PRETRAINED WEIGHTS UNAVAILABLE, RUNNING ON RANDOM-INIT WEIGHTS.\n"
-          f"!! Keypoints and matches below are NOT meaningful; the pipeline (nodes, DDS,\n"
-          f"!! messages, overlays, stats) is real. Reason:\n!! {reason}\n"
-          f"!! Random-init model: {target}\n{bar}\n", file=sys.stderr, flush=True)
+    target = random_init_stand_in("superpoint" if node == "superpoint_node" else "eloftr",
+                                  cache / f"{node}_random_full_seed0")
+    loud_warning(f"!! {node}: PRETRAINED WEIGHTS UNAVAILABLE, RUNNING ON RANDOM-INIT WEIGHTS.\n"
+                 f"!! Keypoints and matches below are NOT meaningful; the pipeline (nodes, DDS,\n"
+                 f"!! messages, overlays, stats) is real. Reason:\n!! {reason}\n"
+                 f"!! Random-init model: {target}")
     return str(target), True
 
 

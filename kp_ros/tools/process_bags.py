@@ -24,216 +24,27 @@ Exit codes: 0 all done, 1 some bag failed (named on stderr) or bad option, 130 i
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import shutil
 import signal
-import socket
 import sys
-import time
-import traceback
 from pathlib import Path
 
-from kp_ros.core.bag_io import BagError, image_connections, open_bag
-from kp_ros.tools import process_bag as pb
+from kp_ros.tools import process_bag
+from kp_ros.tools.bag_finding import bag_name, count_frames, find_bags, remove_partials
+from kp_ros.tools.bag_reader import BagError
+from kp_ros.tools.process_bag_options import resolve_options
+from kp_ros.tools.process_bags_ray import (Progress, available_memory_gb, bag_task, import_ray,
+                                           plan_resources, start_local_ray, wants_cuda)
+from kp_ros.tools.process_bags_summary import summary_table, write_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
-BAG_SUFFIXES = (".db3", ".mcap")
 INSTALL_HINT = ("process_bags needs Ray, an optional dependency of kp_ros: "
                 "pip install 'kp_ros[cluster]' (or pip install 'ray>=2.60')")
-CSV_FIELDS = ("bag", "status", "frames", "processed", "keypoints_per_frame", "matches_per_frame",
-              "resets", "rejected", "seconds", "host", "error")
-GB_PER_TASK = 2.0  # peak RSS of both full-size models on CPU (~1.9 GB, README)
 CANCEL_GRACE_S = 30.0  # cancelled tasks get this long to delete their partial output
 
 
-# --- finding bags --------------------------------------------------------------------
-
-def is_bag(path: Path) -> bool:
-    return (path.is_dir() and (path / "metadata.yaml").is_file()) or \
-        (path.is_file() and path.suffix in BAG_SUFFIXES)
-
-
-def find_bags(inputs, exclude: Path | None = None) -> list[Path]:
-    """Bags named in ``inputs``, and every bag below the folders among them (a bag
-    directory is not searched further; hidden entries, e.g. partial outputs, and
-    ``exclude`` are skipped). BagError for an input that is neither."""
-    exclude = exclude.resolve() if exclude else None
-    found = []
-    for entry in map(Path, inputs):
-        if is_bag(entry):
-            found.append(entry)
-        elif entry.is_dir():
-            for root, dirs, files in os.walk(entry):
-                here = Path(root)
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                                 and (here / d).resolve() != exclude)
-                if (here / "metadata.yaml").is_file():
-                    found.append(here)
-                    dirs.clear()
-                    continue
-                found += [here / f for f in sorted(files)
-                          if f.endswith(BAG_SUFFIXES) and not f.startswith(".")]
-        else:
-            raise BagError(f"{str(entry)!r} is neither a bag nor a folder")
-    return found
-
-
-def bag_name(bag: Path) -> str:
-    """The output name: the bag directory's name, or a bag file's name without suffix."""
-    return bag.stem if bag.is_file() else bag.resolve().name
-
-
-def remove_partials(out_dir: Path, names) -> None:
-    """Partial outputs (AtomicBagWriter's hidden temp directories) of ``names``, left by a
-    worker that was killed before it could delete them."""
-    for name in names:
-        for stale in out_dir.glob(f".{name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def count_frames(bag: Path, topic: str | None) -> int:
-    """Frames of the bag's image topic (for the progress bar); 0 when the bag is unreadable
-    (its task reports why)."""
-    try:
-        reader = open_bag(bag)
-    except BagError:
-        return 0
-    try:
-        return sum(c.msgcount for c in image_connections(reader, topic)[2])
-    except BagError:
-        return 0
-    finally:
-        reader.close()
-
-
-# --- the Ray task --------------------------------------------------------------------
-
-def summary_record(summary: pb.Summary) -> dict:
-    def per(total, msgs):
-        return round(total / msgs, 2) if msgs else 0.0
-    return {"frames": summary.frames, "processed": summary.processed,
-            "keypoints_per_frame": per(summary.keypoints_total, summary.keypoints_msgs),
-            "matches_per_frame": per(summary.matches_total, summary.matches_msgs),
-            "resets": sum(summary.resets.values()), "rejected": sum(summary.rejected.values()),
-            "reasons": {summary.examples[k]: n for k, n in (summary.resets + summary.rejected).items()}}
-
-
-def bag_task(args, bag: str, output: str, options: tuple, progress=None, name: str = "") -> dict:
-    """One bag, in a Ray worker: process_bag's run_one, its outcome as a JSON-able dict.
-    A bad bag is a result ("failed", with the reason), not an exception, so the driver
-    reports it and the other bags go on; Ctrl-C (ray.cancel) propagates, and the atomic
-    writer deletes the partial output on the way out."""
-    from kp_ros.core.model_loading import ModelUnavailableError
-
-    record = {"bag": name, "input": bag, "output": output, "host": socket.gethostname(),
-              "pid": os.getpid()}
-    last = [0.0]
-
-    def on_frame(frames: int) -> None:
-        now = time.monotonic()
-        if progress is not None and now - last[0] >= 0.5:  # ~2 updates/s per task
-            last[0] = now
-            progress.set.remote(name, frames)
-
-    def log(text: str) -> None:
-        print(f"{name}: {text}", file=sys.stderr, flush=True)
-
-    started = time.perf_counter()
-    try:
-        summary = pb.run_one(args, bag, output, *options, progress=False, on_frame=on_frame, log=log)
-        record.update(status="done", **summary_record(summary))
-        if progress is not None:
-            progress.set.remote(name, summary.frames)
-    except ModelUnavailableError as err:
-        record.update(status="failed", error=f"{err} (or pass --random-init-fallback)")
-    except (BagError, ValueError) as err:
-        record.update(status="failed", error=str(err))
-    except Exception as err:  # noqa: BLE001 - a model failure is this bag's, not the run's
-        record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                      traceback=traceback.format_exc())
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    return record
-
-
-class Progress:
-    """A Ray actor: frames read so far per bag (set, not added, so a retried task does
-    not count its frames twice)."""
-
-    def __init__(self):
-        self.frames = {}
-
-    def set(self, name: str, frames: int) -> None:
-        self.frames[name] = frames
-
-    def total(self) -> int:
-        return sum(self.frames.values())
-
-
-# --- Ray -----------------------------------------------------------------------------
-
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        return None
-    return ray
-
-
-def start_local_ray(num_cpus: int, num_gpus: int = 0, temp_dir: str | None = None,
-                    object_store_mb: int = 128):
-    """A local Ray instance sized for this run: ``num_cpus`` logical CPUs (so the tasks'
-    num_cpus requests decide how many run at once), no dashboard, a small object store
-    (results are small dicts), temp files and logs outside the working directory."""
-    import logging
-
-    import ray
-    # The workers import kp_ros from where this driver found it (a checkout or an install).
-    source = str(Path(pb.__file__).resolve().parents[2])
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if source not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([source] + paths)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                    object_store_memory=object_store_mb * 1024 * 1024, _temp_dir=temp_dir,
-                    logging_level=logging.WARNING, log_to_driver=True)
-
-
-def wants_cuda(detector_kwargs: dict, matcher_kwargs: dict, gpus_available: int) -> bool:
-    devices = {str(kw.get("device", "auto")) for kw in (detector_kwargs, matcher_kwargs)}
-    return any(d.startswith("cuda") for d in devices) or ("auto" in devices and gpus_available > 0)
-
-
-def available_memory_gb() -> float:
-    try:
-        import psutil  # a dependency of Ray
-        return psutil.virtual_memory().available / 2**30
-    except ImportError:
-        return float("inf")
-
-
-def plan_resources(args, cuda: bool, gpus: int, cpus: int, bags: int,
-                   memory_gb: float = float("inf"), cluster: bool = False) -> tuple[int, int, float]:
-    """(tasks at once, torch threads per task, GPUs per task). On a cluster Ray's free
-    resources decide how many run; each task asks for --threads CPUs (default 2)."""
-    gpus_per_task = (args.gpus_per_task or 1.0) if cuda else 0.0
-    if cluster:
-        return args.workers or bags, args.threads or 2, gpus_per_task
-    if cuda:
-        workers = args.workers or max(1, min(gpus, bags))
-    else:
-        # One task per core by default: measured faster than fewer tasks with more threads
-        # (bench/bench_process_bags.py), capped by memory (one model copy per task).
-        by_memory = int(memory_gb // GB_PER_TASK) if memory_gb < float("inf") else bags
-        workers = args.workers or max(1, min(cpus // (args.threads or 1), bags, by_memory))
-    return workers, args.threads or max(1, cpus // workers), gpus_per_task
-
-
-# --- command line --------------------------------------------------------------------
-
 def build_parser():
-    parser = pb.build_parser("process_bags", __doc__, positionals=False)
+    parser = process_bag.build_parser("process_bags", __doc__, positionals=False)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="bags, or folders searched for bags")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/<bag name>")
     cluster = parser.add_argument_group("Ray")
@@ -268,7 +79,7 @@ def main(argv=None) -> int:
         return fail("--workers must be at least 1")
     out_dir = Path(args.out)
     try:
-        options = pb.resolve_options(args)
+        options = resolve_options(args)
         bags = find_bags(args.inputs, exclude=out_dir)
     except (BagError, ValueError) as err:
         return fail(str(err))
@@ -380,45 +191,8 @@ def _run(ray, args, options, out_dir: Path, todo, records: dict) -> None:
         bar.close()
 
 
-def write_summary(out_dir: Path, records: dict, skipped) -> dict:
-    """DIR/summary.json (+ .csv): every bag of DIR, this run's records over the previous
-    runs' (a skipped bag keeps its last record, marked skipped), and this run's counts.
-    Written under a temporary name and renamed, like the bags. Returns this run's part."""
-    path = out_dir / "summary.json"
-    try:
-        known = {r["bag"]: r for r in json.loads(path.read_text()).get("bags", [])}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        known = {}
-    this_run = {name: {**known.get(name, {"bag": name}), "status": "skipped"} for name in skipped}
-    this_run.update(records)
-    known.update(this_run)
-    counts = {status: sum(r["status"] == status for r in this_run.values())
-              for status in ("done", "skipped", "failed")}
-    summary = {"bags": [known[name] for name in sorted(known)], "last_run": counts}
-    tmp = out_dir / ".summary.json.partial"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, path)
-    tmp = out_dir / ".summary.csv.partial"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for record in summary["bags"]:
-            writer.writerow({k: record.get(k, "") for k in CSV_FIELDS})
-    os.replace(tmp, out_dir / "summary.csv")
-    return {"bags": [this_run[name] for name in sorted(this_run)], **counts}
-
-
-def summary_table(summary: dict) -> str:
-    lines = [f"process_bags: {summary['done']} done, {summary['skipped']} skipped, "
-             f"{summary['failed']} failed",
-             f"  {'bag':<28} {'status':<8} {'frames':>6} {'kp/frame':>9} {'m/frame':>8} "
-             f"{'resets':>6} {'rejected':>8} {'seconds':>8}  host"]
-    for r in summary["bags"]:
-        lines.append(f"  {r['bag'][:28]:<28} {r['status']:<8} {r.get('frames', ''):>6} "
-                     f"{r.get('keypoints_per_frame', ''):>9} {r.get('matches_per_frame', ''):>8} "
-                     f"{r.get('resets', ''):>6} {r.get('rejected', ''):>8} "
-                     f"{r.get('seconds', ''):>8}  {r.get('host', '')}")
-    return "\n".join(lines)
+__all__ = ["BagError", "bag_name", "build_parser", "find_bags", "main", "plan_resources",
+           "start_local_ray", "wants_cuda"]
 
 
 if __name__ == "__main__":

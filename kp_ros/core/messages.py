@@ -1,0 +1,97 @@
+"""numpy results <-> the fields of kp_ros/msg/Keypoints, Matches and Tracks: the one place
+that knows how arrays map onto message fields (x/y split, float32, the flat descriptor
+block, empty inliers when unverified, uint64 ids, ...). ROS-free.
+
+``*_fields`` return the message's fields (header and stamps excepted: those are the
+message library's own types) as contiguous numpy arrays and plain scalars; both message
+layers build from them: ``kp_ros.ros.conversions`` (rclpy, arrays handed over as
+array.array) and ``kp_ros.tools.bag_messages`` (rosbags, numpy arrays as they are).
+``*_from_msg`` read either kind of message back: zero-copy ``np.frombuffer`` over rclpy's
+array.array / bytes fields, ``np.asarray`` over rosbags' numpy fields.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _flat(values, dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
+
+
+def _xy(points) -> tuple[np.ndarray, np.ndarray]:
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    return np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+
+
+def keypoints_fields(height: int, width: int, detector: str, keypoints_xy, scores,
+                     descriptors=None) -> dict:
+    """Keypoints fields from (N,2) x,y, (N,) scores and optional (N,D) descriptors; a flat
+    descriptor block gets D from N (N = 0 gives D = 0); none: D = 0, no descriptors."""
+    x, y = _xy(keypoints_xy)
+    descriptor_size, flat = 0, np.zeros(0, np.float32)
+    if descriptors is not None:
+        descriptors = np.asarray(descriptors)
+        if descriptors.ndim == 2:
+            descriptor_size = descriptors.shape[1]
+        else:
+            descriptor_size = descriptors.size // len(x) if len(x) else 0
+        flat = _flat(descriptors, np.float32)
+    return {"height": int(height), "width": int(width), "detector": str(detector), "x": x, "y": y,
+            "scores": _flat(scores, np.float32), "descriptor_size": int(descriptor_size),
+            "descriptors": flat}
+
+
+def matches_fields(frame_id0: str, height: int, width: int, matcher: str, keypoints0,
+                   keypoints1, scores, inliers=None) -> dict:
+    """Matches fields (stamp0 and header excepted) from (N,2) points in the older (0) and
+    newer (1) frame, (N,) scores and optional (N,) inlier flags (None or empty: unverified)."""
+    x0, y0 = _xy(keypoints0)
+    x1, y1 = _xy(keypoints1)
+    inliers = np.zeros(0, np.uint8) if inliers is None else _flat(inliers, np.uint8)
+    return {"frame_id0": str(frame_id0), "height": int(height), "width": int(width),
+            "matcher": str(matcher), "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+            "scores": _flat(scores, np.float32), "inliers": inliers}
+
+
+def tracks_fields(height: int, width: int, tracks) -> dict:
+    """Tracks fields from a kp_ros.core.tracks.FrameTracks."""
+    x, y = _xy(tracks.keypoints)
+    return {"height": int(height), "width": int(width), "x": x, "y": y,
+            "ids": _flat(tracks.ids, np.uint64), "lengths": _flat(tracks.lengths, np.uint32),
+            "previous_index": _flat(tracks.previous_index, np.int32)}
+
+
+def field_array(values, dtype) -> np.ndarray:
+    """A numeric array field as numpy: a zero-copy view of rclpy's array.array / bytes, or
+    rosbags' numpy array as it is (np.asarray; converted only if its dtype differs)."""
+    if isinstance(values, np.ndarray):
+        return np.asarray(values, dtype=dtype)
+    return np.frombuffer(values, dtype=dtype)
+
+
+def _points(x, y) -> np.ndarray:
+    return np.stack([field_array(x, np.float32), field_array(y, np.float32)], axis=1)
+
+
+def keypoints_from_msg(msg) -> dict[str, np.ndarray]:
+    """keypoints (N,2) x,y, scores (N,), descriptors (N,D) of a Keypoints message."""
+    keypoints = _points(msg.x, msg.y)
+    size = int(msg.descriptor_size)
+    descriptors = field_array(msg.descriptors, np.float32)
+    return {"keypoints": keypoints, "scores": field_array(msg.scores, np.float32),
+            "descriptors": descriptors.reshape(-1, size) if size else
+            descriptors.reshape(len(keypoints), 0)}
+
+
+def matches_from_msg(msg) -> dict[str, np.ndarray]:
+    """keypoints0/keypoints1 (N,2), scores (N,), inliers (N, or 0: unverified) of a Matches."""
+    return {"keypoints0": _points(msg.x0, msg.y0), "keypoints1": _points(msg.x1, msg.y1),
+            "scores": field_array(msg.scores, np.float32),
+            "inliers": field_array(msg.inliers, np.uint8)}
+
+
+def tracks_from_msg(msg) -> dict[str, np.ndarray]:
+    """keypoints (N,2), ids, lengths, previous_index of a Tracks message."""
+    return {"keypoints": _points(msg.x, msg.y), "ids": field_array(msg.ids, np.uint64),
+            "lengths": field_array(msg.lengths, np.uint32),
+            "previous_index": field_array(msg.previous_index, np.int32)}

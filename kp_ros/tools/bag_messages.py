@@ -1,0 +1,110 @@
+"""rosbags message types and messages for the bag tools (pure Python, no ROS).
+
+- ``kp_ros_typestore``: the ROS 2 types plus kp_ros/msg/Keypoints, Matches and Tracks,
+  parsed from the package's own .msg files, so the definitions written into a bag are the
+  ones a ROS install generates (same RIHS01 hashes) and ``ros2 bag info/play`` can use them.
+- ``keypoints_msg`` / ``matches_msg`` / ``tracks_msg``: numpy in, rosbags message out,
+  built from kp_ros.core.messages' fields (the same fields the rclpy messages get);
+  ``*_from_msg`` read them back (also kp_ros.core.messages').
+- ``image_msg`` / ``compressed_image_msg``: sensor_msgs images from arrays or encoded bytes.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+from kp_ros.core.messages import (keypoints_fields, keypoints_from_msg, matches_fields,
+                                  matches_from_msg, tracks_fields, tracks_from_msg)
+from kp_ros.core.package_files import msg_dir
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
+KEYPOINTS_TYPE = "kp_ros/msg/Keypoints"
+MATCHES_TYPE = "kp_ros/msg/Matches"
+TRACKS_TYPE = "kp_ros/msg/Tracks"
+# The newest ROS 2 store this rosbags has (Kilted in 0.11.9); bags written with it carry
+# full definitions, so older distros' readers decode them too.
+_STORE = getattr(Stores, "ROS2_KILTED", Stores.LATEST)
+
+
+@lru_cache(maxsize=1)
+def _kp_ros_types() -> dict:
+    types = {}
+    for name in ("Keypoints", "Matches", "Tracks"):
+        text = (msg_dir() / f"{name}.msg").read_text()
+        types.update(get_types_from_msg(text, f"kp_ros/msg/{name}"))
+    return types
+
+
+def kp_ros_typestore():
+    """A fresh rosbags Typestore: the ROS 2 standard types plus kp_ros/msg/*."""
+    typestore = get_typestore(_STORE)
+    typestore.register(_kp_ros_types())
+    return typestore
+
+
+def stamp_to_ns(stamp) -> int:
+    """builtin_interfaces/Time (anything with sec, nanosec) -> int nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def time_msg(typestore, stamp_ns: int):
+    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return typestore.types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
+
+
+def header_msg(typestore, stamp_ns: int, frame_id: str):
+    return typestore.types["std_msgs/msg/Header"](stamp=time_msg(typestore, stamp_ns),
+                                                  frame_id=frame_id)
+
+
+def keypoints_msg(typestore, header, height: int, width: int, detector: str, keypoints_xy,
+                  scores, descriptors=None):
+    """kp_ros/msg/Keypoints from (N,2) x,y, (N,) scores, optional (N,D) descriptors (numpy)."""
+    fields = keypoints_fields(height, width, detector, keypoints_xy, scores, descriptors)
+    return typestore.types[KEYPOINTS_TYPE](header=header, **fields)
+
+
+def matches_msg(typestore, header, stamp0, frame_id0: str, height: int, width: int,
+                matcher: str, keypoints0, keypoints1, scores, inliers=None):
+    """kp_ros/msg/Matches: ``header`` of the newer frame, ``stamp0``/``frame_id0`` of the older."""
+    fields = matches_fields(frame_id0, height, width, matcher, keypoints0, keypoints1, scores, inliers)
+    return typestore.types[MATCHES_TYPE](header=header, stamp0=stamp0, **fields)
+
+
+def tracks_msg(typestore, header, height: int, width: int, tracks):
+    """kp_ros/msg/Tracks from a kp_ros.core.tracks.FrameTracks."""
+    return typestore.types[TRACKS_TYPE](header=header, **tracks_fields(height, width, tracks))
+
+
+_IMAGE_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4}
+
+
+def image_msg(typestore, image: np.ndarray, encoding: str, header):
+    """sensor_msgs/msg/Image with packed rows from a uint8 HxW or HxWxC array already in
+    ``encoding``'s channel order (mono8, rgb8, bgr8, rgba8, bgra8)."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if _IMAGE_CHANNELS.get(encoding) != channels:
+        raise ValueError(f"a {channels}-channel image cannot be published as {encoding!r}")
+    height, width = image.shape[:2]
+    return typestore.types[IMAGE_TYPE](
+        header=header, height=height, width=width, encoding=encoding, is_bigendian=0,
+        step=width * channels, data=image.reshape(-1))
+
+
+def compressed_image_msg(typestore, data: bytes, fmt: str, header):
+    """sensor_msgs/msg/CompressedImage holding already-encoded bytes (``fmt``: jpeg, png)."""
+    return typestore.types[COMPRESSED_TYPE](
+        header=header, format=fmt, data=np.frombuffer(bytes(data), dtype=np.uint8).copy())
+
+
+__all__ = [
+    "COMPRESSED_TYPE", "IMAGE_TYPE", "IMAGE_TYPES", "KEYPOINTS_TYPE", "MATCHES_TYPE",
+    "TRACKS_TYPE", "compressed_image_msg", "header_msg", "image_msg", "keypoints_from_msg",
+    "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir",
+    "stamp_to_ns", "time_msg", "tracks_from_msg", "tracks_msg",
+]

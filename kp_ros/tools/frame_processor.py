@@ -1,0 +1,133 @@
+"""process_bag's frame step: one serialized image in, its output messages out (through
+kp_ros/core/pipeline.py, as in the nodes); and the camera calibration the matcher's
+essential-matrix verification takes from the bag's CameraInfo."""
+from __future__ import annotations
+
+from kp_ros.core.pipeline import FeaturePipeline
+from kp_ros.tools.bag_messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
+                                       image_msg, keypoints_msg, matches_msg, stamp_to_ns,
+                                       tracks_msg)
+from kp_ros.tools.bag_reader import decode_image_msg, image_encoding, read_messages
+from kp_ros.tools.process_bag_options import MAX_FRAME_GAP, default_prefix
+from kp_ros.tools.process_bag_summary import Summary
+
+
+class FrameProcessor:
+    """One frame in, its output messages out: decode -> detect -> continuity -> match.
+
+    A frame either yields all its outputs or is rejected (with the reason) and yields
+    none; a failure inside the matcher also restarts the stream, so the next Matches
+    never pairs with a frame the matcher did not finish.
+    """
+
+    def __init__(self, typestore, topics: dict, detector=None, matcher=None,
+                 max_frame_gap: float = MAX_FRAME_GAP, debug_images: bool = False,
+                 detector_name: str | None = None, matcher_name: str | None = None,
+                 tracks=None):
+        self.typestore, self.topics = typestore, topics
+        self.book = None  # tracks: a TrackBook when ``tracks`` (TrackParams) is given
+        if tracks is not None:
+            from kp_ros.core.tracks import TrackBook
+            if detector is None or matcher is None:
+                raise ValueError("tracks need both the detector and the matcher")
+            self.book = TrackBook(tracks)
+        self._frame_keypoints = self._frame_matches = None
+        self.detector, self.matcher = detector, matcher
+        self.detector_name = detector_name or (detector.model_id if detector else "")
+        self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
+        # Continuity, pairing, resets and overlays: kp_ros/core/pipeline.py, as in the nodes.
+        self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap)
+        self.debug_images = debug_images
+
+    def process(self, data, msgtype: str, summary: Summary) -> list[tuple[str, str, object]] | None:
+        """[(topic, msgtype, message)] for one serialized frame, or None if rejected."""
+        try:
+            msg = self.typestore.deserialize_cdr(data, msgtype)
+        except Exception as err:  # noqa: BLE001 - any garbage in a message is that frame's problem
+            summary.note(summary.rejected, f"undeserializable {msgtype} ({type(err).__name__}: {err})")
+            return None
+        try:
+            image = decode_image_msg(msg, msgtype)
+        except ValueError as err:
+            summary.note(summary.rejected, f"undecodable image: {err}")
+            return None
+        try:
+            outputs = self._detect(msg, image) if self.detector is not None else []
+        except ValueError as err:
+            summary.note(summary.rejected, f"detector: {err}")
+            return None
+        if self.matcher is not None:
+            try:
+                outputs += self._match(msg, msgtype, image, summary)
+            except ValueError as err:  # the pipeline restarted the stream
+                summary.note(summary.rejected, f"matcher: {err}")
+                return None
+        if self.book is not None:
+            outputs += self._track(msg, image)
+        return outputs
+
+    def _track(self, msg, image) -> list:
+        tracks = self.book.add(stamp_to_ns(msg.header.stamp), self._frame_keypoints, self._frame_matches)
+        height, width = image.shape[:2]
+        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))]
+
+    def _detect(self, msg, image) -> list:
+        found = self.pipeline.detect(image, overlay=self.debug_images)
+        self._frame_keypoints = found.keypoints
+        height, width = image.shape[:2]
+        out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
+            self.typestore, msg.header, height, width, self.detector_name,
+            found.keypoints, found.scores, found.descriptors))]
+        if found.overlay is not None:
+            out.append((self.topics["keypoints_debug"], IMAGE_TYPE,
+                        image_msg(self.typestore, found.overlay, "rgb8", msg.header)))
+        return out
+
+    def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
+        height, width = image.shape[:2]
+        step = self.pipeline.match(image, stamp_to_ns(msg.header.stamp), image_encoding(msg, msgtype),
+                                   token=msg.header, overlay=self.debug_images)
+        if step.reset:
+            summary.note(summary.resets, step.reset)
+        self._frame_matches = None
+        if step.matches is None:
+            return []
+        found, header0 = step.matches, step.previous
+        inliers = found["inliers"] if len(found["inliers"]) else None
+        if self.book is not None:
+            from kp_ros.core.tracks import MatchSet
+            self._frame_matches = MatchSet(
+                stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), found["keypoints0"],
+                found["keypoints1"], found["scores"], inliers)
+        out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
+            self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
+            self.matcher_name, found["keypoints0"], found["keypoints1"], found["scores"], inliers))]
+        if step.overlay is not None:
+            out.append((self.topics["matches_debug"], IMAGE_TYPE,
+                        image_msg(self.typestore, step.overlay, "rgb8", msg.header)))
+        return out
+
+
+def camera_info_topic(image_topic: str) -> str:
+    """camera_info beside the image, as image_pipeline expects: /cam/image_raw -> /cam/camera_info."""
+    return f"{default_prefix(image_topic)}/camera_info"
+
+
+def use_camera_info(reader, typestore, matcher, image_topic: str, log) -> None:
+    """Give ``matcher`` the calibration of the bag's first CameraInfo beside the image
+    topic (intrinsics are taken as fixed for the bag), or say why it runs 'fundamental'."""
+    from kp_ros.core.geometry import camera_from_info
+    topic = camera_info_topic(image_topic)
+    matcher.camera = None
+    connections = [c for c in reader.connections if c.topic == topic
+                   and c.msgtype == "sensor_msgs/msg/CameraInfo"]
+    # An empty connection list would make the reader return every topic.
+    for _, _, data in read_messages(reader, connections) if connections else ():
+        info = typestore.deserialize_cdr(data, "sensor_msgs/msg/CameraInfo")
+        try:
+            matcher.camera = camera_from_info(info.k, info.d, info.distortion_model, info.width, info.height)
+        except ValueError as err:
+            log(f"geometric_verification essential: {topic}: {err}; verifying with a fundamental matrix")
+        return
+    log(f"geometric_verification essential: no sensor_msgs/CameraInfo on {topic} in the bag; "
+        f"verifying with a fundamental matrix")

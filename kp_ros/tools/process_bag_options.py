@@ -1,0 +1,176 @@
+"""process_bag's options: the flags (model flags from kp_ros/core/params.py), the nodes'
+ROS params file they default to, and the output topic names. process_bags takes the same.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kp_ros.core import params
+from kp_ros.core.package_files import PackageFileNotFound, package_file
+from kp_ros.tools.bag_reader import BagError
+from kp_ros.tools.bag_writer import STORAGES
+
+SUPERPOINT_MODEL = params.spec("superpoint_node", "model").default
+ELOFTR_MODEL = params.spec("eloftr_node", "model").default
+MAX_FRAME_GAP = params.spec("eloftr_node", "max_frame_gap").default
+
+# The nodes' ROS parameters that map 1:1 to keywords of the core classes.
+DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
+                   "resize", "fp16", "precision")
+MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
+                  "geometric_verification", "ransac_reproj_threshold", "fp16", "precision")
+# Model flags (each a parameter of kp_ros/core/params.py) -> (the nodes it sets, parameter).
+_BOTH = ("superpoint_node", "eloftr_node")
+MODEL_FLAGS = {
+    "superpoint_model": (("superpoint_node",), "model"), "eloftr_model": (("eloftr_node",), "model"),
+    "device": (_BOTH, "device"), "precision": (_BOTH, "precision"), "fp16": (_BOTH, "fp16"),
+    "resize": (_BOTH, "resize"),
+    **{name: (("superpoint_node",), name) for name in ("keypoint_threshold", "nms_radius",
+                                                        "max_keypoints")},
+    **{name: (("eloftr_node",), name) for name in ("match_threshold", "max_matches",
+                                                    "geometric_verification",
+                                                    "ransac_reproj_threshold", "max_frame_gap")},
+}
+
+
+def default_prefix(image_topic: str) -> str:
+    """The namespace of an image topic: /camera/image_raw[/compressed] -> /camera; /image -> ''."""
+    parts = image_topic.strip("/").split("/")
+    if len(parts) > 1 and parts[-1] == "compressed":
+        parts = parts[:-1]
+    return "/" + "/".join(parts[:-1]) if len(parts) > 1 else ""
+
+
+def output_topics(prefix: str) -> dict[str, str]:
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    return {"keypoints": f"{prefix}/keypoints", "matches": f"{prefix}/matches",
+            "tracks": f"{prefix}/tracks",
+            "keypoints_debug": f"{prefix}/superpoint_node/debug_image",
+            "matches_debug": f"{prefix}/eloftr_node/debug_image"}
+
+
+def load_params_file(path: str | Path) -> tuple[dict, dict]:
+    """(superpoint_node, eloftr_node) ros__parameters from a ROS 2 params YAML.
+
+    Node keys may carry a namespace (/camera/superpoint_node); ``/**`` applies to both.
+    Parameters that only make sense live (QoS, debug_image, ...) are ignored.
+    """
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise BagError(f"cannot read params file {str(path)!r}: {err}") from err
+    if not isinstance(document, dict):
+        raise BagError(f"params file {str(path)!r}: expected a mapping of node names")
+    found = {"**": {}, "superpoint_node": {}, "eloftr_node": {}}
+    for key, entry in document.items():
+        name = str(key).rstrip("/").split("/")[-1]
+        if name in found and isinstance(entry, dict):
+            found[name].update(entry.get("ros__parameters") or {})
+    superpoint = {**found["**"], **found["superpoint_node"]}
+    eloftr = {**found["**"], **found["eloftr_node"]}
+    return superpoint, eloftr
+
+
+def default_params_file() -> str | None:
+    try:
+        return str(package_file("config/matcher.yaml"))
+    except PackageFileNotFound:
+        return None
+
+
+def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
+    """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
+    use_file = args.params_file and str(args.params_file).lower() != "none"
+    file_sp, file_lo = load_params_file(args.params_file) if use_file else ({}, {})
+    options = {"superpoint_node": {"model": SUPERPOINT_MODEL} | file_sp,
+               "eloftr_node": {"model": ELOFTR_MODEL} | file_lo}
+    for flag, (nodes, name) in MODEL_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            for node in nodes:
+                options[node][name] = getattr(args, flag)
+    detector = {k: v for k, v in options["superpoint_node"].items() if k in DETECTOR_PARAMS}
+    matcher = {k: v for k, v in options["eloftr_node"].items() if k in MATCHER_PARAMS}
+    return detector, matcher, float(options["eloftr_node"].get("max_frame_gap", MAX_FRAME_GAP))
+
+
+def add_model_flags(group) -> None:
+    """One flag per MODEL_FLAGS entry: type, choices and text from the parameter spec."""
+    metavars = {"superpoint_model": "ID_OR_DIR", "eloftr_model": "ID_OR_DIR", "device": "DEVICE",
+                "max_frame_gap": "SECONDS", "ransac_reproj_threshold": "PX", "nms_radius": "PX"}
+    for flag, (nodes, name) in MODEL_FLAGS.items():
+        spec = params.spec(nodes[0], name)
+        default = f"default {spec.default}"
+        if spec.core_value != spec.default:
+            default += f"; {spec.core_value} with --params-file none"
+        text = f"{spec.description} ({default})".replace("%", "%%")
+        if len(nodes) == 1 and name != "model":
+            text = ("SuperPoint: " if nodes[0] == "superpoint_node" else "EfficientLoFTR: ") + text
+        kwargs = {"help": text}
+        if spec.type is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        elif spec.choices:
+            kwargs.update(choices=spec.choices)
+        else:
+            kwargs.update(type=spec.type, metavar=metavars.get(flag, "N" if spec.type is int else "S"))
+        group.add_argument("--" + flag.replace("_", "-"), **kwargs)
+
+
+def build_parser(prog: str, description: str, positionals: bool = True) -> argparse.ArgumentParser:
+    """The options; ``positionals=False`` leaves out input/output (process_bags adds its own)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if positionals:
+        parser.add_argument("input", help="rosbag2 bag (directory, or a .db3/.mcap file)")
+        parser.add_argument("output", help="output bag directory to create")
+    parser.add_argument("--topic", help="image topic (default: the bag's only image topic)")
+    parser.add_argument("--output-prefix", dest="prefix", default=None,
+                        help="namespace of the output topics (default: the image topic's namespace)")
+    parser.add_argument("--storage", choices=STORAGES, help="output storage (default: as the input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
+    parser.add_argument("--detector", action=argparse.BooleanOptionalAction, default=True,
+                        help="run SuperPoint -> <prefix>/keypoints (default: on)")
+    parser.add_argument("--matcher", action=argparse.BooleanOptionalAction, default=True,
+                        help="run EfficientLoFTR -> <prefix>/matches (default: on)")
+    parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")
+    parser.add_argument("--tracks", action="store_true",
+                        help="also write kp_ros/Tracks (track ids over frames, as track_node) on <prefix>/tracks")
+    association = params.spec("track_node", "association")
+    radius = params.spec("track_node", "association_radius")
+    parser.add_argument("--association", choices=association.choices, default=association.default,
+                        help=f"with --tracks: how matches link keypoints (default "
+                             f"{association.default}; see track_node)")
+    parser.add_argument("--association-radius", type=float, default=radius.default, metavar="PX",
+                        help=f"with --tracks: link radius in pixels (default {radius.default})")
+    parser.add_argument("--copy-input", action="store_true",
+                        help="copy every input topic into the output bag too")
+    parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
+                        help="process frames by header stamp (default) or in recorded order")
+    parser.add_argument("--params-file", metavar="YAML", default=default_params_file(),
+                        help="the nodes' ROS 2 params file (superpoint_node/eloftr_node "
+                             "ros__parameters); default: %(default)s; 'none': the core defaults")
+
+    # None here = not given: the params file (or the core default) applies.
+    models = parser.add_argument_group("models (default: the params file, or the core defaults)")
+    add_model_flags(models)
+    models.add_argument("--random-init-fallback", action="store_true",
+                        help="if pretrained weights are unavailable, use RANDOM-INIT models "
+                             "(meaningless features; for demos and pipeline tests) instead of failing")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="torch CPU threads (default: torch's); fix it for reproducible runs")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="tqdm progress bar on stderr (default: on)")
+    return parser
+
+
+def track_params(args):
+    """TrackParams from --tracks / --association / --association-radius, or None."""
+    if not getattr(args, "tracks", False):
+        return None
+    from kp_ros.core.tracks import TrackParams
+    return TrackParams(association=args.association,
+                       association_radius=args.association_radius).validated()

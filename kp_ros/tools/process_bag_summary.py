@@ -1,0 +1,65 @@
+"""process_bag's counts and the reasons for rejected frames and stream resets, grouped,
+as the summary it prints (and process_bags records per bag)."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+def reason_key(reason: str) -> str:
+    """Group reasons that differ only in numbers ('stamp jumped 3.1 s' ~ 'stamp jumped 7.0 s')."""
+    return re.sub(r"-?\d+(\.\d+)?", "#", reason)[:120]
+
+
+@dataclass
+class Summary:
+    input: str = ""
+    output: str = ""
+    topic: str = ""
+    msgtype: str = ""
+    storage: str = ""
+    frames: int = 0             # image messages read
+    processed: int = 0          # frames that produced their outputs
+    keypoints_msgs: int = 0
+    keypoints_total: int = 0
+    matches_msgs: int = 0
+    matches_total: int = 0
+    inliers_total: int = 0
+    tracks_msgs: int = 0
+    tracks_linked: int = 0      # keypoints linked to the previous frame's, over all frames
+    copied: int = 0             # input messages copied through
+    seconds: float = 0.0
+    rejected: Counter = field(default_factory=Counter)  # reason_key -> frames
+    resets: Counter = field(default_factory=Counter)    # reason_key -> stream resets
+    examples: dict = field(default_factory=dict)        # reason_key -> first full reason
+    events: list = field(default_factory=list)          # (kind, reason) of the current frame
+
+    def note(self, counter: Counter, reason: str) -> None:
+        key = reason_key(reason)
+        counter[key] += 1
+        self.examples.setdefault(key, reason)
+        self.events.append(("frame rejected" if counter is self.rejected else "stream reset", reason))
+
+    def text(self) -> str:
+        def per(total, msgs):
+            return f"{total / msgs:.1f}" if msgs else "-"
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"process_bag: {self.input} {self.topic} ({self.msgtype}) -> {self.output} ({self.storage})",
+            f"  frames            {self.frames} read, {self.processed} processed "
+            f"in {self.seconds:.1f} s ({rate:.2f} frames/s)",
+            f"  keypoints         {self.keypoints_msgs} messages, {per(self.keypoints_total, self.keypoints_msgs)} keypoints/frame",
+            f"  matches           {self.matches_msgs} messages, {per(self.matches_total, self.matches_msgs)} matches/frame"
+            + (f", {per(self.inliers_total, self.matches_msgs)} inliers/frame" if self.inliers_total else ""),
+            f"  rejected frames   {sum(self.rejected.values())}",
+        ]
+        if self.tracks_msgs:
+            lines.insert(-1, f"  tracks            {self.tracks_msgs} messages, "
+                             f"{per(self.tracks_linked, self.tracks_msgs)} linked keypoints/frame")
+        lines += [f"    {n} x {self.examples[k]}" for k, n in self.rejected.most_common()]
+        lines.append(f"  stream resets     {sum(self.resets.values())}")
+        lines += [f"    {n} x {self.examples[k]}" for k, n in self.resets.most_common()]
+        if self.copied:
+            lines.append(f"  copied through    {self.copied} input messages")
+        return "\n".join(lines)
