@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import pytest
 
-from kp_ros.core.tracks import (FrameTracks, MatchSet, TrackBook, TrackParams, TrackSynchronizer,
-                                associate, nearest_within)
+from kp_ros.core.track_sync import TrackSynchronizer
+from kp_ros.core.tracks import FrameTracks, MatchSet, TrackBook, TrackParams, associate, nearest_within
 
 HEIGHT, WIDTH = 224, 320
 FRAMES = 12
@@ -304,11 +304,11 @@ def detect_and_match(frames, detector, matcher):
     matcher.reset()
     keypoints, matches = [], []
     for k, frame in enumerate(frames):
-        keypoints.append(detector.detect(frame)["keypoints"].numpy())
+        keypoints.append(detector.detect(frame)["keypoints"])
         result = matcher.push(frame)
         matches.append(None if result is None else MatchSet(
-            k, k - 1, result["keypoints0"].numpy(), result["keypoints1"].numpy(),
-            result["scores"].numpy(), result["inliers"].numpy() if len(result["inliers"]) else None))
+            k, k - 1, result["keypoints0"], result["keypoints1"],
+            result["scores"], result["inliers"] if len(result["inliers"]) else None))
     return keypoints, matches
 
 

@@ -8,11 +8,8 @@ through the matches between the two frames.
   geometric inliers count when the matches carry inlier flags and ``inliers_only``.
 - ``TrackBook``: gives each frame's keypoints their track ids (never reused), lengths and
   the index of the same track in the frame they were linked from.
-- ``TrackSynchronizer``: pairs Keypoints (by stamp) with the Matches whose newer frame
-  they are, whichever arrives first, in bounded buffers; a frame whose Matches never
-  come starts new tracks after ``timeout`` seconds, or at once when Matches of a newer
-  frame arrived (the matcher publishes in order: it skipped this one, e.g. a drop on a
-  slow device or a stream reset). Frames come out in stamp order.
+- ``TrackSynchronizer`` (kp_ros/core/track_sync.py) pairs each frame's keypoints with its
+  matches for a ``TrackBook``, whichever arrives first.
 
 Pure numpy, no ROS: the node, process_bag and the tests drive the same code.
 """
@@ -20,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -342,102 +339,3 @@ class TrackBook:
         return FrameTracks(stamp_ns, keypoints, ids, lengths, previous_index,
                            linked_from_ns=None if previous is None else matches.stamp0_ns,
                            why_new=why_new, payload=payload)
-
-
-@dataclass
-class _Pending:
-    keypoints: np.ndarray
-    arrived: float
-    payload: object = None
-
-
-@dataclass
-class TrackSynchronizer:
-    """Pairs keypoints and matches by stamp for a ``TrackBook``; see the module docstring.
-
-    Every ``add_*``/``poll`` returns the frames that became ready, oldest first. ``now`` is
-    the caller's clock in seconds (monotonic time in the node), never a message stamp, so
-    replayed bags and live cameras time out alike."""
-    book: TrackBook
-    timeout: float = 1.0
-    max_pending: int = 32
-    counters: Counter = field(default_factory=Counter)
-
-    def __post_init__(self):
-        self._keypoints: dict[int, _Pending] = {}
-        self._matches: dict[int, MatchSet] = {}
-        self._published: int | None = None   # stamp of the last frame handed out
-        # Newest newer-frame stamp seen in matches: the matcher publishes in stamp order, so
-        # a frame older than this without matches of its own will never get any.
-        self._matcher_past: int | None = None
-
-    def add_keypoints(self, stamp_ns: int, keypoints, now: float, payload=None) -> list[FrameTracks]:
-        if self._published is not None and stamp_ns <= self._published:
-            # A loop or a clock reset: whatever is pending belongs to the old stream.
-            out = self.flush("stream restarted")
-            self._matches.clear()
-            self._published = self._matcher_past = None
-            self.book.reset()
-            self.counters["stream restarts"] += 1
-            return out + self.add_keypoints(stamp_ns, keypoints, now, payload)
-        if stamp_ns in self._keypoints:
-            self.counters["duplicate keypoints"] += 1
-        self._keypoints[stamp_ns] = _Pending(as_points(keypoints), now, payload)
-        out = []
-        while len(self._keypoints) > self.max_pending:  # bounded: the oldest goes out unlinked
-            out += self._emit(min(self._keypoints), None, "pending buffer full")
-            self.counters["forced out"] += 1
-        return out + self.poll(now)
-
-    def add_matches(self, matches: MatchSet, now: float) -> list[FrameTracks]:
-        if self._published is not None and matches.stamp_ns <= self._published:
-            self.counters["late matches"] += 1  # its frame went out already
-            return self.poll(now)
-        if self._matcher_past is not None and matches.stamp_ns < self._matcher_past:
-            self._matcher_past = None  # the matcher restarted on older stamps
-        self._matcher_past = max(self._matcher_past or matches.stamp_ns, matches.stamp_ns)
-        self._matches[matches.stamp_ns] = matches
-        while len(self._matches) > self.max_pending:
-            del self._matches[min(self._matches)]
-            self.counters["matches without keypoints"] += 1
-        return self.poll(now)
-
-    def poll(self, now: float) -> list[FrameTracks]:
-        """Hand out, in stamp order, every pending frame that can be decided now."""
-        out = []
-        while self._keypoints:
-            stamp = min(self._keypoints)
-            matches = self._matches.get(stamp)
-            if matches is not None:  # its older frame, if pending, is older still: gone already
-                out += self._emit(stamp, matches, None)
-            elif self._matcher_past is not None and self._matcher_past > stamp:
-                # The matcher publishes in order and has moved past this frame.
-                out += self._emit(stamp, None, "the matcher skipped this frame (reset or drop)")
-            elif now - self._keypoints[stamp].arrived >= self.timeout:
-                self.counters["timed out"] += 1
-                out += self._emit(stamp, None, f"no matches within {self.timeout:g} s")
-            else:
-                break
-        return out
-
-    def _emit(self, stamp: int, matches: MatchSet | None, why: str | None) -> list[FrameTracks]:
-        pending = self._keypoints.pop(stamp)
-        self._matches.pop(stamp, None)
-        for old in [s for s in self._matches if s < stamp]:  # their frames are gone
-            del self._matches[old]
-            self.counters["matches without keypoints"] += 1
-        self._published = stamp
-        return [self.book.add(stamp, pending.keypoints, matches, why, pending.payload)]
-
-    def flush(self, why: str) -> list[FrameTracks]:
-        """Hand out every pending frame now, unlinked unless its matches are here."""
-        out = []
-        while self._keypoints:
-            stamp = min(self._keypoints)
-            matches = self._matches.get(stamp)
-            out += self._emit(stamp, matches, None if matches is not None else why)
-        return out
-
-    @property
-    def pending(self) -> int:
-        return len(self._keypoints)

@@ -26,8 +26,8 @@ from sensor_msgs.msg import Image
 
 from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
-from kp_ros.core.tracks import (FrameTracks, MatchSet, TrackBook, TrackParams,
-                                TrackSynchronizer)
+from kp_ros.core.track_sync import TrackSynchronizer
+from kp_ros.core.tracks import FrameTracks, MatchSet, TrackBook, TrackParams
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
 from kp_ros.ros.diagnostics import diagnostic_array, latency_values
