@@ -159,7 +159,7 @@ def agreement(frames, reference, matcher, threshold: float) -> list[str]:
     """Coarse confidence / mutual-NN pairs / scores vs the reference, at ``threshold``
     (0: every mutual nearest neighbour, so random weights give more than a handful)."""
     lines = []
-    saved = matcher.params["match_threshold"], reference.threshold
+    saved = matcher.params.match_threshold, reference.threshold
     matcher.set_params(match_threshold=threshold)
     reference.threshold = reference.model.config.coarse_matching_threshold = threshold
     with torch.inference_mode():
@@ -196,7 +196,8 @@ def dense_fine_stages(matcher, frames, runs: int) -> list[float]:
     """kp_ros's fine fusion + fine matching with every inner cell matched: an upper bound
     for a trained model (random weights give only a few matches, so the measured step
     skips most of this work; the reference always refines every cell)."""
-    from kp_ros.core.eloftr import CoarseMatches, inner_cells
+    from kp_ros.core.eloftr import CoarseMatches
+    from kp_ros.core.eloftr_ops import inner_cells
     clock = StageClock(matcher.device)
     times = []
     with torch.inference_mode():

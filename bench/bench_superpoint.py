@@ -84,6 +84,7 @@ def kp_ros_run(detector, image, timer):
 def agreement(ours, ref, border, model_size) -> dict[str, float]:
     """IoU of the int keypoint sets (raw, and with the reference's skipped bottom/right
     border removed) and the largest score / descriptor difference on the common ones."""
+    ours = {key: torch.from_numpy(value) for key, value in ours.items()}  # the reference's terms
     ours_int = [tuple(p) for p in ours["keypoints"].to(torch.int32).tolist()]
     ref_int = [tuple(p) for p in ref["keypoints"].tolist()]
     a, b = set(ours_int), set(ref_int)

@@ -62,9 +62,11 @@ def test_matcher_yaml_follows_the_parameter_spec():
 
 def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
     import inspect
+    from dataclasses import asdict
 
     from kp_ros.core import params
-    from kp_ros.core.eloftr import DEFAULT_CONF, EfficientLoFTRStreamMatcher
+    from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
+    from kp_ros.core.eloftr_params import EfficientLoFTRParams
     from kp_ros.core.stream_continuity import StreamContinuity
     from kp_ros.core.superpoint import SuperPointParams
     from kp_ros.core.tracks import TrackParams
@@ -82,9 +84,10 @@ def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
     assert SuperPointParams().max_keypoints == -1 and core_sp["max_keypoints"] == -1
     assert params.defaults("superpoint_node")["max_keypoints"] == 1024
     core_lo = params.defaults("eloftr_node", core=True)
-    assert DEFAULT_CONF == {k: core_lo[k] for k in DEFAULT_CONF} and DEFAULT_CONF["max_matches"] == -1
+    core_conf = asdict(EfficientLoFTRParams())
+    assert core_conf == {k: core_lo[k] for k in core_conf} and core_conf["max_matches"] == -1
     signature = inspect.signature(EfficientLoFTRStreamMatcher).parameters
-    assert all(signature[k].default == v for k, v in DEFAULT_CONF.items())
+    assert all(signature[k].default == v for k, v in core_conf.items())
     assert StreamContinuity().max_frame_gap == core_lo["max_frame_gap"] == process_bag.MAX_FRAME_GAP
     track = params.defaults("track_node")
     assert TrackParams() == TrackParams(**{k: track[k] for k in (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from conftest import synthetic_frame
 from kp_ros.core.geometry import camera_from_info, undistort_points, verify_matches
@@ -84,8 +83,7 @@ def test_fundamental_separates_inliers_from_outliers():
     points1 = project(scene @ rotation.T + translation) + rng.normal(0, 0.3, (200, 2))
     points1, truth = with_outliers(points0, points1, 0.3, rng, 480, 640)
 
-    flags = verify_matches(torch.from_numpy(points0), torch.from_numpy(points1), "fundamental",
-                           reproj_threshold=1.0)
+    flags = verify_matches(points0, points1, "fundamental", reproj_threshold=1.0)
     assert flags[truth].mean() > 0.9
     assert flags[~truth].mean() < 0.1  # an outlier can fall near its epipolar line by chance
 

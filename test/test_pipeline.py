@@ -1,7 +1,6 @@
 """kp_ros/core/pipeline.py: continuity, pairing, resets and overlays, with stand-in models."""
 import numpy as np
 import pytest
-import torch
 
 from kp_ros.core.pipeline import FeaturePipeline
 
@@ -23,21 +22,22 @@ class CountingMatcher:
         previous, self.previous = self.previous, float(image[0, 0, 0])
         if previous is None:
             return None
-        return {"keypoints0": torch.tensor([[previous, 0.0]]), "keypoints1": torch.tensor([[1.0, 1.0]]),
-                "scores": torch.tensor([0.5]), "inliers": torch.zeros(0, dtype=torch.uint8)}
+        return {"keypoints0": np.array([[previous, 0.0]], np.float32),
+                "keypoints1": np.array([[1.0, 1.0]], np.float32),
+                "scores": np.array([0.5], np.float32), "inliers": np.zeros(0, np.uint8)}
 
 
 class FixedDetector:
     def detect(self, image):
-        return {"keypoints": torch.tensor([[2.0, 3.0]]), "scores": torch.tensor([0.9]),
-                "descriptors": torch.ones(1, 4)}
+        return {"keypoints": np.array([[2.0, 3.0]], np.float32), "scores": np.array([0.9], np.float32),
+                "descriptors": np.ones((1, 4), np.float32)}
 
 
 def frame(value, size=(8, 8)):
     return np.full(size + (3,), value, np.uint8)
 
 
-def test_pairs_each_frame_with_the_previous_and_returns_numpy():
+def test_pairs_each_frame_with_the_previous_and_passes_numpy_through():
     pipeline = FeaturePipeline(matcher=CountingMatcher())
     first = pipeline.match(frame(1), 1_000_000_000, "rgb8", token="a")
     assert first.matches is None and first.reset is None

@@ -82,6 +82,7 @@ def by_position(model_xy: torch.Tensor) -> torch.Tensor:
 
 def assert_matches_reference(ours: dict, ref: dict, border: int, source_size) -> None:
     ref = without_bottom_right_border(ref, border)
+    ours = {key: torch.from_numpy(value) for key, value in ours.items()}  # the reference's terms
     ours_model_xy = scale_to_model(ours["keypoints"], ref["model_size"], source_size).round().int()
     assert len(ours["keypoints"]) == len(ref["keypoints"]) > 0
     mine, theirs = by_position(ours_model_xy), by_position(ref["model_xy"])
@@ -150,7 +151,7 @@ def test_matches_reference_on_portrait_square_and_landscape(detector, reference,
 def test_identity_scale_publishes_exact_pixel_positions(detector):
     """At 480x640 (model size) every keypoint is an integer pixel: 254.0, never 253.99998."""
     keypoints = detector.detect(synthetic_frame(480, 640, seed=1))["keypoints"]
-    assert len(keypoints) > 0 and torch.equal(keypoints, keypoints.round())
+    assert len(keypoints) > 0 and np.array_equal(keypoints, keypoints.round())
 
 
 def test_reference_skips_the_bottom_right_border(detector, reference):
@@ -161,7 +162,7 @@ def test_reference_skips_the_bottom_right_border(detector, reference):
     ours = detector.detect(image)
     border, (height, width) = detector.border, MODEL_SIZE
     x, y = ref["model_xy"].unbind(1)
-    in_band = (x >= width - border) | (y >= height - border)
+    in_band = ((x >= width - border) | (y >= height - border)).numpy()
     assert in_band.any(), "reference fixed? then drop without_bottom_right_border"
     assert len(ref["keypoints"]) - len(ours["keypoints"]) == int(in_band.sum())
     assert (x >= border).all() and (y >= border).all()
@@ -177,8 +178,8 @@ def test_stock_reference_sees_only_the_red_channel(tiny_superpoint_dir, detector
     red_only = detector.detect(np.ascontiguousarray(image[..., 0]))
     assert_matches_reference(red_only, stock, detector.border, image.shape[:2])
     ours = detector.detect(image)
-    ours_set = set(map(tuple, ours["keypoints"].int().tolist()))
-    red_set = set(map(tuple, red_only["keypoints"].int().tolist()))
+    ours_set = set(map(tuple, ours["keypoints"].astype(np.int32).tolist()))
+    red_set = set(map(tuple, red_only["keypoints"].astype(np.int32).tolist()))
     assert len(ours_set ^ red_set) > 0.2 * len(ours_set)
 
 
@@ -193,7 +194,7 @@ def test_max_keypoints_takes_effect_at_runtime(tiny_superpoint_dir):
     top = det.detect(image)
     assert len(top["scores"]) == 50
     for key in ("keypoints", "scores", "descriptors"):  # the 50 best of the full set
-        assert torch.equal(top[key], full[key][:50])
+        assert np.array_equal(top[key], full[key][:50])
     det.set_params(max_keypoints=0)  # <= 0: unbounded
     assert len(det.detect(image)["scores"]) == len(full["scores"])
     det.set_params(max_keypoints=10 ** 6)
@@ -208,7 +209,7 @@ def test_threshold_and_nms_take_effect_at_runtime(tiny_superpoint_dir):
     strict = det.detect(image)
     assert 0 < len(strict["scores"]) < len(full["scores"])
     assert (strict["scores"] > 0.05).all()
-    assert torch.equal(strict["scores"], full["scores"][full["scores"] > 0.05])
+    assert np.array_equal(strict["scores"], full["scores"][full["scores"] > 0.05])
     det.set_params(keypoint_threshold=0.005, nms_radius=8)
     assert len(det.detect(image)["scores"]) < len(full["scores"])
 
@@ -240,12 +241,12 @@ def test_uniform_image(tiny_superpoint_dir):
     black = np.zeros((32, 32), np.uint8)
     flat = det.detect(black)
     assert len(flat["scores"]) == (32 - 2 * det.border) ** 2
-    assert torch.equal(flat["scores"], torch.full_like(flat["scores"], torch.tensor(1.0 / 65).item()))
+    assert np.array_equal(flat["scores"], np.full_like(flat["scores"], np.float32(1.0 / 65)))
     det.set_params(keypoint_threshold=0.02)
     empty = det.detect(np.zeros((32, 32, 3), np.uint8))
     assert empty["keypoints"].shape == (0, 2) and empty["scores"].shape == (0,)
     assert empty["descriptors"].shape == (0, det.descriptor_size)
-    assert all(value.dtype == torch.float32 for value in empty.values())
+    assert all(value.dtype == np.float32 for value in empty.values())
 
 
 def test_output_contract(detector, tiny_superpoint_dir):
@@ -254,12 +255,12 @@ def test_output_contract(detector, tiny_superpoint_dir):
     n = len(result["scores"])
     assert n > 0
     assert result["keypoints"].shape == (n, 2) and result["descriptors"].shape == (n, 256)
-    for value in result.values():
-        assert value.dtype == torch.float32 and value.device.type == "cpu" and value.is_contiguous()
+    for value in result.values():  # numpy at the core's boundary
+        assert isinstance(value, np.ndarray) and value.dtype == np.float32 and value.flags.c_contiguous
     assert (result["scores"][:-1] >= result["scores"][1:]).all()
-    torch.testing.assert_close(result["descriptors"].norm(dim=1), torch.ones(n))
+    np.testing.assert_allclose(np.linalg.norm(result["descriptors"], axis=1), np.ones(n), rtol=1e-5)
     assert (result["keypoints"] != result["keypoints"].round()).any()  # sub-pixel: 480/120 scale
-    result["keypoints"] += 1  # ordinary tensors, not inference-mode ones: callers may edit them
+    result["keypoints"] += 1  # writable arrays: callers may edit them
     assert detector.descriptor_size == 256
     assert detector.model_id == str(tiny_superpoint_dir)
     assert detector.device == torch.device("cpu")
@@ -270,7 +271,7 @@ def test_mono_equals_rgb_with_equal_channels(detector):
     a = detector.detect(mono)
     b = detector.detect(np.repeat(mono[:, :, None], 3, axis=2))
     for key in a:
-        assert torch.equal(a[key], b[key])
+        assert np.array_equal(a[key], b[key])
 
 
 def test_detect_composes_the_stages(detector):
@@ -282,7 +283,7 @@ def test_detect_composes_the_stages(detector):
     assert maps["descriptors"].shape == (1, 256, MODEL_SIZE[0] // 8, MODEL_SIZE[1] // 8)
     staged = detector.postprocess(maps, image.shape[:2])
     for key, value in detector.detect(image).items():
-        assert torch.equal(staged[key], value)
+        assert np.array_equal(staged[key], value)
 
 
 def test_simple_nms_equals_transformers():
@@ -317,15 +318,14 @@ def test_cuda_matches_cpu(tiny_superpoint_dir, detector):
         warnings.simplefilter("error")
         gpu = SuperPointDetector(str(tiny_superpoint_dir), device="cuda")
     a, b = detector.detect(image), gpu.detect(image)
-    assert b["keypoints"].device.type == "cpu"
+    assert isinstance(b["keypoints"], np.ndarray)
     common = min(len(a["scores"]), len(b["scores"]))
     assert abs(len(a["scores"]) - len(b["scores"])) <= 0.01 * common
-    torch.testing.assert_close(a["scores"][:100], b["scores"][:100], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(a["scores"][:100], b["scores"][:100], rtol=0, atol=1e-4)
 
 
-def test_pre_and_post_processing_restore_the_thread_count(detector):
-    """They run single-threaded on CPU (see one_cpu_thread) and must give the threads back."""
-    from kp_ros.core.superpoint import one_cpu_thread
+def test_one_cpu_thread_sets_one_thread_and_restores_the_count_once():
+    from kp_ros.core.threads import one_cpu_thread
     before = torch.get_num_threads()
     with one_cpu_thread(torch.device("cpu")):
         assert torch.get_num_threads() == 1
@@ -333,5 +333,39 @@ def test_pre_and_post_processing_restore_the_thread_count(detector):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def record_thread_changes(monkeypatch) -> list:
+    """Every process-wide thread-count change (torch, OpenCV) made from now on."""
+    import cv2
+    calls = []
+    for module, name in ((torch, "set_num_threads"), (cv2, "setNumThreads")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda n, _f=original, _n=name: (calls.append((_n, n)), _f(n))[1])
+    return calls
+
+
+def test_by_default_detect_leaves_the_process_thread_counts_alone(detector, monkeypatch):
+    """No hidden side effect for a library user: threads change only when asked for."""
+    calls = record_thread_changes(monkeypatch)
     detector.detect(synthetic_frame(32, 32))
-    assert torch.get_num_threads() == before
+    assert calls == []
+
+
+def test_opted_in_pre_and_post_processing_run_on_one_thread_and_restore_it(tiny_superpoint_dir, monkeypatch):
+    """What the nodes ask for (see kp_ros/core/threads.py): single-threaded small ops on
+    CPU, the previous counts given back after each."""
+    opted_in = SuperPointDetector(str(tiny_superpoint_dir), device="cpu", one_thread_small_ops=True)
+    import cv2
+    image = synthetic_frame(32, 32)
+    before, cv_before = torch.get_num_threads(), cv2.getNumThreads()
+    seen = []
+    forward = opted_in.forward
+    monkeypatch.setattr(opted_in, "forward", lambda pixels: (seen.append(torch.get_num_threads()),
+                                                             forward(pixels))[1])
+    calls = record_thread_changes(monkeypatch)
+    opted_in.detect(image)
+    assert ("set_num_threads", 1) in calls and ("setNumThreads", 1) in calls
+    assert seen == [before]  # the network keeps all threads
+    assert calls[-2:] == [("set_num_threads", before), ("setNumThreads", cv_before)]
+    assert torch.get_num_threads() == before and cv2.getNumThreads() == cv_before

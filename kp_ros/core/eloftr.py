@@ -23,7 +23,7 @@ Why not ``model(pixel_values)`` + ``post_process_keypoint_matching`` (transforme
     features by sqrt(C - slice) where the original uses sqrt(C).
   - The post-process truncates coordinates to int; batches > 1 mix pairs.
 Here each correspondence is one (i, j) pair read off the mutual-NN mask, and the fine
-stage is the original EfficientLoFTR's (``fine_matching``). Everything up to the fine
+stage is the original EfficientLoFTR's (``fine_matching``, kp_ros/core/eloftr_ops.py). Everything up to the fine
 windows is the reference's own arithmetic, bit for bit (see test/test_eloftr.py).
 
 Coordinates follow EfficientLoFTR's convention (the fine window of cell c, pixels
@@ -33,23 +33,20 @@ model's ``coarse_matching_threshold`` and the post-process threshold.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import VERIFICATION_METHODS, verify_matches
-from .model_loading import load_pretrained, resolve_device
-from .precision import resolve_precision, warn_once
-from . import params
-from .preprocess import RESIZE_POLICIES, preprocess_gray, scale_to_source, target_size
+from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells
+from kp_ros.core.eloftr_params import EfficientLoFTRParams
+from kp_ros.core.geometry import verify_matches
+from kp_ros.core.model_loading import load_pretrained, resolve_device
+from kp_ros.core.precision import resolve_precision, warn_once
+from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
 
 SIZE_MULTIPLE = 32  # the backbone (1/8) and the 4x4 attention aggregation need H, W % 32 == 0
-# match_threshold (coarse dual-softmax confidence), max_matches (<= 0: all), resize,
-# geometric_verification, ransac_reproj_threshold (source pixels): see kp_ros/core/params.py.
-DEFAULT_CONF = {name: params.spec("eloftr_node", name).core_value for name in (
-    "match_threshold", "max_matches", "resize", "geometric_verification", "ransac_reproj_threshold")}
 
 
 @dataclass
@@ -69,24 +66,26 @@ class CoarseMatches:
     scores: torch.Tensor  # (M,) dual-softmax confidence
 
 
-def empty_result() -> dict[str, torch.Tensor]:
-    return {"keypoints0": torch.zeros(0, 2), "keypoints1": torch.zeros(0, 2),
-            "scores": torch.zeros(0), "inliers": torch.zeros(0, dtype=torch.uint8)}
+def empty_result() -> dict[str, np.ndarray]:
+    return {"keypoints0": np.zeros((0, 2), np.float32), "keypoints1": np.zeros((0, 2), np.float32),
+            "scores": np.zeros(0, np.float32), "inliers": np.zeros(0, np.uint8)}
 
 
 class EfficientLoFTRStreamMatcher:
-    """Matches each pushed frame against the previous one, reusing its backbone features."""
+    """Matches each pushed frame against the previous one, reusing its backbone features.
+    Results are numpy arrays (tensors stay inside); settings: ``EfficientLoFTRParams``."""
 
     def __init__(self, model: str, device: str = "auto",
-                 match_threshold: float = DEFAULT_CONF["match_threshold"],
-                 max_matches: int = DEFAULT_CONF["max_matches"], resize: str = DEFAULT_CONF["resize"],
-                 geometric_verification: str = DEFAULT_CONF["geometric_verification"],
-                 ransac_reproj_threshold: float = DEFAULT_CONF["ransac_reproj_threshold"],
+                 match_threshold: float = EfficientLoFTRParams.match_threshold,
+                 max_matches: int = EfficientLoFTRParams.max_matches,
+                 resize: str = EfficientLoFTRParams.resize,
+                 geometric_verification: str = EfficientLoFTRParams.geometric_verification,
+                 ransac_reproj_threshold: float = EfficientLoFTRParams.ransac_reproj_threshold,
                  fp16: bool = False, precision: str = "fp32"):
         from transformers import EfficientLoFTRForKeypointMatching
 
         self._device = resolve_device(device)
-        self._conf = dict(DEFAULT_CONF)
+        self.params = EfficientLoFTRParams()
         # The camera's calibration (geometry.CameraModel) for 'essential' verification;
         # None: 'essential' runs as 'fundamental'. Set by the node from camera_info.
         self.camera = None
@@ -118,39 +117,17 @@ class EfficientLoFTRStreamMatcher:
     def fp16(self) -> bool:
         return self._fp16
 
-    @property
-    def params(self) -> dict:
-        return dict(self._conf)
-
     def set_params(self, match_threshold: float | None = None, max_matches: int | None = None,
                    resize: str | None = None, geometric_verification: str | None = None,
                    ransac_reproj_threshold: float | None = None) -> None:
         """Change options (None keeps the current value); effective from the next frame.
         All values are checked before any is applied: a ValueError changes nothing."""
-        new = dict(self._conf)
-        if match_threshold is not None:
-            value = _number("match_threshold", match_threshold, float)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"match_threshold must be in [0, 1] (a dual-softmax "
-                                 f"confidence), got {match_threshold!r}")
-            new["match_threshold"] = value
-        if max_matches is not None:
-            new["max_matches"] = _number("max_matches", max_matches, int)
-        if resize is not None:
-            if resize not in RESIZE_POLICIES:
-                raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
-            new["resize"] = resize
-        if geometric_verification is not None:
-            if geometric_verification not in VERIFICATION_METHODS:
-                raise ValueError(f"geometric_verification must be one of {VERIFICATION_METHODS}, "
-                                 f"got {geometric_verification!r}")
-            new["geometric_verification"] = geometric_verification
-        if ransac_reproj_threshold is not None:
-            value = _number("ransac_reproj_threshold", ransac_reproj_threshold, float)
-            if not value > 0:
-                raise ValueError(f"ransac_reproj_threshold must be > 0 pixels, got {ransac_reproj_threshold!r}")
-            new["ransac_reproj_threshold"] = value
-        self._conf = new
+        changes = {name: value for name, value in (
+            ("match_threshold", match_threshold), ("max_matches", max_matches), ("resize", resize),
+            ("geometric_verification", geometric_verification),
+            ("ransac_reproj_threshold", ransac_reproj_threshold)) if value is not None}
+        # One attribute swap, so a frame matched in another thread sees old or new, not a mix.
+        self.params = replace(self.params, **changes).validated()
 
     # -- stream -----------------------------------------------------------------------
 
@@ -159,52 +136,57 @@ class EfficientLoFTRStreamMatcher:
         self._previous = None
 
     @torch.inference_mode()
-    def push(self, image: np.ndarray) -> dict[str, torch.Tensor] | None:
+    def push(self, image: np.ndarray) -> dict[str, np.ndarray] | None:
         """Match ``image`` (uint8 HxW or HxWx3 RGB) against the previous frame.
 
         Returns None for the first frame after a reset, or when the source or model size
         changed (the matcher then restarts from this frame); else the matches (see
         ``match_pair``) with ``keypoints0`` in the previous frame, ``keypoints1`` in this one.
         """
-        features = self.extract(self.preprocess(image))
+        params = self.params  # one read per frame: a set_params() meanwhile applies to the next
+        features = self.extract(self.preprocess(image, params.resize))
         previous, self._previous = self._previous, features
         if previous is None or (previous.source_size, previous.model_size) != \
                 (features.source_size, features.model_size):
             return None
-        return self.match_features(previous, features)
+        return self.match_features(previous, features, params)
 
     @torch.inference_mode()
-    def match_pair(self, image0: np.ndarray, image1: np.ndarray) -> dict[str, torch.Tensor]:
+    def match_pair(self, image0: np.ndarray, image1: np.ndarray) -> dict[str, np.ndarray]:
         """Matches between two images, without touching the stream's cache.
 
-        Returns CPU tensors, sorted by descending score: 'keypoints0', 'keypoints1' (N, 2)
-        float32 x, y in source pixels, 'scores' (N,), 'inliers' (N,) uint8 (empty when
-        geometric_verification is 'none').
+        Returns numpy arrays, sorted by descending score: 'keypoints0', 'keypoints1' (N, 2)
+        float32 x, y in source pixels, 'scores' (N,) float32, 'inliers' (N,) uint8 (empty
+        when geometric_verification is 'none').
         """
-        return self.match_features(self.extract(self.preprocess(image0)),
-                                   self.extract(self.preprocess(image1)))
+        params = self.params
+        return self.match_features(self.extract(self.preprocess(image0, params.resize)),
+                                   self.extract(self.preprocess(image1, params.resize)), params)
 
     @torch.inference_mode()
-    def match_features(self, features0: FrameFeatures, features1: FrameFeatures) -> dict[str, torch.Tensor]:
+    def match_features(self, features0: FrameFeatures, features1: FrameFeatures,
+                       params: EfficientLoFTRParams | None = None) -> dict[str, np.ndarray]:
         """Steps 2-5 and the output format, given both frames' backbone features."""
+        params = params or self.params
         if features0.model_size != features1.model_size:
             raise ValueError(f"frames ran at different model sizes {features0.model_size} "
                              f"and {features1.model_size}")
         coarse0, coarse1 = self.transform(features0, features1)
-        matches = self.match_coarse(coarse0, coarse1)
-        matches = self.select(matches)
+        matches = self.match_coarse(coarse0, coarse1, params.match_threshold)
+        matches = self.select(matches, params.max_matches)
         if matches.scores.numel() == 0:
             return empty_result()
         fine0, fine1 = self.fine_maps(coarse0, coarse1, features0, features1)
         points0, points1 = self.refine(fine0, fine1, matches, features0)
-        return self.finish(points0, points1, matches.scores, features0, features1)
+        return self.finish(points0, points1, matches.scores, features0, features1, params)
 
     # -- stages -----------------------------------------------------------------------
 
-    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    def preprocess(self, image: np.ndarray,
+                   resize: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 image -> ((1, 1, h, w) gray in [0, 1] at the model size, source (H, W))."""
         height, width = np.asarray(image).shape[:2]
-        size = target_size(self._conf["resize"], height, width, SIZE_MULTIPLE)
+        size = target_size(resize or self.params.resize, height, width, SIZE_MULTIPLE)
         return preprocess_gray(image, size, self._device), (height, width)
 
     def extract(self, preprocessed: tuple[torch.Tensor, tuple[int, int]]) -> FrameFeatures:
@@ -236,7 +218,7 @@ class EfficientLoFTRStreamMatcher:
         ``coarse_matching_border_removal`` cells of the edge: the reference's mask, read
         via one arg-max each way instead of masks over the whole (h w)^2 matrix.
         """
-        threshold = self._conf["match_threshold"] if threshold is None else threshold
+        threshold = self.params.match_threshold if threshold is None else threshold
         confidence = self.coarse_confidence(coarse0, coarse1)[0]  # (L0, L1)
         height, width = coarse0.shape[-2:]
         best0, j_of_i = confidence.max(1)  # per older cell, its best newer cell
@@ -258,12 +240,13 @@ class EfficientLoFTRStreamMatcher:
             return similarity
         return F.softmax(similarity, 1) * F.softmax(similarity, 2)
 
-    def select(self, matches: CoarseMatches) -> CoarseMatches:
+    def select(self, matches: CoarseMatches, max_matches: int | None = None) -> CoarseMatches:
         """Sort by descending score and keep the top ``max_matches`` (before refinement:
         the dropped ones need no fine windows)."""
         order = torch.argsort(matches.scores, descending=True, stable=True)
-        if self._conf["max_matches"] > 0:
-            order = order[:self._conf["max_matches"]]
+        max_matches = self.params.max_matches if max_matches is None else max_matches
+        if max_matches > 0:
+            order = order[:max_matches]
         return CoarseMatches(matches.i_ids[order], matches.j_ids[order], matches.scores[order])
 
     def fine_maps(self, coarse0: torch.Tensor, coarse1: torch.Tensor, features0: FrameFeatures,
@@ -297,111 +280,21 @@ class EfficientLoFTRStreamMatcher:
                              temperature=self.config.fine_matching_regress_temperature)
 
     def finish(self, points0: torch.Tensor, points1: torch.Tensor, scores: torch.Tensor,
-               features0: FrameFeatures, features1: FrameFeatures) -> dict[str, torch.Tensor]:
-        """Model pixels -> source pixels (CPU, float32), then optional geometric verification."""
-        keypoints0 = scale_to_source(points0, features0.model_size, features0.source_size).cpu()
-        keypoints1 = scale_to_source(points1, features1.model_size, features1.source_size).cpu()
-        inliers = torch.zeros(0, dtype=torch.uint8)
-        if self._conf["geometric_verification"] != "none":
-            inliers = torch.from_numpy(verify_matches(
-                keypoints0.numpy(), keypoints1.numpy(), self._conf["geometric_verification"],
-                self._conf["ransac_reproj_threshold"], self.camera))
+               features0: FrameFeatures, features1: FrameFeatures,
+               params: EfficientLoFTRParams | None = None) -> dict[str, np.ndarray]:
+        """Model pixels -> source pixels, to numpy (the core's boundary: float32
+        coordinates and scores), then optional geometric verification (numpy, uint8)."""
+        params = params or self.params
+        keypoints0 = scale_to_source(points0, features0.model_size, features0.source_size).cpu().numpy()
+        keypoints1 = scale_to_source(points1, features1.model_size, features1.source_size).cpu().numpy()
+        inliers = np.zeros(0, np.uint8)
+        if params.geometric_verification != "none":
+            inliers = verify_matches(keypoints0, keypoints1, params.geometric_verification,
+                                     params.ransac_reproj_threshold, self.camera)
         return {"keypoints0": keypoints0, "keypoints1": keypoints1,
-                "scores": scores.float().cpu(), "inliers": inliers}
+                "scores": scores.float().cpu().numpy(), "inliers": inliers}
 
     # -- helpers ----------------------------------------------------------------------
 
     def _autocast(self):
         return self.precision.autocast(self._device)
-
-
-def _number(name: str, value, kind: type):
-    """``value`` as an int or float, or a ValueError naming the option (bools are refused)."""
-    try:
-        if isinstance(value, (bool, str)) or (kind is int and int(value) != value):
-            raise TypeError
-        return kind(value)
-    except (TypeError, ValueError):
-        what = "an integer (<= 0: unbounded)" if kind is int else "a number"
-        raise ValueError(f"{name} must be {what}, got {value!r}") from None
-
-
-def cell_xy(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """Flat coarse-cell indices -> (M, 2) integer (x, y) grid positions."""
-    return torch.stack([ids % width, ids // width], dim=-1)
-
-
-def inner_cells(height: int, width: int, border: int, device) -> torch.Tensor:
-    """(h*w,) bool: cells at least ``border`` cells away from the grid's edge."""
-    keep = torch.zeros(height, width, dtype=torch.bool, device=device)
-    if border <= 0:
-        keep[:] = True
-    elif height > 2 * border and width > 2 * border:
-        keep[border:-border, border:-border] = True
-    return keep.flatten()
-
-
-def cut_windows(fine: torch.Tensor, ids: torch.Tensor, coarse_width: int, stride: int,
-                kernel: int, padding: int) -> torch.Tensor:
-    """The windows ``F.unfold(fine, kernel, stride, padding)`` would give for cells ``ids``,
-    as (M, kernel*kernel, C), without unfolding the whole map."""
-    if padding:
-        fine = F.pad(fine, (padding, padding, padding, padding))
-    xy = cell_xy(ids, coarse_width) * stride
-    offsets = torch.arange(kernel, device=fine.device)
-    rows = (xy[:, 1, None] + offsets)[:, :, None]  # (M, k, 1)
-    cols = (xy[:, 0, None] + offsets)[:, None, :]  # (M, 1, k)
-    windows = fine[:, rows, cols]  # (C, M, k, k)
-    return windows.permute(1, 2, 3, 0).reshape(len(ids), kernel * kernel, -1)
-
-
-def fine_matching(windows0: torch.Tensor, windows1: torch.Tensor, points0: torch.Tensor,
-                  points1: torch.Tensor, fine_scale: float, slice_dim: int,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """EfficientLoFTR's two-stage refinement, as in the original ``FineMatching``.
-
-    windows0 (M, W*W, C): fine features of each older cell; windows1 (M, (W+2)^2, C): of
-    each newer cell with a 1-pixel margin; points0/1 (M, 2): the cells' coarse points.
-    Stage 1 (first C - slice_dim channels): dual softmax over both windows, the best pixel
-    pair moves both points. Stage 2 (last slice_dim channels): a 3x3 soft-argmax around
-    the newer pixel moves points1 by up to one pixel.
-    (transformers 5.23 takes the dual softmax over (matches, window0) instead of the two
-    windows and gathers the stage-1 offsets along the match axis, so every match gets the
-    offset of window pixel 0; both fixed here.)
-    """
-    num, window_area, channels = windows0.shape
-    size = int(round(window_area ** 0.5))
-    # Stage 1: pixel-level.
-    features0 = windows0[..., :-slice_dim] / channels ** 0.5
-    features1 = windows1[..., :-slice_dim] / channels ** 0.5
-    similarity = features0 @ features1.transpose(1, 2)  # (M, W*W, (W+2)^2)
-    confidence = F.softmax(similarity, 1) * F.softmax(similarity, 2)
-    confidence = confidence.reshape(num, window_area, size + 2, size + 2)[..., 1:-1, 1:-1]
-    best = confidence.reshape(num, -1).argmax(-1)
-    index0, index1 = best // window_area, best % window_area
-    offsets = window_offsets(size, windows0.device)  # (W*W, 2) x, y around the coarse point
-    points0 = points0 + offsets[index0] * fine_scale
-    points1 = points1 + offsets[index1] * fine_scale
-    # Stage 2: sub-pixel, in the newer frame only. As in the original (and its training),
-    # the 3x3 patch is indexed with index1's inner-window row/col directly in the (W+2)-wide
-    # grid, i.e. centred one pixel up-left of the stage-1 pixel; -1 wraps around.
-    row, col = index1 // size, index1 % size
-    step = torch.arange(-1, 2, device=windows0.device)
-    rows = (row[:, None, None] + step[None, :, None]) % (size + 2)  # (M, 3, 1)
-    cols = (col[:, None, None] + step[None, None, :]) % (size + 2)  # (M, 1, 3)
-    patch = windows1.reshape(num, size + 2, size + 2, channels)[
-        torch.arange(num, device=windows0.device)[:, None, None], rows, cols][..., -slice_dim:]
-    anchor = windows0[torch.arange(num, device=windows0.device), index0][:, -slice_dim:]
-    logits = torch.einsum("mabc,mc->mab", patch / slice_dim ** 0.5, anchor).reshape(num, 9)
-    heatmap = F.softmax(logits / temperature, -1).reshape(num, 3, 3)
-    grid = torch.tensor([-1.0, 0.0, 1.0], device=windows0.device, dtype=heatmap.dtype)
-    expected = torch.stack([(heatmap.sum(1) * grid).sum(-1), (heatmap.sum(2) * grid).sum(-1)], -1)
-    return points0, points1 + expected * fine_scale
-
-
-def window_offsets(size: int, device) -> torch.Tensor:
-    """(size*size, 2) (x, y) of each window pixel relative to the window's coarse point:
-    -size/2 + 0.5 ... size/2 - 0.5 (EfficientLoFTR's convention)."""
-    axis = torch.arange(size, device=device, dtype=torch.float32) - size // 2 + 0.5
-    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], -1)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
 from kp_ros.core.params import VERIFICATION_CHOICES
 
@@ -117,7 +116,6 @@ def verify_matches(points0, points1, method: str = "fundamental",
 
 
 def _as_points(points) -> np.ndarray:
-    if isinstance(points, torch.Tensor):
-        points = points.detach().cpu().numpy()
+    """(N, 2) float32, contiguous, from any array-like (numpy in: the core's boundary)."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return np.ascontiguousarray(points, dtype=np.float32)

@@ -19,10 +19,6 @@ from kp_ros.core.params import spec
 from kp_ros.core.stream_continuity import FrameInfo, StreamContinuity
 
 
-def _numpy(result: dict) -> dict[str, np.ndarray]:
-    return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in result.items()}
-
-
 @dataclass
 class Detection:
     keypoints: np.ndarray    # (N, 2) float32 source pixels
@@ -72,7 +68,7 @@ class FeaturePipeline:
         return self._epoch
 
     def detect(self, image: np.ndarray, overlay: bool = False) -> Detection:
-        features = _numpy(self.detector.detect(image))
+        features = self.detector.detect(image)  # numpy, as every core result
         found = Detection(features["keypoints"], features["scores"], features["descriptors"])
         if overlay:
             from kp_ros.core.visualize import draw_keypoints
@@ -98,14 +94,13 @@ class FeaturePipeline:
             self.resets += 1
             self.matcher.reset()
         try:
-            result = self.matcher.push(image)
+            matches = self.matcher.push(image)
         except BaseException:
             self.restart()
             raise
         previous, self._previous = self._previous, (token, image)
-        if result is None:
+        if matches is None:
             return MatchStep(None, reset=broken)
-        matches = _numpy(result)
         step = MatchStep(matches, previous[0], broken)
         if overlay:
             from kp_ros.core.visualize import draw_matches

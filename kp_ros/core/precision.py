@@ -111,6 +111,7 @@ def keypoint_agreement(reference: dict, other: dict, radius: float = 1.0) -> dic
     """How well ``other`` (detect() output) reproduces ``reference``: 'recall' = share of
     reference keypoints with an ``other`` keypoint within ``radius`` px, 'precision' the
     reverse, and the descriptor cosine of those nearest pairs ('cosine_median', 'cosine_p05')."""
+    reference, other = _tensors(reference), _tensors(other)
     kp0, kp1 = reference["keypoints"].float(), other["keypoints"].float()
     if len(kp0) == 0 or len(kp1) == 0:
         empty = float(len(kp0) == len(kp1))
@@ -134,6 +135,7 @@ def match_agreement(reference: dict, other: dict) -> dict:
     intersection over union, and the position differences of the shared matches in px
     ('position_median', 'position_max', over both frames; 'moved_over_1px' the share of
     those differences above 1 px)."""
+    reference, other = _tensors(reference), _tensors(other)
     a0, a1 = reference["keypoints0"].float(), reference["keypoints1"].float()
     b0, b1 = other["keypoints0"].float(), other["keypoints1"].float()
     if len(a0) == 0 or len(b0) == 0:
@@ -154,3 +156,8 @@ def match_agreement(reference: dict, other: dict) -> dict:
             "position_max": position.max().item() if count else float("nan"),
             "moved_over_1px": (position > 1.0).float().mean().item() if count else float("nan"),
             "count": (len(a0), len(b0))}
+
+
+def _tensors(result: dict) -> dict[str, torch.Tensor]:
+    """A core result (numpy arrays) as tensors, for cdist and friends (no copy)."""
+    return {key: torch.as_tensor(value) for key, value in result.items()}

@@ -23,8 +23,6 @@ Differences from the reference, all deliberate:
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import cv2
@@ -36,6 +34,7 @@ from kp_ros.core import params
 from kp_ros.core.model_loading import load_pretrained, resolve_device
 from kp_ros.core.precision import resolve_precision, warn_once
 from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
+from kp_ros.core.threads import small_ops_threads
 
 _SPEC = {p.name: p for p in params.NODES["superpoint_node"]}
 CELL = 8  # SuperPoint's score/descriptor cell: the model runs at multiples of 8
@@ -68,14 +67,16 @@ class SuperPointParams:
 
 
 class SuperPointDetector:
-    """``detect(image) -> {'keypoints', 'scores', 'descriptors'}``, composed of the stages
-    ``preprocess`` -> ``forward`` -> ``postprocess`` (public so a benchmark can time them).
+    """``detect(image) -> {'keypoints', 'scores', 'descriptors'}`` (numpy arrays; tensors
+    stay inside), composed of the stages ``preprocess`` -> ``forward`` -> ``postprocess``
+    (public so a benchmark can time them).
 
     ``precision`` (fp32 | bf16 | fp16 | auto, see kp_ros/core/precision.py) is the dtype of
     the encoder and the two 3x3 head convolutions (~98 % of the FLOPs); the two 1x1 output
     convolutions, the softmax, the descriptor normalisation, NMS and sampling stay float32
     (scores and descriptors are compared and thresholded there; see test/test_precision.py).
-    ``fp16=True`` is the deprecated alias of ``precision='fp16'``.
+    ``fp16=True`` is the deprecated alias of ``precision='fp16'``. ``one_thread_small_ops``:
+    see kp_ros/core/threads.py (off: the process-wide thread counts are never touched).
     """
 
     def __init__(self, model: str, device: str = "auto",
@@ -83,10 +84,13 @@ class SuperPointDetector:
                  nms_radius: int = SuperPointParams.nms_radius,
                  max_keypoints: int = SuperPointParams.max_keypoints,
                  resize: str = SuperPointParams.resize, fp16: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", one_thread_small_ops: bool = False):
         from transformers import SuperPointForKeypointDetection
 
         self.device = resolve_device(device)
+        # Opt-in: pre/post-processing single-threaded on CPU (process-wide counts, restored
+        # after each op; see kp_ros/core/threads.py). Off by default: no hidden side effect.
+        self.one_thread_small_ops = bool(one_thread_small_ops)
         self.model_id = str(model)
         self.precision = resolve_precision(precision, self.device, fp16)
         warn_once(self.precision)
@@ -114,10 +118,10 @@ class SuperPointDetector:
         # One attribute swap, so a detect() running in another thread sees old or new, not a mix.
         self.params = replace(self.params, **changes).validated()
 
-    @torch.no_grad()  # not inference_mode here: callers may modify the returned tensors in place
-    def detect(self, image: np.ndarray) -> dict[str, torch.Tensor]:
-        """uint8 HxW or HxWx3 (RGB) -> keypoints (N, 2) float32 x, y in source pixels,
-        scores (N,) float32 descending, descriptors (N, D) float32 L2-normalized; on CPU."""
+    @torch.no_grad()  # not inference_mode here: callers may modify the returned arrays in place
+    def detect(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 HxW or HxWx3 (RGB) -> numpy: keypoints (N, 2) float32 x, y in source
+        pixels, scores (N,) float32 descending, descriptors (N, D) float32 L2-normalized."""
         params = self.params
         pixels = self.preprocess(image, params.resize)
         maps = self.forward(pixels)
@@ -127,7 +131,7 @@ class SuperPointDetector:
         """Image -> (1, 1, h, w) gray in [0, 1] on the device, as the reference processor."""
         height, width = image.shape[:2]
         size = target_size(resize or self.params.resize, height, width, CELL)
-        with one_cpu_thread(self.device):
+        with small_ops_threads(self.device, self.one_thread_small_ops):
             pixels = preprocess_gray(image, size, self.device)
             return pixels.to(self._dtype).contiguous(memory_format=torch.channels_last)
 
@@ -150,12 +154,12 @@ class SuperPointDetector:
 
     @torch.no_grad()
     def postprocess(self, maps: dict[str, torch.Tensor], source_size: tuple[int, int],
-                    params: SuperPointParams | None = None) -> dict[str, torch.Tensor]:
-        """NMS, threshold, border, top-k, descriptor sampling, source coordinates, to CPU."""
-        with one_cpu_thread(self.device):
+                    params: SuperPointParams | None = None) -> dict[str, np.ndarray]:
+        """NMS, threshold, border, top-k, descriptor sampling, source coordinates, to numpy."""
+        with small_ops_threads(self.device, self.one_thread_small_ops):
             return self._select(maps, source_size, params or self.params)
 
-    def _select(self, maps, source_size, params: SuperPointParams) -> dict[str, torch.Tensor]:
+    def _select(self, maps, source_size, params: SuperPointParams) -> dict[str, np.ndarray]:
         scores = maps["scores"][0]
         height, width = scores.shape
         # = nonzero(simple_nms(scores) > threshold), as the threshold is >= 0
@@ -169,42 +173,9 @@ class SuperPointDetector:
         xy = yx[order].flip(1).float()
         descriptors = sample_descriptors(xy, maps["descriptors"])
         keypoints = scale_to_source(xy, (height, width), source_size)
-        return {"keypoints": keypoints.cpu().contiguous(), "scores": kept.cpu().contiguous(),
-                "descriptors": descriptors.cpu().contiguous()}
-
-
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = (1, 1)  # torch, OpenCV
-
-
-@contextmanager
-def one_cpu_thread(device: torch.device):
-    """Run the small pre/post-processing ops single-threaded on CPU. Each op on a
-    640x480 map is a separate OpenMP region; when another process (say, the other
-    kp_ros node) keeps the cores busy, every region waits for a descheduled worker:
-    measured 1.3 -> 300 ms (preprocess) and 13 -> 1900 ms (post-process) with two
-    threads, 10 / 90 ms with one. Uncontended, one thread costs ~1 ms + ~5 ms.
-    The convolutions keep all threads. OpenCV (the CPU NMS) likewise. Nested / concurrent
-    users restore the counts once."""
-    global _threads_users, _threads_saved
-    if device.type != "cpu":
-        yield
-        return
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = (torch.get_num_threads(), cv2.getNumThreads())
-            torch.set_num_threads(1)
-            cv2.setNumThreads(1)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved[0])
-                cv2.setNumThreads(_threads_saved[1])
+        # The core's boundary: numpy out (views of the CPU tensors, no copy beyond .cpu()).
+        return {"keypoints": keypoints.cpu().contiguous().numpy(), "scores": kept.cpu().contiguous().numpy(),
+                "descriptors": descriptors.cpu().contiguous().numpy()}
 
 
 def simple_nms(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:

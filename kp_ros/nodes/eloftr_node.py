@@ -14,10 +14,9 @@ import warnings
 from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo
 
-from kp_ros.core.geometry import camera_from_info
-
-from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
 from kp_ros.core import params
+from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
+from kp_ros.core.geometry import camera_from_info
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.msg import Matches
@@ -88,7 +87,7 @@ class EfficientLoFTRNode(FeatureNode):
         return self.pipeline.arrive(Time.from_msg(msg.header.stamp).nanoseconds)
 
     def process(self, msg, image, arrival) -> None:
-        if self.core.params["geometric_verification"] == "essential" and self.core.camera is None \
+        if self.core.params.geometric_verification == "essential" and self.core.camera is None \
                 and not self._warned_no_camera:
             self._warned_no_camera = True
             self.get_logger().warning(

@@ -32,7 +32,10 @@ class SuperPointNode(FeatureNode):
             core = SuperPointDetector(
                 values["model"], device=values["device"], keypoint_threshold=values["keypoint_threshold"],
                 nms_radius=values["nms_radius"], max_keypoints=values["max_keypoints"],
-                resize=values["resize"], fp16=values["fp16"], precision=values["precision"])
+                resize=values["resize"], fp16=values["fp16"], precision=values["precision"],
+                # A node shares the cores with other processes (the other kp_ros nodes):
+                # small ops single-threaded, see kp_ros/core/threads.py.
+                one_thread_small_ops=True)
         if core.precision.warning:
             self.get_logger().warning(core.precision.warning)
         return core
