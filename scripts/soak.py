@@ -27,8 +27,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # this checkout's kp_ros, not a copy installed in the venv
+    sys.path.insert(0, str(REPO))
+from kp_ros.tools import node_process  # noqa: E402
+
 PARAMS_FILE = REPO / "config" / "matcher.yaml"
 NODES = {  # key -> (executable, output topic)
     "superpoint": ("superpoint_node", "keypoints"),
@@ -47,13 +49,10 @@ COUNTERS = ("received", "processed", "dropped", "rejected")
 
 
 def setup_env() -> None:
-    """DDS as the launch file sets it up, on a domain of this run's own, before rclpy loads."""
-    sys.path.insert(0, str(REPO))
+    """DDS as the launch file sets it up, on a domain of this run's own, before rclpy loads:
+    this process and the nodes share one environment (node_process.node_env)."""
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-    os.environ.setdefault("HOME", "/tmp")
-    os.environ.setdefault("ROS_LOG_DIR", os.path.join(os.environ["HOME"], ".ros", "log"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    os.environ["PYTHONUNBUFFERED"] = "1"
+    os.environ.update(node_process.node_env(source_root=REPO))
 
 
 def model_dirs(args, root: Path) -> dict[str, str]:
@@ -64,35 +63,16 @@ def model_dirs(args, root: Path) -> dict[str, str]:
             "eloftr": args.eloftr_model or str(save_random_eloftr(root / "eloftr", args.size))}
 
 
-def start_node(key: str, model: str, device: str, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", f"kp_ros.nodes.{NODES[key][0]}", "--ros-args",
-           "--params-file", str(PARAMS_FILE), "-p", f"model:={model}", "-p", f"device:={device}",
-           "-p", "reliable_input:=true", "-p", "diagnostics_period:=0.5", "-r", "image:=/soak/image"]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+def start_node(key: str, model: str, device: str, log_path: Path) -> node_process.NodeProcess:
+    return node_process.start_node(
+        NODES[key][0], log_path, params={"model": model, "device": device, "reliable_input": True,
+                                         "diagnostics_period": 0.5},
+        params_file=PARAMS_FILE, remaps={"image": "/soak/image"}, cwd=REPO)
 
 
-def stop_node(process: subprocess.Popen, log_path: Path) -> tuple[int, dict, str]:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    text = log_path.read_text()
-    from kp_ros.ros.frame_worker import parse_summary
-    return process.returncode, parse_summary(text) or {}, text
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in MiB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                values[line[:5]] = int(line.split()[1]) / 1024.0
-    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+def stop_node(process: node_process.NodeProcess) -> tuple[int, dict, str]:
+    code, text = process.stop(120)
+    return code, node_process.parse_counters(text) or {}, text
 
 
 def frames(height: int, width: int, count: int = 20) -> list[np.ndarray]:
@@ -190,7 +170,7 @@ class Sampler(threading.Thread):
         rss = {}
         for key, pid in self.pids.items():
             try:
-                rss[key], peak = rss_mb(pid)
+                rss[key], peak = node_process.memory_mb(pid)
                 self.peak[key] = max(self.peak[key], peak)
             except OSError:
                 rss[key] = float("nan")
@@ -301,7 +281,7 @@ def main(argv=None) -> int:
         outputs = dict(driver.outputs)
     finally:
         driver.close()
-        results = {key: stop_node(process, logs[key]) for key, process in processes.items()}
+        results = {key: stop_node(process) for key, process in processes.items()}
 
     report = {"frames": args.frames, "published": published, "bad_published": bad_sent,
               "rate_hz": args.rate, "achieved_rate_hz": published / stream_s, "stream_s": stream_s,

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,11 +19,11 @@ import numpy as np
 
 from kp_ros.core.package_files import package_file
 from kp_ros.core.params import spec
+from kp_ros.tools import node_process
+from kp_ros.tools.node_process import IN_SOURCE_TREE, SOURCE_ROOT
 
 # Run from a source checkout (scripts/demo), the shared TUM frames lie beside the repository;
 # installed (colcon, the venv), pass --frames. The parameters file is the installed one.
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
-IN_SOURCE_TREE = (SOURCE_ROOT / "package.xml").is_file()
 DEFAULT_FRAMES = (SOURCE_ROOT.parent / "shared" / "data" / "tum_fr3_long_office_household"
                   if IN_SOURCE_TREE else None)
 MODELS = {node: spec(node, "model").default for node in ("superpoint_node", "eloftr_node")}
@@ -63,15 +61,12 @@ def load_frames(folder: Path, limit: int) -> list[tuple[float, np.ndarray]]:
     return frames
 
 
-def start_node(name: str, model: str, device: str, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", f"kp_ros.nodes.{name}", "--ros-args",
-           "--params-file", str(package_file("config/matcher.yaml")),
-           "-p", f"model:={model}", "-p", f"device:={device}", "-p", "debug_image:=true",
-           "-p", "reliable_input:=true", "-r", "__ns:=/kp_demo", "-r", "image:=/kp_demo/image_raw"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if IN_SOURCE_TREE:  # the nodes run this checkout's code, as this process does
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def start_node(name: str, model: str, device: str, log: Path) -> node_process.NodeProcess:
+    """In a source checkout the node runs its code, as this process does (node_env)."""
+    return node_process.start_node(
+        name, log, params={"model": model, "device": device, "debug_image": True, "reliable_input": True},
+        params_file=package_file("config/matcher.yaml"),
+        remaps={"__ns": "/kp_demo", "image": "/kp_demo/image_raw"})
 
 
 def main(argv=None) -> int:
@@ -160,16 +155,10 @@ def main(argv=None) -> int:
     finally:
         node.destroy_node()
         rclpy.shutdown()
-        for proc in procs.values():
-            proc.send_signal(signal.SIGINT)
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        node_process.stop_nodes(procs.values(), timeout=60)
 
-    counters = {name: next((line.split("shutting down: ")[1].strip() for line in logs[name].read_text().splitlines()
-                            if "shutting down:" in line), "no counters logged") for name in logs}
+    counters = {name: node_process.shutdown_summary(procs[name].log_text()) or "no counters logged"
+                for name in logs}
     stats = {
         "frames": len(rows), "source": str(args.frames),
         "models": {name: {"model": m, "random_init": r} for name, (m, r) in models.items()},
