@@ -18,15 +18,14 @@ drops frames instead of queueing them: latency stays bounded by about two proces
 times, which the table shows.
 
 Also the home of what the other bench scripts share: frames, random-init model
-directories, the DDS environment, starting/stopping node processes.
+directories, the DDS environment, starting/stopping node processes (through
+kp_ros/tools/node_process.py, as the tests, the soak run and kp_demo do).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +34,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # this checkout's kp_ros, not a copy installed in the venv
+    sys.path.insert(0, str(REPO))
+from kp_ros.tools import node_process  # noqa: E402
+from kp_ros.tools.node_process import memory_mb as read_memory_mb  # noqa: E402,F401 (bench_memory's)
+
 TUM_DIR = REPO.parent / "shared" / "data" / "tum_fr3_long_office_household"
 PARAMS_FILE = REPO / "config" / "matcher.yaml"
 CAMERA_RATE = 30.0
@@ -52,13 +56,9 @@ NODES = {
 # --- shared by the bench scripts ------------------------------------------------------
 
 def setup_env(domain_id: int) -> None:
-    """DDS settings as the launch file uses them, on a domain of our own, before rclpy starts."""
-    sys.path.insert(0, str(REPO))
-    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
-    os.environ.setdefault("HOME", "/tmp")
-    os.environ.setdefault("ROS_LOG_DIR", os.path.join(os.environ["HOME"], ".ros", "log"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    os.environ["PYTHONUNBUFFERED"] = "1"
+    """DDS settings as the launch file uses them, on a domain of our own, before rclpy
+    starts: this process gets the nodes' environment (node_process.node_env)."""
+    os.environ.update(node_process.node_env(source_root=REPO, domain_id=domain_id))
 
 
 def load_frames(count: int = 17) -> tuple[list[np.ndarray], str]:
@@ -91,49 +91,22 @@ def resolve_device_name(name: str) -> str:
     return str(resolve_device(name))
 
 
-def node_env(threads: int | None = None) -> dict:
-    """The node processes' environment; ``threads`` caps their torch (OpenMP) threads."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
 def start_node(key: str, model_dir: Path, device: str, image_topic: str, log_path: Path,
-               params: dict | None = None, threads: int | None = None) -> subprocess.Popen:
-    """The node as the launch file runs it: its own process, params file, then overrides."""
-    executable = NODES[key][0]
-    cmd = [sys.executable, "-m", f"kp_ros.nodes.{executable}", "--ros-args",
-           "--params-file", str(PARAMS_FILE), "-p", f"model:={model_dir}", "-p", f"device:={device}"]
-    for name, value in (params or {}).items():
-        cmd += ["-p", f"{name}:={value}"]
-    cmd += ["-r", f"image:={image_topic}"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=node_env(threads))
+               params: dict | None = None, threads: int | None = None) -> node_process.NodeProcess:
+    """The node as the launch file runs it: its own process, params file, then overrides;
+    ``threads`` caps its torch (OpenMP) threads."""
+    return node_process.start_node(
+        NODES[key][0], log_path, params={"model": model_dir, "device": device, **(params or {})},
+        params_file=PARAMS_FILE, remaps={"image": image_topic},
+        env=node_process.node_env(source_root=REPO, threads=threads), cwd=REPO)
 
 
-def stop_node(process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> tuple[int, dict]:
-    """SIGINT as ros2 launch does; returns the exit code and the counters of its shutdown line."""
-    from kp_ros.ros.frame_worker import parse_summary
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    return process.returncode, parse_summary(log_path.read_text()) or {}
-
-
-def read_memory_mb(pid: int) -> tuple[float, float]:
-    """(current RSS, peak RSS) of a process in MiB, from /proc (psutil is not installed)."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                values[line[:5]] = int(line.split()[1]) / 1024.0
-    return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
+def stop_node(process: node_process.NodeProcess, log_path: Path | None = None,
+              timeout: float = 60.0) -> tuple[int, dict]:
+    """SIGINT as ros2 launch does; the exit code and the counters of its shutdown line.
+    (``log_path`` is the process's own log, which it knows.)"""
+    code, log = process.stop(timeout)
+    return code, node_process.parse_counters(log) or {}
 
 
 def percentiles_ms(seconds: list[float]) -> dict:
