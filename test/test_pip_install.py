@@ -35,7 +35,7 @@ for connection, _, data in reader.messages():
     counts[connection.msgtype] = counts.get(connection.msgtype, 0) + 1
 reader.close()
 print(json.dumps({
-    "bag_io": bag_reader.__file__, "msg": str(msg_dir()),
+    "bag_reader": bag_reader.__file__, "msg": str(msg_dir()),
     "config": str(package_file("config/matcher.yaml")),
     "counts": counts, "rclpy": "rclpy" in sys.modules}))
 """
@@ -80,7 +80,7 @@ def test_pip_wheel_runs_the_offline_tools_without_ros(tmp_path, tiny_superpoint_
                          env=env, cwd=work, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["bag_io"].startswith(str(site)), result
+    assert result["bag_reader"].startswith(str(site)), result
     assert result["msg"] == str(site / "kp_ros" / "share" / "msg"), result
     assert result["config"].startswith(str(site)), result
     assert result["counts"] == {"kp_ros/msg/Keypoints": 3, "kp_ros/msg/Matches": 2}, result
