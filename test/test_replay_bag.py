@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_frame
 
-from kp_ros.tools import bag_messages, bag_writer
+from kp_ros.tools import bag_messages, bag_writer, node_process
 from kp_ros.tools.replay_bag import Pacer
 from ros_helpers import parse_counters
 
@@ -65,13 +64,10 @@ def test_bad_topic_and_missing_bag(tmp_path):
         assert result.returncode == 1 and message in result.stderr
 
 
-def _start_node(module: str, model: Path, log: Path) -> subprocess.Popen:
-    handle = open(log, "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", f"kp_ros.nodes.{module}", "--ros-args", "-p", f"model:={model}",
-         "-p", "device:=cpu", "-p", "resize:=native", "-p", "reliable_input:=true",
-         "-r", "image:=/camera/image_raw"],
-        stdout=handle, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+def _start_node(module: str, model: Path, log: Path) -> node_process.NodeProcess:
+    return node_process.start_node(
+        module, log, params={"model": model, "device": "cpu", "resize": "native", "reliable_input": True},
+        remaps={"image": "/camera/image_raw"}, env=env(), cwd=REPO)
 
 
 def test_live_replay_every_frame_accounted_for(tmp_path, tiny_superpoint_dir, tiny_eloftr_dir):
@@ -97,15 +93,7 @@ def test_live_replay_every_frame_accounted_for(tmp_path, tiny_superpoint_dir, ti
         assert published == 8
         time.sleep(1.0)  # let the last frame finish in the workers
     finally:
-        for process in nodes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in nodes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        node_process.stop_nodes(nodes.values())
     for name, log in logs.items():
         text = log.read_text()
         assert "shutting down: received=" in text, f"{name} logged no counters at shutdown:\n{text}"

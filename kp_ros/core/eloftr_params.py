@@ -7,7 +7,7 @@ never a mix. Same pattern as ``SuperPointParams`` (kp_ros/core/superpoint.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from kp_ros.core import params
 from kp_ros.core.params import RESIZE_CHOICES, VERIFICATION_CHOICES
@@ -43,15 +43,6 @@ class EfficientLoFTRParams:
         return EfficientLoFTRParams(threshold, max_matches, self.resize,
                                     self.geometric_verification, reproj)
 
-    def __getitem__(self, name: str):
-        """Read by name, as the former dict (``matcher.params['resize']``): kept for callers
-        not yet moved to attributes (kp_ros/tools/process_bag.py)."""
-        if name not in NAMES:
-            raise KeyError(name)
-        return getattr(self, name)
-
-
-NAMES = tuple(f.name for f in fields(EfficientLoFTRParams))
 
 
 def _number(name: str, value, kind: type):

@@ -73,6 +73,11 @@ def _points(x, y) -> np.ndarray:
     return np.stack([field_array(x, np.float32), field_array(y, np.float32)], axis=1)
 
 
+def keypoint_positions(msg) -> np.ndarray:
+    """(N, 2) x, y of a Keypoints (or Tracks) message, without reading its descriptors."""
+    return _points(msg.x, msg.y)
+
+
 def keypoints_from_msg(msg) -> dict[str, np.ndarray]:
     """keypoints (N,2) x,y, scores (N,), descriptors (N,D) of a Keypoints message."""
     keypoints = _points(msg.x, msg.y)

@@ -9,7 +9,8 @@ and Matches may arrive in either order; a frame whose Matches never come (a stre
 reset in eloftr_node, a dropped frame) gets new tracks after ``match_timeout`` seconds,
 or at once when Matches of a newer frame show the matcher moved past it.
 
-All the logic is kp_ros.core.tracks (pure); this file converts messages and counts.
+All the logic is kp_ros.core.tracks and kp_ros.core.track_sync (pure); this file converts
+messages and counts.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from kp_ros.core.tracks import FrameTracks, MatchSet, TrackBook, TrackParams
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
 from kp_ros.ros.diagnostics import diagnostic_array, latency_values
-from kp_ros.ros.conversions import array_to_image_msg, image_msg_to_model_input, tracks_to_msg
+from kp_ros.ros.conversions import (array_to_image_msg, image_msg_to_model_input, keypoint_positions,
+                                   matches_from_msg, tracks_to_msg)
 from kp_ros.ros.feature_node import parameter_changes, ros_params, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
 
@@ -117,9 +119,8 @@ class TrackNode(Node):
         self.counts["keypoints"] += 1
         if len(msg.x) != len(msg.y):
             return self._reject(f"Keypoints with {len(msg.x)} x but {len(msg.y)} y")
-        keypoints = np.stack([np.frombuffer(msg.x, np.float32), np.frombuffer(msg.y, np.float32)], 1)
-        ready = self.sync.add_keypoints(_stamp_ns(msg.header.stamp), keypoints, time.monotonic(),
-                                        payload=msg)
+        ready = self.sync.add_keypoints(_stamp_ns(msg.header.stamp), keypoint_positions(msg),
+                                        time.monotonic(), payload=msg)
         self._publish(ready, started)
 
     def on_matches(self, msg: Matches) -> None:
@@ -131,12 +132,10 @@ class TrackNode(Node):
             return self._reject(f"Matches with inconsistent lengths (x0 {len(msg.x0)}, y0 {len(msg.y0)}, "
                                 f"x1 {len(msg.x1)}, y1 {len(msg.y1)}, scores {n}, "
                                 f"inliers {len(msg.inliers)})")
-        matches = MatchSet(
-            _stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0),
-            np.stack([np.frombuffer(msg.x0, np.float32), np.frombuffer(msg.y0, np.float32)], 1),
-            np.stack([np.frombuffer(msg.x1, np.float32), np.frombuffer(msg.y1, np.float32)], 1),
-            np.frombuffer(msg.scores, np.float32),
-            np.frombuffer(msg.inliers, np.uint8) if len(msg.inliers) else None)
+        fields = matches_from_msg(msg)
+        matches = MatchSet(_stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0), fields["keypoints0"],
+                           fields["keypoints1"], fields["scores"],
+                           fields["inliers"] if len(fields["inliers"]) else None)
         if matches.stamp0_ns >= matches.stamp_ns:
             return self._reject("Matches whose older frame (stamp0) is not older than its header stamp")
         self._publish(self.sync.add_matches(matches, time.monotonic()), started)

@@ -15,8 +15,8 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from kp_ros.core.image_codec import (ImageDecodeError, check_compressed, decode_compressed,
                                      image_from_buffer, model_input_encoding, to_model_input)
-from kp_ros.core.messages import (keypoints_fields, keypoints_from_msg, matches_fields,
-                                  matches_from_msg, tracks_fields, tracks_from_msg)
+from kp_ros.core.messages import (keypoint_positions, keypoints_fields, keypoints_from_msg,
+                                  matches_fields, matches_from_msg, tracks_fields, tracks_from_msg)
 from kp_ros.msg import Keypoints, Matches, Tracks
 
 # numpy dtype -> array.array typecode of the same item (Linux: I = 4, Q = 8 bytes).
@@ -97,5 +97,5 @@ def array_to_image_msg(image: np.ndarray, encoding: str | None = None, header=No
 
 
 __all__ = ["array_to_image_msg", "as_rclpy_arrays", "image_msg_problem", "image_msg_to_array",
-           "image_msg_to_model_input", "keypoints_from_msg", "keypoints_to_msg", "matches_from_msg",
-           "matches_to_msg", "tracks_from_msg", "tracks_to_msg"]
+           "image_msg_to_model_input", "keypoint_positions", "keypoints_from_msg", "keypoints_to_msg",
+           "matches_from_msg", "matches_to_msg", "tracks_from_msg", "tracks_to_msg"]

@@ -56,7 +56,7 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
     try:
         topic, msgtype, connections = image_connections(reader, topic)
         topics = output_topics(default_prefix(topic) if prefix is None else prefix)
-        if matcher is not None and matcher.params["geometric_verification"] == "essential":
+        if matcher is not None and matcher.params.geometric_verification == "essential":
             use_camera_info(reader, typestore, matcher, topic, log)
         if copy_input:
             clash = {c.topic for c in reader.connections} & set(topics.values())

@@ -73,6 +73,8 @@ def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
             directory = random_init_stand_in(kind, workdir / kind)
             return cls(**{**kwargs, "model": str(directory)}), f"random-init({kwargs['model']})"
 
-    detector, detector_name = load("superpoint", detector_kwargs) if detector_kwargs else (None, None)
+    # The small pre/post-processing ops on one thread (kp_ros/core/threads.py), as the nodes do.
+    detector, detector_name = load("superpoint", {**detector_kwargs, "one_thread_small_ops": True}) \
+        if detector_kwargs else (None, None)
     matcher, matcher_name = load("eloftr", matcher_kwargs) if matcher_kwargs else (None, None)
     return detector, matcher, detector_name, matcher_name

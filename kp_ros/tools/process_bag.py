@@ -148,6 +148,7 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
 def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
     """main() after the argument checks: load the models, process, print the summary."""
     from kp_ros.core.model_loading import ModelUnavailableError
+    from kp_ros.core.package_files import PackageFileNotFound
 
     try:
         summary = run_one(args, args.input, args.output, detector_kwargs, matcher_kwargs, max_frame_gap)
@@ -156,7 +157,7 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
                                 f"with random-init models)")
     except ModelLoadError as err:
         return fail(EXIT_INPUT, str(err))
-    except (BagError, ValueError) as err:
+    except (BagError, ValueError, PackageFileNotFound) as err:  # the last: an install without msg/
         return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
     except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
         traceback.print_exc()
