@@ -385,7 +385,7 @@ def test_ctrl_c_at_any_early_moment_exits_130(tmp_path):
     import subprocess
     import time
     image_bag(tmp_path / "in", frames(2, 32, 32))
-    for delay in (0.3, 1.0):  # (a signal before the module starts is the harness's runpy)
+    for delay in (0.3, 0.7, 1.0, 1.5):  # (a signal before the module starts is the harness's runpy)
         process = subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL, str(tmp_path / "in"),
                                     str(tmp_path / "out"), "--random-init-fallback", "--no-progress"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

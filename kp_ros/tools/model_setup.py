@@ -4,9 +4,34 @@ and torch set up for byte-identical runs."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def interrupts_held():
+    """SIGINT and SIGTERM held until the block ends, then raised as KeyboardInterrupt.
+
+    A KeyboardInterrupt raised while torch's C++ code is running Python (its import, a
+    model's construction) does not unwind: pybind11 calls std::terminate and the process
+    dies with SIGABRT (seen in CI: Ctrl-C 1.1 s after start). Holding the signal for those
+    seconds keeps Ctrl-C a clean 'interrupted', exit 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. a Ray worker thread)
+        return
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -14,7 +39,8 @@ def deterministic_torch(threads: int | None):
     """Deterministic algorithms (warn where none exists) and an optional fixed thread
     count, restored afterwards: the same bag, options and thread count give
     byte-identical messages."""
-    import torch
+    with interrupts_held():
+        import torch
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
     saved = (torch.are_deterministic_algorithms_enabled(),
@@ -73,8 +99,9 @@ def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
             directory = random_init_stand_in(kind, workdir / kind)
             return cls(**{**kwargs, "model": str(directory)}), f"random-init({kwargs['model']})"
 
-    # The small pre/post-processing ops on one thread (kp_ros/core/threads.py), as the nodes do.
-    detector, detector_name = load("superpoint", {**detector_kwargs, "one_thread_small_ops": True}) \
-        if detector_kwargs else (None, None)
-    matcher, matcher_name = load("eloftr", matcher_kwargs) if matcher_kwargs else (None, None)
+    with interrupts_held():  # imports and construction run torch's C++ (see interrupts_held)
+        # The small pre/post-processing ops on one thread (kp_ros/core/threads.py), as the nodes do.
+        detector, detector_name = load("superpoint", {**detector_kwargs, "one_thread_small_ops": True}) \
+            if detector_kwargs else (None, None)
+        matcher, matcher_name = load("eloftr", matcher_kwargs) if matcher_kwargs else (None, None)
     return detector, matcher, detector_name, matcher_name

@@ -43,7 +43,7 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
     from kp_ros.tools.bag_processing import process_bag
     from kp_ros.tools.bag_reader import BagError, image_connections, open_bag
     from kp_ros.tools.bag_writer import check_output_apart
-    from kp_ros.tools.model_setup import deterministic_torch, load_models
+    from kp_ros.tools.model_setup import deterministic_torch, interrupts_held, load_models
     # Also the option names tests and process_bags read from here.
     from kp_ros.tools.process_bag_options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
                                                   MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
@@ -147,7 +147,8 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
 
 def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
     """main() after the argument checks: load the models, process, print the summary."""
-    from kp_ros.core.model_loading import ModelUnavailableError
+    with interrupts_held():  # model_loading imports torch: see interrupts_held
+        from kp_ros.core.model_loading import ModelUnavailableError
     from kp_ros.core.package_files import PackageFileNotFound
 
     try:
