@@ -45,7 +45,7 @@ def source_frames(count: int) -> list[np.ndarray]:
 
 
 def make_bags(root: Path, bags: int, frames: int) -> list[Path]:
-    from kp_ros.tools import bag_messages, bag_reader, bag_writer
+    from kp_ros.tools import bag_messages, bag_writer
     typestore = bag_messages.kp_ros_typestore()
     images = source_frames(frames)
     paths = []
@@ -71,7 +71,7 @@ def timed(command: list[str]) -> float:
 
 
 def raw(path: Path) -> dict:
-    from kp_ros.tools import bag_messages, bag_reader, bag_writer
+    from kp_ros.tools import bag_reader
     reader = bag_reader.open_bag(path)
     out = {}
     for connection, log_ns, data in reader.messages():

@@ -7,7 +7,6 @@ module's node is reset to its start-up parameters before each test, counters are
 as deltas, and the shutdown test runs a node of its own."""
 import contextlib
 
-import numpy as np
 import pytest
 from sensor_msgs.msg import Image
 

@@ -80,7 +80,7 @@ def keypoint_positions(msg) -> np.ndarray:
 
 def keypoints_from_msg(msg) -> dict[str, np.ndarray]:
     """keypoints (N,2) x,y, scores (N,), descriptors (N,D) of a Keypoints message."""
-    keypoints = _points(msg.x, msg.y)
+    keypoints = keypoint_positions(msg)
     size = int(msg.descriptor_size)
     descriptors = field_array(msg.descriptors, np.float32)
     return {"keypoints": keypoints, "scores": field_array(msg.scores, np.float32),
@@ -97,6 +97,6 @@ def matches_from_msg(msg) -> dict[str, np.ndarray]:
 
 def tracks_from_msg(msg) -> dict[str, np.ndarray]:
     """keypoints (N,2), ids, lengths, previous_index of a Tracks message."""
-    return {"keypoints": _points(msg.x, msg.y), "ids": field_array(msg.ids, np.uint64),
+    return {"keypoints": keypoint_positions(msg), "ids": field_array(msg.ids, np.uint64),
             "lengths": field_array(msg.lengths, np.uint32),
             "previous_index": field_array(msg.previous_index, np.int32)}
