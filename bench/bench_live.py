@@ -19,7 +19,7 @@ times, which the table shows.
 
 Also the home of what the other bench scripts share: frames, random-init model
 directories, the DDS environment, starting/stopping node processes (through
-kp_ros/tools/node_process.py, as the tests, the soak run and kp_demo do).
+kp_ros/testing/node_process.py, as the tests, the soak run and kp_demo do).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # this checkout's kp_ros, not a copy installed in the venv
     sys.path.insert(0, str(REPO))
-from kp_ros.tools import node_process  # noqa: E402
-from kp_ros.tools.node_process import memory_mb as read_memory_mb  # noqa: E402,F401 (bench_memory's)
+from kp_ros.testing import node_process  # noqa: E402
+from kp_ros.testing.node_process import memory_mb as read_memory_mb  # noqa: E402,F401 (bench_memory's)
 
 TUM_DIR = REPO.parent / "shared" / "data" / "tum_fr3_long_office_household"
 PARAMS_FILE = REPO / "config" / "matcher.yaml"

@@ -45,7 +45,8 @@ def source_frames(count: int) -> list[np.ndarray]:
 
 
 def make_bags(root: Path, bags: int, frames: int) -> list[Path]:
-    from kp_ros.tools import bag_messages, bag_writer
+    from kp_ros.bags import messages as bag_messages
+    from kp_ros.bags import writer as bag_writer
     typestore = bag_messages.kp_ros_typestore()
     images = source_frames(frames)
     paths = []
@@ -71,7 +72,7 @@ def timed(command: list[str]) -> float:
 
 
 def raw(path: Path) -> dict:
-    from kp_ros.tools import bag_reader
+    from kp_ros.bags import reader as bag_reader
     reader = bag_reader.open_bag(path)
     out = {}
     for connection, log_ns, data in reader.messages():
@@ -103,12 +104,12 @@ def main(argv=None) -> int:
             threads = max(1, cores // workers)
             serial_dir = root / f"serial_t{threads}"
             if not serial_dir.exists():
-                seconds = sum(timed([sys.executable, "-m", "kp_ros.tools.process_bag", str(bag),
+                seconds = sum(timed([sys.executable, "-m", "kp_ros.offline.process_bag_cli", str(bag),
                                      str(serial_dir / bag.name), "--threads", str(threads)] + options)
                               for bag in bags)
                 rows.append((f"serial loop of process_bag ({threads} threads)", seconds, None))
             out = root / f"ray_{workers}"
-            seconds = timed([sys.executable, "-m", "kp_ros.tools.process_bags", str(root / "data"),
+            seconds = timed([sys.executable, "-m", "kp_ros.offline.process_bags", str(root / "data"),
                              "--out", str(out), "--workers", str(workers), "--threads", str(threads)] + options)
             identical = all(raw(out / b.name) == raw(serial_dir / b.name) for b in bags)
             rows.append((f"process_bags --workers {workers} ({threads} threads each)", seconds, identical))

@@ -38,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # this checkout's kp_ros, not a copy installed in the venv
     sys.path.insert(0, str(REPO))
-from kp_ros.tools import node_process  # noqa: E402
+from kp_ros.testing import node_process  # noqa: E402
 
 PARAMS_FILE = REPO / "config" / "matcher.yaml"
 NODES = {  # key -> (executable, output topic)

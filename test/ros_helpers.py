@@ -12,7 +12,7 @@ from pathlib import Path
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 
-from kp_ros.tools import node_process
+from kp_ros.testing import node_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "config" / "matcher.yaml"

@@ -1,4 +1,4 @@
-"""kp_ros.tools.bag_messages / bag_reader / bag_writer: types, decoding, frame order, atomic
+"""kp_ros.bags.messages / bag_reader / bag_writer: types, decoding, frame order, atomic
 writing, corrupt input."""
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from kp_ros.core import package_files
-from kp_ros.tools import bag_messages, bag_reader
-from kp_ros.tools.bag_messages import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE
-from kp_ros.tools.bag_reader import BagError
-from kp_ros.tools.bag_writer import AtomicBagWriter
+from kp_ros.bags import messages as bag_messages
+from kp_ros.bags import reader as bag_reader
+from kp_ros.bags.messages import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE
+from kp_ros.bags.reader import BagError
+from kp_ros.bags.writer import AtomicBagWriter
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -70,7 +70,7 @@ def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
     from kp_ros.core.stream_continuity import StreamContinuity
     from kp_ros.core.superpoint import SuperPointParams
     from kp_ros.core.tracks import TrackParams
-    from kp_ros.tools import process_bag
+    from kp_ros.offline import process_bag_cli as process_bag
 
     for node, node_class in (("superpoint_node", SuperPointNode), ("eloftr_node", EfficientLoFTRNode)):
         assert [(p.name, p.default, p.runtime) for p in node_class.MODEL_PARAMS + COMMON_PARAMS] \
@@ -97,7 +97,7 @@ def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
 
 def test_process_bag_model_flags_come_from_the_spec():
     from kp_ros.core import params
-    from kp_ros.tools import process_bag
+    from kp_ros.offline import process_bag_cli as process_bag
 
     parser = process_bag.build_parser()
     actions = {a.dest: a for a in parser._actions}

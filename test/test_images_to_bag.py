@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import TUM_DIR, synthetic_frame, tum_frame_paths
 
-from kp_ros.tools import bag_messages, bag_reader
+from kp_ros.bags import messages as bag_messages
+from kp_ros.bags import reader as bag_reader
 from kp_ros.tools.images_to_bag import main, stamp_from_name
 
 

@@ -1,5 +1,5 @@
 """kp_ros.core.messages: the one numpy <-> message-field mapping, and both message layers
-built from it (rclpy: kp_ros.ros.conversions, rosbags: kp_ros.tools.bag_messages) giving
+built from it (rclpy: kp_ros.ros.conversions, rosbags: kp_ros.bags.messages) giving
 the same serialized bytes."""
 from types import SimpleNamespace
 
@@ -11,7 +11,7 @@ from std_msgs.msg import Header
 
 from kp_ros.core import messages
 from kp_ros.ros import conversions
-from kp_ros.tools import bag_messages
+from kp_ros.bags import messages as bag_messages
 
 STAMP_NS = 12_000_000_345
 

@@ -1,4 +1,4 @@
-"""kp_ros/tools/node_process.py: the command line and environment of a node process, a
+"""kp_ros/testing/node_process.py: the command line and environment of a node process, a
 clean stop (and a kill when SIGINT is ignored), and the counters read back from the log
 of a real superpoint_node that was sent one good and one malformed frame."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from kp_ros.ros.frame_worker import FrameCounts
-from kp_ros.tools import node_process
-from kp_ros.tools.node_process import NodeProcess, node_command, node_env
+from kp_ros.testing import node_process
+from kp_ros.testing.node_process import NodeProcess, node_command, node_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

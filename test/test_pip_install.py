@@ -20,8 +20,10 @@ CHECK = r"""
 import json, sys
 from pathlib import Path
 from kp_ros.core.package_files import msg_dir, package_file
-from kp_ros.tools import bag_messages, bag_reader
-from kp_ros.tools import images_to_bag, process_bag
+from kp_ros.bags import messages as bag_messages
+from kp_ros.bags import reader as bag_reader
+from kp_ros.tools import images_to_bag
+from kp_ros.offline import process_bag_cli as process_bag
 site, models, frames = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 assert images_to_bag.main([frames, "in.bag", "--rate", "10"]) == 0
 assert process_bag.main(["in.bag", "out.bag", "--superpoint-model", models + "/sp",
@@ -61,7 +63,7 @@ def test_pip_wheel_runs_the_offline_tools_without_ros(tmp_path, tiny_superpoint_
                  "kp_ros/share/config/matcher.yaml", "kp_ros/core/eloftr.py"):
         assert data in names, data
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "process_bag = kp_ros.tools.process_bag:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "process_bag = kp_ros.offline.process_bag_cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     frames = tmp_path / "frames"
     frames.mkdir()

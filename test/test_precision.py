@@ -276,7 +276,7 @@ def test_node_refuses_a_precision_contradiction_with_one_fatal_line(tiny_superpo
 
 def test_process_bag_precision_flag(tmp_path, tiny_superpoint_dir, tiny_eloftr_dir, emulated_bf16):
     from test_process_bag import image_bag, read_outputs
-    from kp_ros.tools import process_bag as pb
+    from kp_ros.offline import process_bag_cli as pb
     image_bag(tmp_path / "in", [synthetic_frame(96, 128, shift=(2 * i, i)) for i in range(3)])
     args = ["--superpoint-model", str(tiny_superpoint_dir), "--eloftr-model", str(tiny_eloftr_dir),
             "--device", "cpu", "--resize", "native", "--match-threshold", "0", "--threads", "1",

@@ -1,4 +1,4 @@
-"""kp_ros.tools.process_bag: every frame through tiny random models into an output bag."""
+"""kp_ros.offline.process_bag_cli: every frame through tiny random models into an output bag."""
 from __future__ import annotations
 
 import os
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from conftest import TUM_DIR, synthetic_frame, tum_frame_paths
 
-from kp_ros.tools import bag_messages, bag_reader, bag_writer
-from kp_ros.tools.bag_messages import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE
-from kp_ros.tools.bag_reader import BagError
-from kp_ros.tools import process_bag as pb
+from kp_ros.bags import messages as bag_messages
+from kp_ros.bags import reader as bag_reader
+from kp_ros.bags import writer as bag_writer
+from kp_ros.bags.messages import COMPRESSED_TYPE, IMAGE_TYPE, KEYPOINTS_TYPE
+from kp_ros.bags.reader import BagError
+from kp_ros.offline import process_bag_cli as pb
 
 T0 = 1_700_000_000_000_000_000
 STEP = 100_000_000  # 10 Hz
@@ -296,7 +298,7 @@ def test_default_prefix_and_option_resolution(tmp_path):
 
 def test_help_and_module_entry_point():
     import subprocess
-    result = subprocess.run([sys.executable, "-m", "kp_ros.tools.process_bag", "--help"],
+    result = subprocess.run([sys.executable, "-m", "kp_ros.offline.process_bag_cli", "--help"],
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 0 and "--random-init-fallback" in result.stdout
@@ -351,7 +353,7 @@ def interrupting_import(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = interrupting_import
 sys.argv = ["process_bag"] + sys.argv[2:]
-runpy.run_module("kp_ros.tools.process_bag", run_name="__main__")
+runpy.run_module("kp_ros.offline.process_bag_cli", run_name="__main__")
 """
 
 
@@ -360,11 +362,11 @@ import runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner may have it ignored
 print("started", flush=True)  # past the interpreter's own start-up, where SIGINT just kills
 sys.argv = ["process_bag"] + sys.argv[1:]
-runpy.run_module("kp_ros.tools.process_bag", run_name="__main__")
+runpy.run_module("kp_ros.offline.process_bag_cli", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("module", ["numpy", "kp_ros.tools.bag_reader", "kp_ros.core.stream_continuity"])
+@pytest.mark.parametrize("module", ["numpy", "kp_ros.bags.reader", "kp_ros.core.stream_continuity"])
 def test_ctrl_c_during_the_imports_exits_130_with_one_line(tmp_path, module):
     """Issue 13: SIGINT in process_bag's first ~1.5 s (imports) printed a KeyboardInterrupt
     traceback and exited by the signal."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kp_ros.tools import bag_messages, bag_writer
+from kp_ros.bags import messages as bag_messages
+from kp_ros.bags import writer as bag_writer
 from kp_ros.core.tracks import TrackParams
-from kp_ros.tools import process_bag as pb
+from kp_ros.offline import process_bag_cli as pb
 from test_process_bag import STEP, T0, frames, image_bag, models, one_thread, read_outputs  # noqa: F401
 
 

@@ -1,4 +1,4 @@
-"""kp_ros.tools.process_bags: many bags on one local Ray instance (2 workers, tiny models),
+"""kp_ros.offline.process_bags: many bags on one local Ray instance (2 workers, tiny models),
 compared with process_bag run alone on each bag."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_process_bag import frames, image_bag, read_outputs
 
-from kp_ros.tools import process_bag as pb
-from kp_ros.tools import process_bags as pbs
+from kp_ros.offline import process_bag_cli as pb
+from kp_ros.offline import process_bags as pbs
 
 ray = pytest.importorskip("ray", reason="process_bags needs Ray (pip install 'kp_ros[cluster]')")
 psutil = pytest.importorskip("psutil")
@@ -21,7 +21,7 @@ psutil = pytest.importorskip("psutil")
 def _import_pipeline() -> None:
     import kp_ros.core.eloftr  # noqa: F401 - torch, transformers
     import kp_ros.core.superpoint  # noqa: F401
-    import kp_ros.tools.process_bag  # noqa: F401
+    import kp_ros.offline.process_bag_cli  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_frame
 
-from kp_ros.tools import bag_messages, bag_writer, node_process
+from kp_ros.bags import messages as bag_messages
+from kp_ros.bags import writer as bag_writer
+from kp_ros.testing import node_process
 from kp_ros.tools.replay_bag import Pacer
 from ros_helpers import parse_counters
 

@@ -5,7 +5,7 @@ block, empty inliers when unverified, uint64 ids, ...). ROS-free.
 ``*_fields`` return the message's fields (header and stamps excepted: those are the
 message library's own types) as contiguous numpy arrays and plain scalars; both message
 layers build from them: ``kp_ros.ros.conversions`` (rclpy, arrays handed over as
-array.array) and ``kp_ros.tools.bag_messages`` (rosbags, numpy arrays as they are).
+array.array) and ``kp_ros.bags.messages`` (rosbags, numpy arrays as they are).
 ``*_from_msg`` read either kind of message back: zero-copy ``np.frombuffer`` over rclpy's
 array.array / bytes fields, ``np.asarray`` over rosbags' numpy fields.
 """

@@ -1,2 +1,2 @@
-"""Command-line tools: images_to_bag, process_bag (offline, rosbags only) and replay_bag
-(publishes over ROS with rclpy). Each module has ``main(argv=None) -> int``."""
+"""Command-line tools: images_to_bag (folder -> bag), replay_bag (a bag published live over
+ROS with rclpy) and kp_demo. Each module has ``main(argv=None) -> int``."""

@@ -19,8 +19,8 @@ import numpy as np
 
 from kp_ros.core.package_files import package_file
 from kp_ros.core.params import spec
-from kp_ros.tools import node_process
-from kp_ros.tools.node_process import IN_SOURCE_TREE, SOURCE_ROOT
+from kp_ros.testing import node_process
+from kp_ros.testing.node_process import IN_SOURCE_TREE, SOURCE_ROOT
 
 # Run from a source checkout (scripts/demo), the shared TUM frames lie beside the repository;
 # installed (colcon, the venv), pass --frames. The parameters file is the installed one.
@@ -32,7 +32,7 @@ MODELS = {node: spec(node, "model").default for node in ("superpoint_node", "elo
 def resolve_model(node: str, model: str, cache: Path) -> tuple[str, bool]:
     """(model to use, is_random). Falls back to random-init full-size weights, loudly."""
     from kp_ros.core.model_loading import ModelUnavailableError, load_pretrained
-    from kp_ros.tools.model_setup import loud_warning, random_init_stand_in
+    from kp_ros.offline.model_setup import loud_warning, random_init_stand_in
     from transformers import AutoConfig
     try:
         load_pretrained(AutoConfig, model)

@@ -17,10 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kp_ros.tools.bag_messages import (COMPRESSED_TYPE, IMAGE_TYPE, compressed_image_msg,
+from kp_ros.bags.messages import (COMPRESSED_TYPE, IMAGE_TYPE, compressed_image_msg,
                                        header_msg, image_msg, kp_ros_typestore)
-from kp_ros.tools.bag_reader import BagError
-from kp_ros.tools.bag_writer import STORAGES, AtomicBagWriter, check_output_apart
+from kp_ros.bags.reader import BagError
+from kp_ros.bags.writer import STORAGES, AtomicBagWriter, check_output_apart
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ENCODINGS = ("rgb8", "bgr8", "mono8")

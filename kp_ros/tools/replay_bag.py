@@ -23,8 +23,8 @@ import signal
 import sys
 import time
 
-from kp_ros.tools.bag_messages import COMPRESSED_TYPE
-from kp_ros.tools.bag_reader import BagError, image_connections, iter_frames, open_bag
+from kp_ros.bags.messages import COMPRESSED_TYPE
+from kp_ros.bags.reader import BagError, image_connections, iter_frames, open_bag
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,17 +39,17 @@ import warnings
 from pathlib import Path
 
 try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceback
-    from kp_ros.tools import process_bag_options as options
-    from kp_ros.tools.bag_processing import process_bag
-    from kp_ros.tools.bag_reader import BagError, image_connections, open_bag
-    from kp_ros.tools.bag_writer import check_output_apart
-    from kp_ros.tools.model_setup import deterministic_torch, interrupts_held, load_models
+    from kp_ros.offline import options
+    from kp_ros.offline.process_bag import process_bag
+    from kp_ros.bags.reader import BagError, image_connections, open_bag
+    from kp_ros.bags.writer import check_output_apart
+    from kp_ros.offline.model_setup import deterministic_torch, interrupts_held, load_models
     # Also the option names tests and process_bags read from here.
-    from kp_ros.tools.process_bag_options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
+    from kp_ros.offline.options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
                                                   MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
                                                   default_prefix, output_topics, resolve_options,
                                                   track_params)
-    from kp_ros.tools.process_bag_summary import Summary
+    from kp_ros.offline.summary import Summary
 except KeyboardInterrupt:
     print("process_bag: interrupted; no output bag written", file=sys.stderr)
     raise SystemExit(130) from None  # EXIT_INTERRUPTED, not defined yet

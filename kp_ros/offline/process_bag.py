@@ -8,13 +8,13 @@ from collections import Counter
 
 import numpy as np
 
-from kp_ros.tools.bag_messages import KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE, kp_ros_typestore
-from kp_ros.tools.bag_reader import (BagError, detect_storage, image_connections, iter_frames,
+from kp_ros.bags.messages import KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE, kp_ros_typestore
+from kp_ros.bags.reader import (BagError, detect_storage, image_connections, iter_frames,
                                      open_bag, read_messages)
-from kp_ros.tools.bag_writer import AtomicBagWriter, check_output_apart
-from kp_ros.tools.frame_processor import FrameProcessor, use_camera_info
-from kp_ros.tools.process_bag_options import MAX_FRAME_GAP, default_prefix, output_topics
-from kp_ros.tools.process_bag_summary import Summary
+from kp_ros.bags.writer import AtomicBagWriter, check_output_apart
+from kp_ros.offline.frame_processor import FrameProcessor, use_camera_info
+from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix, output_topics
+from kp_ros.offline.summary import Summary
 
 
 def _copy_connection(writer: AtomicBagWriter, typestore, connection):

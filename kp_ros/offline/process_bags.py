@@ -29,13 +29,13 @@ import signal
 import sys
 from pathlib import Path
 
-from kp_ros.tools import process_bag
-from kp_ros.tools.bag_finding import bag_name, count_frames, find_bags, remove_partials
-from kp_ros.tools.bag_reader import BagError
-from kp_ros.tools.process_bag_options import resolve_options
-from kp_ros.tools.process_bags_ray import (Progress, available_memory_gb, bag_task, import_ray,
+from kp_ros.offline import process_bag_cli as process_bag
+from kp_ros.bags.finding import bag_name, count_frames, find_bags, remove_partials
+from kp_ros.bags.reader import BagError
+from kp_ros.offline.options import resolve_options
+from kp_ros.offline.ray_tasks import (Progress, available_memory_gb, bag_task, import_ray,
                                            plan_resources, start_local_ray, wants_cuda)
-from kp_ros.tools.process_bags_summary import summary_table, write_summary
+from kp_ros.offline.batch_summary import summary_table, write_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 INSTALL_HINT = ("process_bags needs Ray, an optional dependency of kp_ros: "

@@ -4,12 +4,12 @@ essential-matrix verification takes from the bag's CameraInfo."""
 from __future__ import annotations
 
 from kp_ros.core.pipeline import FeaturePipeline
-from kp_ros.tools.bag_messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
+from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
                                        image_msg, keypoints_msg, matches_msg, stamp_to_ns,
                                        tracks_msg)
-from kp_ros.tools.bag_reader import decode_image_msg, image_encoding, read_messages
-from kp_ros.tools.process_bag_options import MAX_FRAME_GAP, default_prefix
-from kp_ros.tools.process_bag_summary import Summary
+from kp_ros.bags.reader import decode_image_msg, image_encoding, read_messages
+from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix
+from kp_ros.offline.summary import Summary
 
 
 class FrameProcessor:

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kp_ros.tools.bag_reader import BagError, image_connections, open_bag
+from kp_ros.bags.reader import BagError, image_connections, open_bag
 
 BAG_SUFFIXES = (".db3", ".mcap")
 

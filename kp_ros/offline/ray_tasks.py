@@ -9,9 +9,9 @@ import time
 import traceback
 from pathlib import Path
 
-from kp_ros.tools.bag_reader import BagError
-from kp_ros.tools.process_bag import run_one
-from kp_ros.tools.process_bag_summary import Summary
+from kp_ros.bags.reader import BagError
+from kp_ros.offline.process_bag_cli import run_one
+from kp_ros.offline.summary import Summary
 
 GB_PER_TASK = 2.0  # peak RSS of both full-size models on CPU (~1.9 GB, README)
 

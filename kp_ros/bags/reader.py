@@ -17,7 +17,7 @@ from rosbags.rosbag2 import Reader
 
 from kp_ros.core.image_codec import ImageDecodeError, image_from_buffer, to_model_input
 from kp_ros.core.image_codec import decode_compressed as _decode_compressed
-from kp_ros.tools.bag_messages import COMPRESSED_TYPE, IMAGE_TYPE, IMAGE_TYPES
+from kp_ros.bags.messages import COMPRESSED_TYPE, IMAGE_TYPE, IMAGE_TYPES
 
 
 class BagError(RuntimeError):

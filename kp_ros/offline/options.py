@@ -8,8 +8,8 @@ from pathlib import Path
 
 from kp_ros.core import params
 from kp_ros.core.package_files import PackageFileNotFound, package_file
-from kp_ros.tools.bag_reader import BagError
-from kp_ros.tools.bag_writer import STORAGES
+from kp_ros.bags.reader import BagError
+from kp_ros.bags.writer import STORAGES
 
 SUPERPOINT_MODEL = params.spec("superpoint_node", "model").default
 ELOFTR_MODEL = params.spec("eloftr_node", "model").default

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from kp_ros.tools.bag_reader import BagError
+from kp_ros.bags.reader import BagError
 
 STORAGES = ("sqlite3", "mcap")
 
