@@ -1,4 +1,4 @@
-"""Every parameter of superpoint_node, eloftr_node and track_node, written once.
+"""Every parameter of superpoint_node, eloftr_node, lightglue_node and track_node, written once.
 
 ROS-free (no rclpy), like LightGlue's ``default_conf``: name, default, range or choices,
 whether it may change while running, and its description. The nodes declare their ROS
@@ -117,6 +117,26 @@ ELOFTR = (
 )
 
 _COMMON = {p.name: p for p in COMMON}
+_ELOFTR = {p.name: p for p in ELOFTR}
+# Sparse matchers: LightGlue (or SuperGlue) on the keypoints + descriptors superpoint_node
+# publishes. ``filter_threshold``, ``depth_confidence`` and ``width_confidence`` are the
+# LightGlue config's names (depth: early stop, width: point pruning; 0 disables each).
+LIGHTGLUE = (
+    ParamSpec("model", "ETH-CVG/lightglue_superpoint", "Hugging Face hub id or local directory "
+              "of a LightGlueForKeypointMatching (or SuperGlueForKeypointMatching) checkpoint.",
+              runtime=False),
+    ParamSpec("filter_threshold", 0.1, "Minimum matching score of a match (random-init weights "
+              "need 0).", 0.0, 1.0),
+    ParamSpec("depth_confidence", 0.95, "Early stop: finish at the first layer where more than "
+              "this fraction of keypoints is confident; 0 runs every layer (LightGlue only).",
+              0.0, 1.0),
+    ParamSpec("width_confidence", 0.99, "Point pruning: drop keypoints whose matchability is "
+              "below 1 - this after each layer; 0 keeps all (LightGlue only).", 0.0, 1.0),
+    _ELOFTR["max_matches"],
+    _ELOFTR["geometric_verification"],
+    _ELOFTR["ransac_reproj_threshold"],
+    _ELOFTR["max_frame_gap"],
+)
 TRACK = (
     ParamSpec("association_radius", 3.0, "Pixels: how close a match (association 'points') or a "
               "keypoint moved by a match's flow ('flow') must come to a keypoint to link it.",
@@ -141,6 +161,9 @@ NODES = {
     "superpoint_node": SUPERPOINT + COMMON,
     "eloftr_node": ELOFTR + COMMON,
     "track_node": TRACK,
+    # The sparse matcher reads Keypoints, not images: no resize / use_compressed.
+    "lightglue_node": LIGHTGLUE + tuple(_COMMON[name] for name in (
+        "device", "precision", "reliable_input", "debug_image", "diagnostics_period")),
 }
 
 

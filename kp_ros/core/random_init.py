@@ -1,4 +1,4 @@
-"""Random-init SuperPoint / EfficientLoFTR models, saved like real checkpoints.
+"""Random-init SuperPoint / EfficientLoFTR / LightGlue models, saved like real checkpoints.
 
 Used by the tests and, when pretrained weights cannot be reached, by the demo and the
 benchmarks: the same ``from_pretrained`` path then loads them. ``full`` keeps the real
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 from transformers import (EfficientLoFTRConfig, EfficientLoFTRForKeypointMatching,
-                          EfficientLoFTRImageProcessor, SuperPointConfig,
+                          EfficientLoFTRImageProcessor, LightGlueConfig,
+                          LightGlueForKeypointMatching, LightGlueImageProcessor, SuperPointConfig,
                           SuperPointForKeypointDetection, SuperPointImageProcessor)
 
 SUPERPOINT_CONFIGS = {
@@ -23,6 +24,11 @@ ELOFTR_CONFIGS = {
     "tiny": {"stage_num_blocks": [1, 1, 1, 1], "out_features": [16, 16, 32, 32],
              "stage_stride": [2, 1, 2, 2], "hidden_size": 32, "num_attention_layers": 1,
              "num_attention_heads": 8}  # rotary embedding needs 8 heads,
+}
+
+LIGHTGLUE_CONFIGS = {
+    "full": {},
+    "tiny": {"descriptor_dim": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
 }
 
 
@@ -56,6 +62,18 @@ def build_eloftr(size: str = "tiny", seed: int = 0) -> EfficientLoFTRForKeypoint
     return model.eval()
 
 
+def build_lightglue(size: str = "tiny", seed: int = 0) -> LightGlueForKeypointMatching:
+    """LightGlue whose inner SuperPoint is ``build_superpoint(size, seed)``, weight for
+    weight, so a kp_ros SuperPoint from ``save_random_superpoint(size, seed)`` gives the
+    keypoints the reference re-detects. Defaults of the real config otherwise."""
+    config = LightGlueConfig(keypoint_detector_config=SuperPointConfig(**SUPERPOINT_CONFIGS[size]),
+                             **LIGHTGLUE_CONFIGS[size])
+    model = LightGlueForKeypointMatching(config)
+    _sane_init(model, seed + 1)
+    model.keypoint_detector.load_state_dict(build_superpoint(size, seed).state_dict())
+    return model.eval()
+
+
 def save_random_superpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a random-init SuperPoint (+ its image processor config) to ``out_dir``."""
     out_dir = Path(out_dir)
@@ -69,4 +87,12 @@ def save_random_eloftr(out_dir: str | Path, size: str = "tiny", seed: int = 0) -
     out_dir = Path(out_dir)
     build_eloftr(size, seed).save_pretrained(out_dir)
     EfficientLoFTRImageProcessor().save_pretrained(out_dir)
+    return out_dir
+
+
+def save_random_lightglue(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-init LightGlue (+ its image processor config) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    build_lightglue(size, seed).save_pretrained(out_dir)
+    LightGlueImageProcessor().save_pretrained(out_dir)
     return out_dir
