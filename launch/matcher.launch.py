@@ -1,6 +1,7 @@
 """ros2 launch kp_ros matcher.launch.py image_topic:=/camera/image_raw
 
-Starts superpoint_node and eloftr_node on one camera topic, configured by
+Starts superpoint_node and a matcher (eloftr_node, or lightglue_node with matcher:=lightglue)
+on one camera topic, configured by
 config/matcher.yaml. Two cameras: two launches with different ``namespace``.
 
 With the defaults the nodes talk to any ROS 2 process on the default DDS transports
@@ -48,7 +49,12 @@ def generate_launch_description():
         DeclareLaunchArgument("debug_images", default_value="false",
                               description="Always publish ~/debug_image overlays."),
         DeclareLaunchArgument("detector", default_value="true", description="Run superpoint_node."),
-        DeclareLaunchArgument("matcher", default_value="true", description="Run eloftr_node."),
+        DeclareLaunchArgument("matcher", default_value="eloftr",
+                              description="eloftr (eloftr_node, dense, on the images; true means "
+                                          "this) | lightglue (lightglue_node, sparse, on "
+                                          "superpoint_node's keypoints) | false (no matcher)."),
+        DeclareLaunchArgument("lightglue_model", default_value="",
+                              description="LightGlue hub id or local directory (empty: from params_file)."),
         DeclareLaunchArgument("tracker", default_value="true",
                               description="Run track_node (kp_ros/Tracks from keypoints + matches)."),
         DeclareLaunchArgument("respawn", default_value="false",
@@ -106,15 +112,35 @@ def feature_nodes(context):
               ("camera_info", camera_info)]
     common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
               "debug_image": debug_image}
-    for executable, enabled, model in (("superpoint_node", "detector", "superpoint_model"),
-                                       ("eloftr_node", "matcher", "eloftr_model")):
-        if arg(enabled).lower() in TRUE:
-            add(executable, dict(common, **({"model": arg(model)} if arg(model) else {})), images)
+    def model(name):
+        return {"model": arg(name)} if arg(name) else {}
+
+    if arg("detector").lower() in TRUE:
+        add("superpoint_node", dict(common, **model("superpoint_model")), images)
+    matcher = matcher_node(arg("matcher"))
+    if matcher == "eloftr_node":
+        add(matcher, dict(common, **model("eloftr_model")), images)
+    elif matcher == "lightglue_node":
+        # Reads keypoints (same namespace); the image only for its overlay.
+        add(matcher, {"device": arg("device"), "debug_image": debug_image,
+                      **model("lightglue_model")}, images[:1] + images[2:])
     if arg("tracker").lower() in TRUE:
         # Not a model node: only the params file and the debug switch apply; the image is
         # remapped too, for its debug overlay.
         add("track_node", {"debug_image": debug_image}, [("image", image_topic)])
     return actions
+
+
+def matcher_node(choice: str) -> str | None:
+    """The matcher argument -> the node to run (None: none), or ValueError naming the choices."""
+    choice = choice.strip().lower()
+    if choice in TRUE or choice == "eloftr":
+        return "eloftr_node"
+    if choice == "lightglue":
+        return "lightglue_node"
+    if choice in ("false", "0", "no", "off", "none", ""):
+        return None
+    raise ValueError(f"matcher:={choice}: use eloftr, lightglue or false")
 
 
 def on_node_exit(event, context):

@@ -69,9 +69,11 @@ def keypoints_msg(typestore, header, height: int, width: int, detector: str, key
 
 
 def matches_msg(typestore, header, stamp0, frame_id0: str, height: int, width: int,
-                matcher: str, keypoints0, keypoints1, scores, inliers=None):
+                matcher: str, keypoints0, keypoints1, scores, inliers=None,
+                index0=None, index1=None):
     """kp_ros/msg/Matches: ``header`` of the newer frame, ``stamp0``/``frame_id0`` of the older."""
-    fields = matches_fields(frame_id0, height, width, matcher, keypoints0, keypoints1, scores, inliers)
+    fields = matches_fields(frame_id0, height, width, matcher, keypoints0, keypoints1, scores,
+                            inliers, index0, index1)
     return typestore.types[MATCHES_TYPE](header=header, stamp0=stamp0, **fields)
 
 

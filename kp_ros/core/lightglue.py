@@ -89,6 +89,8 @@ class LightGlueStreamMatcher:
     with the previous frame's; ``match_pair`` matches two frames. Numpy at the boundary;
     settings: ``LightGlueParams``."""
 
+    sparse = True  # matches a detector's keypoints, not images (pipeline.match_keypoints)
+
     def __init__(self, model: str, device: str = "auto",
                  filter_threshold: float = LightGlueParams.filter_threshold,
                  depth_confidence: float = LightGlueParams.depth_confidence,

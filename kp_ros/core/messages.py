@@ -14,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 
+_NO_INDEX = np.zeros(0, np.int32)  # a Matches from before index0 / index1 existed
+
+
 def _flat(values, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
 
@@ -42,15 +45,20 @@ def keypoints_fields(height: int, width: int, detector: str, keypoints_xy, score
 
 
 def matches_fields(frame_id0: str, height: int, width: int, matcher: str, keypoints0,
-                   keypoints1, scores, inliers=None) -> dict:
+                   keypoints1, scores, inliers=None, index0=None, index1=None) -> dict:
     """Matches fields (stamp0 and header excepted) from (N,2) points in the older (0) and
-    newer (1) frame, (N,) scores and optional (N,) inlier flags (None or empty: unverified)."""
+    newer (1) frame, (N,) scores, optional (N,) inlier flags (None or empty: unverified)
+    and, from a sparse matcher, (N,) keypoint indices into each frame's Keypoints (None or
+    empty: a dense matcher)."""
     x0, y0 = _xy(keypoints0)
     x1, y1 = _xy(keypoints1)
     inliers = np.zeros(0, np.uint8) if inliers is None else _flat(inliers, np.uint8)
+    index0 = np.zeros(0, np.int32) if index0 is None else _flat(index0, np.int32)
+    index1 = np.zeros(0, np.int32) if index1 is None else _flat(index1, np.int32)
     return {"frame_id0": str(frame_id0), "height": int(height), "width": int(width),
             "matcher": str(matcher), "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-            "scores": _flat(scores, np.float32), "inliers": inliers}
+            "scores": _flat(scores, np.float32), "inliers": inliers,
+            "index0": index0, "index1": index1}
 
 
 def tracks_fields(height: int, width: int, tracks) -> dict:
@@ -89,10 +97,13 @@ def keypoints_from_msg(msg) -> dict[str, np.ndarray]:
 
 
 def matches_from_msg(msg) -> dict[str, np.ndarray]:
-    """keypoints0/keypoints1 (N,2), scores (N,), inliers (N, or 0: unverified) of a Matches."""
+    """keypoints0/keypoints1 (N,2), scores (N,), inliers (N, or 0: unverified), index0 /
+    index1 (N keypoint indices, or 0: a dense matcher) of a Matches."""
     return {"keypoints0": _points(msg.x0, msg.y0), "keypoints1": _points(msg.x1, msg.y1),
             "scores": field_array(msg.scores, np.float32),
-            "inliers": field_array(msg.inliers, np.uint8)}
+            "inliers": field_array(msg.inliers, np.uint8),
+            "index0": field_array(getattr(msg, "index0", _NO_INDEX), np.int32),
+            "index1": field_array(getattr(msg, "index1", _NO_INDEX), np.int32)}
 
 
 def tracks_from_msg(msg) -> dict[str, np.ndarray]:

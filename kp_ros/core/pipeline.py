@@ -80,9 +80,23 @@ class FeaturePipeline:
         """Match ``image`` with the previous processed frame. ``token`` comes back as
         ``previous`` with the next frame's matches. An exception from the matcher restarts
         the stream (re-raised), so a later pair never spans a frame it did not finish."""
+        return self._step(lambda: self.matcher.push(image), image.shape[:2], stamp_ns, encoding,
+                          token, arrival, image if overlay else None)
+
+    def match_keypoints(self, features: dict, image_size: tuple[int, int], stamp_ns: int,
+                        token=None, arrival: tuple[int, str | None] | None = None,
+                        image: np.ndarray | None = None) -> MatchStep:
+        """``match`` for a sparse matcher (LightGlue): the frame is its detector output
+        (keypoints, scores, descriptors) and its image size (H, W); ``image``, when given,
+        is drawn on (with the previous frame's, when that had one)."""
+        return self._step(lambda: self.matcher.push(features["keypoints"], features["scores"],
+                                                    features["descriptors"], image_size),
+                          image_size, stamp_ns, "keypoints", token, arrival, image)
+
+    def _step(self, push, size, stamp_ns, encoding, token, arrival, image) -> MatchStep:
         if arrival is None:
             arrival = self.arrive(stamp_ns)
-        height, width = image.shape[:2]
+        height, width = size
         epoch, why = arrival
         broken = None
         if epoch != self._processed_epoch:
@@ -94,7 +108,7 @@ class FeaturePipeline:
             self.resets += 1
             self.matcher.reset()
         try:
-            matches = self.matcher.push(image)
+            matches = push()
         except BaseException:
             self.restart()
             raise
@@ -102,7 +116,7 @@ class FeaturePipeline:
         if matches is None:
             return MatchStep(None, reset=broken)
         step = MatchStep(matches, previous[0], broken)
-        if overlay:
+        if image is not None and previous[1] is not None:
             from kp_ros.core.visualize import draw_matches
             inliers = matches["inliers"].astype(bool) if len(matches["inliers"]) else None
             step.overlay = draw_matches(previous[1], image, matches["keypoints0"], matches["keypoints1"],

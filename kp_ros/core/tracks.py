@@ -6,6 +6,8 @@ through the matches between the two frames.
   point within the radius of j (each match point takes its *nearest* keypoint); links are
   one-to-one, the higher match score wins a conflict (greedy by score), and only
   geometric inliers count when the matches carry inlier flags and ``inliers_only``.
+- ``link_by_index``: a sparse matcher's Matches carry keypoint indices: links are those
+  pairs (one-to-one, filtered as above), no radius.
 - ``TrackBook``: gives each frame's keypoints their track ids (never reused), lengths and
   the index of the same track in the frame they were linked from.
 - ``TrackSynchronizer`` (kp_ros/core/track_sync.py) pairs each frame's keypoints with its
@@ -64,6 +66,10 @@ class MatchSet:
     points1: np.ndarray           # (M, 2) in the newer frame
     scores: np.ndarray            # (M,)
     inliers: np.ndarray | None = None  # (M,) flags, or None when not verified
+    # (M,) keypoint indices into the older / newer frame's keypoints (a sparse matcher),
+    # or None: then links are found by position (associate).
+    index0: np.ndarray | None = None
+    index1: np.ndarray | None = None
 
 
 @dataclass
@@ -236,6 +242,12 @@ def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
         idx1 = _grid(keypoints1, radius).query(np.take(points1, chosen, axis=0))
     ok = idx1 >= 0
     idx0, idx1, score = idx0[ok], idx1[ok], scores[chosen[ok]]
+    return _one_to_one(idx0, idx1, score)
+
+
+def _one_to_one(idx0, idx1, score) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate links (idx0, idx1) kept one-to-one, the higher score winning."""
+    empty = np.empty(0, np.int64)
     # Greedy by score, vectorised: every candidate that is the best of both its keypoints
     # is what the greedy pass would take; take all of them, drop what they block, repeat.
     order = _by_score(score, idx0, idx1)
@@ -258,6 +270,23 @@ def associate(keypoints0, keypoints1, points0, points1, scores, radius: float,
         free = ~(used0[idx0] | used1[idx1])
         idx0, idx1 = idx0[free], idx1[free]
     return np.concatenate(taken0), np.concatenate(taken1)
+
+
+def link_by_index(matches: MatchSet, n0: int, n1: int, inliers=None,
+                  min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one links straight from a sparse matcher's keypoint indices: no radius.
+    Indices outside either frame's keypoints (a Matches for other Keypoints) link nothing."""
+    idx0 = np.asarray(matches.index0, np.int64).reshape(-1)
+    idx1 = np.asarray(matches.index1, np.int64).reshape(-1)
+    scores = np.asarray(matches.scores, np.float32).reshape(-1)
+    if not (len(idx0) == len(idx1) == len(scores)):
+        raise ValueError(f"matches need as many index0 ({len(idx0)}), index1 ({len(idx1)}) "
+                         f"and scores ({len(scores)})")
+    keep = np.isfinite(scores) & (scores >= min_score)
+    keep &= (idx0 >= 0) & (idx0 < n0) & (idx1 >= 0) & (idx1 < n1)
+    if inliers is not None:
+        keep &= np.asarray(inliers).reshape(-1).astype(bool)
+    return _one_to_one(idx0[keep], idx1[keep], scores[keep])
 
 
 @dataclass
@@ -315,11 +344,15 @@ class TrackBook:
             params = self.params
             inliers = matches.inliers if params.inliers_only and matches.inliers is not None \
                 and len(matches.inliers) else None
-            grid = PointGrid(keypoints, params.association_radius)
-            older = previous.grid if previous.grid is not None else previous.keypoints
-            idx0, idx1 = associate(older, grid, matches.points0, matches.points1, matches.scores,
-                                   params.association_radius, inliers, params.min_match_score,
-                                   params.association)
+            if matches.index0 is not None:
+                idx0, idx1 = link_by_index(matches, len(previous.keypoints), n, inliers,
+                                           params.min_match_score)
+            else:
+                grid = PointGrid(keypoints, params.association_radius)
+                older = previous.grid if previous.grid is not None else previous.keypoints
+                idx0, idx1 = associate(older, grid, matches.points0, matches.points1,
+                                       matches.scores, params.association_radius, inliers,
+                                       params.min_match_score, params.association)
             ids[idx1] = previous.ids[idx0]
             lengths[idx1] = previous.lengths[idx0] + 1
             previous_index[idx1] = idx0

@@ -128,14 +128,17 @@ class TrackNode(Node):
         self.counts["matches"] += 1
         n = len(msg.scores)
         if not (len(msg.x0) == len(msg.y0) == len(msg.x1) == len(msg.y1) == n) \
-                or len(msg.inliers) not in (0, n):
+                or len(msg.inliers) not in (0, n) or len(msg.index0) != len(msg.index1) \
+                or len(msg.index0) not in (0, n):
             return self._reject(f"Matches with inconsistent lengths (x0 {len(msg.x0)}, y0 {len(msg.y0)}, "
                                 f"x1 {len(msg.x1)}, y1 {len(msg.y1)}, scores {n}, "
-                                f"inliers {len(msg.inliers)})")
+                                f"inliers {len(msg.inliers)}, index0 {len(msg.index0)}, "
+                                f"index1 {len(msg.index1)})")
         fields = matches_from_msg(msg)
         matches = MatchSet(_stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0), fields["keypoints0"],
                            fields["keypoints1"], fields["scores"],
-                           fields["inliers"] if len(fields["inliers"]) else None)
+                           fields["inliers"] if len(fields["inliers"]) else None,
+                           *((fields["index0"], fields["index1"]) if len(fields["index0"]) else ()))
         if matches.stamp0_ns >= matches.stamp_ns:
             return self._reject("Matches whose older frame (stamp0) is not older than its header stamp")
         self._publish(self.sync.add_matches(matches, time.monotonic()), started)

@@ -31,7 +31,11 @@ class FrameProcessor:
             if detector is None or matcher is None:
                 raise ValueError("tracks need both the detector and the matcher")
             self.book = TrackBook(tracks)
-        self._frame_keypoints = self._frame_matches = None
+        self._frame_keypoints = self._frame_matches = self._frame_features = None
+        # A sparse matcher (LightGlue) matches the detector's output of the same frame.
+        self.sparse = bool(getattr(matcher, "sparse", False))
+        if self.sparse and detector is None:
+            raise ValueError("a sparse matcher needs the detector: it matches its keypoints")
         self.detector, self.matcher = detector, matcher
         self.detector_name = detector_name or (detector.model_id if detector else "")
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
@@ -74,6 +78,8 @@ class FrameProcessor:
     def _detect(self, msg, image) -> list:
         found = self.pipeline.detect(image, overlay=self.debug_images)
         self._frame_keypoints = found.keypoints
+        self._frame_features = {"keypoints": found.keypoints, "scores": found.scores,
+                                "descriptors": found.descriptors}
         height, width = image.shape[:2]
         out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
             self.typestore, msg.header, height, width, self.detector_name,
@@ -85,8 +91,14 @@ class FrameProcessor:
 
     def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
         height, width = image.shape[:2]
-        step = self.pipeline.match(image, stamp_to_ns(msg.header.stamp), image_encoding(msg, msgtype),
-                                   token=msg.header, overlay=self.debug_images)
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        if self.sparse:
+            step = self.pipeline.match_keypoints(self._frame_features, (height, width), stamp_ns,
+                                                 token=msg.header,
+                                                 image=image if self.debug_images else None)
+        else:
+            step = self.pipeline.match(image, stamp_ns, image_encoding(msg, msgtype),
+                                       token=msg.header, overlay=self.debug_images)
         if step.reset:
             summary.note(summary.resets, step.reset)
         self._frame_matches = None
@@ -98,10 +110,12 @@ class FrameProcessor:
             from kp_ros.core.tracks import MatchSet
             self._frame_matches = MatchSet(
                 stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), found["keypoints0"],
-                found["keypoints1"], found["scores"], inliers)
+                found["keypoints1"], found["scores"], inliers, found.get("index0"),
+                found.get("index1"))
         out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
             self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
-            self.matcher_name, found["keypoints0"], found["keypoints1"], found["scores"], inliers))]
+            self.matcher_name, found["keypoints0"], found["keypoints1"], found["scores"], inliers,
+            found.get("index0"), found.get("index1")))]
         if step.overlay is not None:
             out.append((self.topics["matches_debug"], IMAGE_TYPE,
                         image_msg(self.typestore, step.overlay, "rgb8", msg.header)))

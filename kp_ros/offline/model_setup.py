@@ -70,14 +70,15 @@ def random_init_stand_in(kind: str, directory: Path) -> Path:
     pretrained weights that cannot be reached: the pipeline runs, its features are noise."""
     from kp_ros.core import random_init
 
-    save = random_init.save_random_superpoint if kind == "superpoint" else random_init.save_random_eloftr
+    save = {"superpoint": random_init.save_random_superpoint, "eloftr": random_init.save_random_eloftr,
+            "lightglue": random_init.save_random_lightglue}[kind]
     if not (directory / "config.json").exists():
         save(directory, "full", seed=0)
     return directory
 
 
 def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
-                random_init_fallback: bool, workdir: Path):
+                random_init_fallback: bool, workdir: Path, matcher_kind: str = "eloftr"):
     """(detector, matcher, detector_name, matcher_name); ModelUnavailableError unless
     ``random_init_fallback``, which substitutes full-size random-init models saved in
     ``workdir`` and names them so in every message."""
@@ -86,6 +87,8 @@ def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
     def load(kind: str, kwargs: dict):
         if kind == "superpoint":
             from kp_ros.core.superpoint import SuperPointDetector as cls
+        elif kind == "lightglue":
+            from kp_ros.core.lightglue import LightGlueStreamMatcher as cls
         else:
             from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher as cls
         try:
@@ -103,5 +106,5 @@ def load_models(detector_kwargs: dict | None, matcher_kwargs: dict | None,
         # The small pre/post-processing ops on one thread (kp_ros/core/threads.py), as the nodes do.
         detector, detector_name = load("superpoint", {**detector_kwargs, "one_thread_small_ops": True}) \
             if detector_kwargs else (None, None)
-        matcher, matcher_name = load("eloftr", matcher_kwargs) if matcher_kwargs else (None, None)
+        matcher, matcher_name = load(matcher_kind, matcher_kwargs) if matcher_kwargs else (None, None)
     return detector, matcher, detector_name, matcher_name

@@ -13,24 +13,35 @@ from kp_ros.bags.writer import STORAGES
 
 SUPERPOINT_MODEL = params.spec("superpoint_node", "model").default
 ELOFTR_MODEL = params.spec("eloftr_node", "model").default
+LIGHTGLUE_MODEL = params.spec("lightglue_node", "model").default
 MAX_FRAME_GAP = params.spec("eloftr_node", "max_frame_gap").default
+# --matcher: which matcher node's parameters (and core class) process_bag runs.
+MATCHER_NODES = {"eloftr": "eloftr_node", "lightglue": "lightglue_node"}
 
 # The nodes' ROS parameters that map 1:1 to keywords of the core classes.
 DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
                    "resize", "fp16", "precision")
 MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
                   "geometric_verification", "ransac_reproj_threshold", "fp16", "precision")
+SPARSE_MATCHER_PARAMS = ("model", "device", "filter_threshold", "depth_confidence",
+                         "width_confidence", "max_matches", "geometric_verification",
+                         "ransac_reproj_threshold", "precision")
 # Model flags (each a parameter of kp_ros/core/params.py) -> (the nodes it sets, parameter).
 _BOTH = ("superpoint_node", "eloftr_node")
+_ALL = _BOTH + ("lightglue_node",)
+_MATCHERS = ("eloftr_node", "lightglue_node")
 MODEL_FLAGS = {
     "superpoint_model": (("superpoint_node",), "model"), "eloftr_model": (("eloftr_node",), "model"),
-    "device": (_BOTH, "device"), "precision": (_BOTH, "precision"), "fp16": (_BOTH, "fp16"),
+    "lightglue_model": (("lightglue_node",), "model"),
+    "device": (_ALL, "device"), "precision": (_ALL, "precision"), "fp16": (_BOTH, "fp16"),
     "resize": (_BOTH, "resize"),
     **{name: (("superpoint_node",), name) for name in ("keypoint_threshold", "nms_radius",
                                                         "max_keypoints")},
-    **{name: (("eloftr_node",), name) for name in ("match_threshold", "max_matches",
-                                                    "geometric_verification",
-                                                    "ransac_reproj_threshold", "max_frame_gap")},
+    "match_threshold": (("eloftr_node",), "match_threshold"),
+    **{name: (_MATCHERS, name) for name in ("max_matches", "geometric_verification",
+                                            "ransac_reproj_threshold", "max_frame_gap")},
+    **{name: (("lightglue_node",), name) for name in ("filter_threshold", "depth_confidence",
+                                                      "width_confidence")},
 }
 
 
@@ -50,8 +61,9 @@ def output_topics(prefix: str) -> dict[str, str]:
             "matches_debug": f"{prefix}/eloftr_node/debug_image"}
 
 
-def load_params_file(path: str | Path) -> tuple[dict, dict]:
-    """(superpoint_node, eloftr_node) ros__parameters from a ROS 2 params YAML.
+def load_params_file(path: str | Path, nodes=("superpoint_node", "eloftr_node")) -> tuple[dict, ...]:
+    """The ros__parameters of ``nodes`` (default superpoint_node, eloftr_node) from a ROS 2
+    params YAML.
 
     Node keys may carry a namespace (/camera/superpoint_node); ``/**`` applies to both.
     Parameters that only make sense live (QoS, debug_image, ...) are ignored.
@@ -64,14 +76,12 @@ def load_params_file(path: str | Path) -> tuple[dict, dict]:
         raise BagError(f"cannot read params file {str(path)!r}: {err}") from err
     if not isinstance(document, dict):
         raise BagError(f"params file {str(path)!r}: expected a mapping of node names")
-    found = {"**": {}, "superpoint_node": {}, "eloftr_node": {}}
+    found = {"**": {}, **{node: {} for node in nodes}}
     for key, entry in document.items():
         name = str(key).rstrip("/").split("/")[-1]
         if name in found and isinstance(entry, dict):
             found[name].update(entry.get("ros__parameters") or {})
-    superpoint = {**found["**"], **found["superpoint_node"]}
-    eloftr = {**found["**"], **found["eloftr_node"]}
-    return superpoint, eloftr
+    return tuple({**found["**"], **found[node]} for node in nodes)
 
 
 def default_params_file() -> str | None:
@@ -84,21 +94,25 @@ def default_params_file() -> str | None:
 def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
     """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
     use_file = args.params_file and str(args.params_file).lower() != "none"
-    file_sp, file_lo = load_params_file(args.params_file) if use_file else ({}, {})
-    options = {"superpoint_node": {"model": SUPERPOINT_MODEL} | file_sp,
-               "eloftr_node": {"model": ELOFTR_MODEL} | file_lo}
+    nodes = ("superpoint_node", "eloftr_node", "lightglue_node")
+    files = load_params_file(args.params_file, nodes) if use_file else ({}, {}, {})
+    models = (SUPERPOINT_MODEL, ELOFTR_MODEL, LIGHTGLUE_MODEL)
+    options = {node: {"model": model} | found for node, model, found in zip(nodes, models, files)}
     for flag, (nodes, name) in MODEL_FLAGS.items():
         if getattr(args, flag, None) is not None:
             for node in nodes:
                 options[node][name] = getattr(args, flag)
     detector = {k: v for k, v in options["superpoint_node"].items() if k in DETECTOR_PARAMS}
-    matcher = {k: v for k, v in options["eloftr_node"].items() if k in MATCHER_PARAMS}
-    return detector, matcher, float(options["eloftr_node"].get("max_frame_gap", MAX_FRAME_GAP))
+    node = MATCHER_NODES.get(getattr(args, "matcher", None) or "eloftr", "eloftr_node")
+    names = MATCHER_PARAMS if node == "eloftr_node" else SPARSE_MATCHER_PARAMS
+    matcher = {k: v for k, v in options[node].items() if k in names}
+    return detector, matcher, float(options[node].get("max_frame_gap", MAX_FRAME_GAP))
 
 
 def add_model_flags(group) -> None:
     """One flag per MODEL_FLAGS entry: type, choices and text from the parameter spec."""
-    metavars = {"superpoint_model": "ID_OR_DIR", "eloftr_model": "ID_OR_DIR", "device": "DEVICE",
+    metavars = {"superpoint_model": "ID_OR_DIR", "eloftr_model": "ID_OR_DIR",
+                "lightglue_model": "ID_OR_DIR", "device": "DEVICE",
                 "max_frame_gap": "SECONDS", "ransac_reproj_threshold": "PX", "nms_radius": "PX"}
     for flag, (nodes, name) in MODEL_FLAGS.items():
         spec = params.spec(nodes[0], name)
@@ -107,7 +121,8 @@ def add_model_flags(group) -> None:
             default += f"; {spec.core_value} with --params-file none"
         text = f"{spec.description} ({default})".replace("%", "%%")
         if len(nodes) == 1 and name != "model":
-            text = ("SuperPoint: " if nodes[0] == "superpoint_node" else "EfficientLoFTR: ") + text
+            text = {"superpoint_node": "SuperPoint: ", "eloftr_node": "EfficientLoFTR: ",
+                    "lightglue_node": "LightGlue: "}[nodes[0]] + text
         kwargs = {"help": text}
         if spec.type is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=None)
@@ -132,8 +147,13 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
     parser.add_argument("--detector", action=argparse.BooleanOptionalAction, default=True,
                         help="run SuperPoint -> <prefix>/keypoints (default: on)")
-    parser.add_argument("--matcher", action=argparse.BooleanOptionalAction, default=True,
-                        help="run EfficientLoFTR -> <prefix>/matches (default: on)")
+    parser.add_argument("--matcher", nargs="?", const="eloftr", default="eloftr",
+                        choices=tuple(MATCHER_NODES),
+                        help="which matcher -> <prefix>/matches: eloftr (dense, on the images; "
+                             "the default) or lightglue (sparse, on this run's SuperPoint "
+                             "keypoints: needs the detector)")
+    parser.add_argument("--no-matcher", dest="matcher", action="store_const", const=None,
+                        help="no matcher")
     parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")
     parser.add_argument("--tracks", action="store_true",
                         help="also write kp_ros/Tracks (track ids over frames, as track_node) on <prefix>/tracks")

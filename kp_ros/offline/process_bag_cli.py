@@ -84,6 +84,9 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if not (args.detector or args.matcher):
         return fail(EXIT_INPUT, "--no-detector and --no-matcher: nothing to do")
+    if args.matcher == "lightglue" and not args.detector:
+        return fail(EXIT_INPUT, "--matcher lightglue matches this run's SuperPoint keypoints: "
+                                "it needs the detector")
     if args.tracks and not (args.detector and args.matcher):
         return fail(EXIT_INPUT, "--tracks needs both the detector and the matcher")
     try:
@@ -133,7 +136,8 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
         try:
             detector, matcher, detector_name, matcher_name = load_models(
                 detector_kwargs if args.detector else None, matcher_kwargs if args.matcher else None,
-                args.random_init_fallback, Path(workdir))
+                args.random_init_fallback, Path(workdir),
+                args.matcher if isinstance(args.matcher, str) else "eloftr")
         except ValueError as err:
             raise ModelLoadError(str(err)) from err
         return process_bag(

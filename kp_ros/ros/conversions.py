@@ -44,9 +44,11 @@ def keypoints_to_msg(header, height: int, width: int, detector: str, keypoints_x
 
 
 def matches_to_msg(header, stamp0, frame_id0: str, height: int, width: int, matcher: str,
-                   keypoints0, keypoints1, scores, inliers=None) -> Matches:
+                   keypoints0, keypoints1, scores, inliers=None,
+                   index0=None, index1=None) -> Matches:
     """Matches message: header of the newer frame, stamp0/frame_id0 of the older one."""
-    fields = matches_fields(frame_id0, height, width, matcher, keypoints0, keypoints1, scores, inliers)
+    fields = matches_fields(frame_id0, height, width, matcher, keypoints0, keypoints1, scores,
+                            inliers, index0, index1)
     return Matches(header=header, stamp0=stamp0, **as_rclpy_arrays(fields))
 
 

@@ -85,10 +85,11 @@ class FeatureNode(Node):
 
     NODE_NAME = "feature_node"
     MODEL_PARAMS: tuple[Param, ...] = ()
+    COMMON: tuple[Param, ...] = COMMON_PARAMS  # a node without an image input declares fewer
 
     def __init__(self, name: str, **kwargs):
         super().__init__(name, **kwargs)
-        self._params = {p.name: p for p in self.MODEL_PARAMS + COMMON_PARAMS}
+        self._params = {p.name: p for p in self.MODEL_PARAMS + self.COMMON}
         for p in self._params.values():
             self.declare_parameter(p.name, p.default, p.descriptor())
         self.values = {name: self._normalized(name, self.get_parameter(name).value)
