@@ -133,6 +133,8 @@ class LightGlueStreamMatcher:
         """Numpy keypoints (N, 2) and descriptors (N, D) -> the matcher's frame, or ValueError."""
         keypoints = np.ascontiguousarray(np.asarray(keypoints, np.float32).reshape(-1, 2))
         descriptors = np.asarray(descriptors, np.float32)
+        if not len(keypoints):  # an empty frame: any empty descriptor block
+            descriptors = descriptors.reshape(0, self.descriptor_size)
         if descriptors.shape != (len(keypoints), self.descriptor_size):
             raise ValueError(f"descriptors must be ({len(keypoints)}, {self.descriptor_size}) for "
                              f"{len(keypoints)} keypoints, got {descriptors.shape}")
