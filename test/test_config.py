@@ -107,7 +107,8 @@ def test_process_bag_model_flags_come_from_the_spec():
         assert actions[flag].default is None, flag  # not given: the params file decides
         assert tuple(actions[flag].choices or ()) == spec.choices, flag
     # Every model parameter the nodes share with process_bag has a flag.
-    shared = set(process_bag.DETECTOR_PARAMS) | set(process_bag.MATCHER_PARAMS) | {"max_frame_gap"}
+    shared = set(process_bag.DETECTOR_PARAMS) | set(process_bag.MATCHER_PARAMS) \
+        | set(process_bag.SPARSE_MATCHER_PARAMS) | {"max_frame_gap"}
     assert shared == {name for _, name in process_bag.MODEL_FLAGS.values()}
 
 

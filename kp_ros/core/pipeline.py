@@ -81,7 +81,7 @@ class FeaturePipeline:
         ``previous`` with the next frame's matches. An exception from the matcher restarts
         the stream (re-raised), so a later pair never spans a frame it did not finish."""
         return self._step(lambda: self.matcher.push(image), image.shape[:2], stamp_ns, encoding,
-                          token, arrival, image if overlay else None)
+                          token, arrival, image, overlay)
 
     def match_keypoints(self, features: dict, image_size: tuple[int, int], stamp_ns: int,
                         token=None, arrival: tuple[int, str | None] | None = None,
@@ -91,9 +91,10 @@ class FeaturePipeline:
         is drawn on (with the previous frame's, when that had one)."""
         return self._step(lambda: self.matcher.push(features["keypoints"], features["scores"],
                                                     features["descriptors"], image_size),
-                          image_size, stamp_ns, "keypoints", token, arrival, image)
+                          image_size, stamp_ns, "keypoints", token, arrival, image,
+                          image is not None)
 
-    def _step(self, push, size, stamp_ns, encoding, token, arrival, image) -> MatchStep:
+    def _step(self, push, size, stamp_ns, encoding, token, arrival, image, overlay) -> MatchStep:
         if arrival is None:
             arrival = self.arrive(stamp_ns)
         height, width = size
@@ -116,7 +117,7 @@ class FeaturePipeline:
         if matches is None:
             return MatchStep(None, reset=broken)
         step = MatchStep(matches, previous[0], broken)
-        if image is not None and previous[1] is not None:
+        if overlay and image is not None and previous[1] is not None:
             from kp_ros.core.visualize import draw_matches
             inliers = matches["inliers"].astype(bool) if len(matches["inliers"]) else None
             step.overlay = draw_matches(previous[1], image, matches["keypoints0"], matches["keypoints1"],

@@ -46,6 +46,7 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
     from kp_ros.offline.model_setup import deterministic_torch, interrupts_held, load_models
     # Also the option names tests and process_bags read from here.
     from kp_ros.offline.options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
+                                        SPARSE_MATCHER_PARAMS,
                                                   MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
                                                   default_prefix, output_topics, resolve_options,
                                                   track_params)
@@ -172,7 +173,7 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
 
 
 __all__ = ["BagError", "DETECTOR_PARAMS", "ELOFTR_MODEL", "EXIT_INPUT", "EXIT_INTERRUPTED",
-           "EXIT_MODEL", "EXIT_OK", "MATCHER_PARAMS", "MAX_FRAME_GAP", "MODEL_FLAGS",
+           "EXIT_MODEL", "EXIT_OK", "MATCHER_PARAMS", "SPARSE_MATCHER_PARAMS", "MAX_FRAME_GAP", "MODEL_FLAGS",
            "ModelLoadError", "SUPERPOINT_MODEL", "Summary", "build_parser", "default_prefix",
            "main", "output_topics", "process_bag", "resolve_options", "run_one"]
 
