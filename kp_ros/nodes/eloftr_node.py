@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-from rclpy.time import Time
 from sensor_msgs.msg import CameraInfo
 
 from kp_ros.core import params
@@ -19,6 +18,7 @@ from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
 from kp_ros.core.geometry import camera_from_info
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.pipeline import FeaturePipeline
+from kp_ros.core.stamps import stamp_ns
 from kp_ros.msg import Matches
 from kp_ros.ros.conversions import matches_to_msg
 from kp_ros.ros.feature_node import FeatureNode, ros_params, run_node
@@ -79,12 +79,15 @@ class EfficientLoFTRNode(FeatureNode):
         return (f"EfficientLoFTR {self.core.model_id} on {self.core.device}, "
                 f"precision {self.core.precision.note}")
 
+    def extra_diagnostics(self) -> dict:
+        return {"stream resets": self.resets}
+
     @property
     def resets(self) -> int:
         return self.pipeline.resets
 
     def on_arrival(self, msg) -> tuple[int, str | None]:
-        return self.pipeline.arrive(Time.from_msg(msg.header.stamp).nanoseconds)
+        return self.pipeline.arrive(stamp_ns(msg.header.stamp))
 
     def process(self, msg, image, arrival) -> None:
         if self.core.params.geometric_verification == "essential" and self.core.camera is None \
@@ -94,7 +97,7 @@ class EfficientLoFTRNode(FeatureNode):
                 f"geometric_verification essential: no camera_info on {self.resolve_topic_name('camera_info')} "
                 f"yet; verifying with a fundamental matrix until one arrives")
         encoding = getattr(msg, "encoding", None) or getattr(msg, "format", "")
-        step = self.pipeline.match(image, Time.from_msg(msg.header.stamp).nanoseconds, encoding,
+        step = self.pipeline.match(image, stamp_ns(msg.header.stamp), encoding,
                                    token=msg.header, arrival=arrival, overlay=self.debug_wanted())
         if step.reset:
             self.get_logger().warning(f"stream reset, no matches for this frame: {step.reset}")

@@ -14,7 +14,9 @@ messages and counts.
 """
 from __future__ import annotations
 
+import functools
 import time
+import traceback
 from collections import deque
 
 import numpy as np
@@ -22,11 +24,11 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.time import Time
 from sensor_msgs.msg import Image
 
 from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
+from kp_ros.core.stamps import stamp_ns, stamp_problem
 from kp_ros.core.track_sync import TrackSynchronizer
 from kp_ros.core.tracks import FrameTracks, MatchSet, TrackBook, TrackParams
 from kp_ros.core.visualize import draw_tracks
@@ -45,8 +47,18 @@ IMAGES_KEPT = 8  # frames kept for the debug overlay, waiting for their tracks
 TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
 
 
-def _stamp_ns(stamp) -> int:
-    return Time.from_msg(stamp).nanoseconds
+def _guarded(handler):
+    """A callback that logs (with the traceback) and counts an exception instead of letting
+    it end the executor's spin: one bad message must not stop the node."""
+    @functools.wraps(handler)
+    def callback(self, *args):
+        try:
+            return handler(self, *args)
+        except Exception:  # noqa: BLE001 - counted and logged with its traceback
+            self.counts["errors"] += 1
+            self.get_logger().error(f"{handler.__name__} failed (errors so far: "
+                                    f"{self.counts['errors']}):\n{traceback.format_exc()}")
+    return callback
 
 
 class TrackNode(Node):
@@ -72,9 +84,9 @@ class TrackNode(Node):
         self._images: dict[int, Image] = {}
         self._history: deque[FrameTracks] = deque(maxlen=self.values["trail_length"])
         self.counts = {"keypoints": 0, "matches": 0, "published": 0, "rejected": 0,
-                       "linked tracks": 0, "new tracks": 0}
+                       "linked tracks": 0, "new tracks": 0, "size mismatch": 0, "errors": 0}
         self._latencies: deque[float] = deque(maxlen=200)
-        self._last_reject_log = 0.0
+        self._last_reject_log = self._last_warn_log = 0.0
         self._diag_prev = (time.monotonic(), 0)
 
     def start(self) -> None:
@@ -114,18 +126,26 @@ class TrackNode(Node):
         return SetParametersResult(successful=True)
 
     # --- inputs ---------------------------------------------------------------------
+    @_guarded
     def on_keypoints(self, msg: Keypoints) -> None:
         started = time.perf_counter()
         self.counts["keypoints"] += 1
         if len(msg.x) != len(msg.y):
             return self._reject(f"Keypoints with {len(msg.x)} x but {len(msg.y)} y")
-        ready = self.sync.add_keypoints(_stamp_ns(msg.header.stamp), keypoint_positions(msg),
-                                        time.monotonic(), payload=msg)
+        problem = stamp_problem(msg.header.stamp)
+        if problem is not None:
+            return self._reject(f"Keypoints with a {problem}")
+        ready = self.sync.add_keypoints(stamp_ns(msg.header.stamp), keypoint_positions(msg),
+                                        time.monotonic(), payload=msg, size=(msg.width, msg.height))
         self._publish(ready, started)
 
+    @_guarded
     def on_matches(self, msg: Matches) -> None:
         started = time.perf_counter()
         self.counts["matches"] += 1
+        problem = stamp_problem(msg.header.stamp) or stamp_problem(msg.stamp0)
+        if problem is not None:
+            return self._reject(f"Matches with a {problem}")
         n = len(msg.scores)
         if not (len(msg.x0) == len(msg.y0) == len(msg.x1) == len(msg.y1) == n) \
                 or len(msg.inliers) not in (0, n):
@@ -133,18 +153,24 @@ class TrackNode(Node):
                                 f"x1 {len(msg.x1)}, y1 {len(msg.y1)}, scores {n}, "
                                 f"inliers {len(msg.inliers)})")
         fields = matches_from_msg(msg)
-        matches = MatchSet(_stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0), fields["keypoints0"],
+        matches = MatchSet(stamp_ns(msg.header.stamp), stamp_ns(msg.stamp0), fields["keypoints0"],
                            fields["keypoints1"], fields["scores"],
                            fields["inliers"] if len(fields["inliers"]) else None)
         if matches.stamp0_ns >= matches.stamp_ns:
             return self._reject("Matches whose older frame (stamp0) is not older than its header stamp")
-        self._publish(self.sync.add_matches(matches, time.monotonic()), started)
+        self._publish(self.sync.add_matches(matches, time.monotonic(), size=(msg.width, msg.height)),
+                      started)
 
+    @_guarded
     def on_image(self, msg: Image) -> None:
-        self._images[_stamp_ns(msg.header.stamp)] = msg
+        problem = stamp_problem(msg.header.stamp)
+        if problem is not None:
+            return self._reject(f"debug image: {problem}")
+        self._images[stamp_ns(msg.header.stamp)] = msg
         while len(self._images) > IMAGES_KEPT:
             del self._images[min(self._images)]
 
+    @_guarded
     def _poll(self) -> None:
         self._publish(self.sync.poll(time.monotonic()), time.perf_counter())
         self._update_image_subscription()
@@ -156,8 +182,20 @@ class TrackNode(Node):
             self._last_reject_log = now
             self.get_logger().error(f"input rejected: {reason} (rejected so far: {self.counts['rejected']})")
 
+    def _warn_throttled(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warn_log >= 1.0:
+            self._last_warn_log = now
+            self.get_logger().warning(text)
+
     # --- outputs --------------------------------------------------------------------
     def _publish(self, ready: list[FrameTracks], started: float) -> None:
+        mismatches = self.sync.counters["size mismatch"]
+        if mismatches > self.counts["size mismatch"]:
+            self.counts["size mismatch"] = mismatches
+            self._warn_throttled(f"Matches for another image size than the Keypoints' refused "
+                                 f"({ready[-1].why_new if ready else ''}): new tracks "
+                                 f"(size mismatches so far: {mismatches})")
         for tracks in ready:
             keypoints_msg = tracks.payload
             tracks.payload = None  # the history keeps arrays, not messages

@@ -4,6 +4,7 @@ essential-matrix verification takes from the bag's CameraInfo."""
 from __future__ import annotations
 
 from kp_ros.core.pipeline import FeaturePipeline
+from kp_ros.core.stamps import stamp_problem
 from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
                                        image_msg, keypoints_msg, matches_msg, stamp_to_ns,
                                        tracks_msg)
@@ -45,6 +46,10 @@ class FrameProcessor:
             msg = self.typestore.deserialize_cdr(data, msgtype)
         except Exception as err:  # noqa: BLE001 - any garbage in a message is that frame's problem
             summary.note(summary.rejected, f"undeserializable {msgtype} ({type(err).__name__}: {err})")
+            return None
+        problem = stamp_problem(msg.header.stamp)
+        if problem is not None:
+            summary.note(summary.rejected, problem)
             return None
         try:
             image = decode_image_msg(msg, msgtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+import traceback
 from dataclasses import fields
 
 import numpy as np
@@ -23,11 +24,13 @@ from sensor_msgs.msg import CompressedImage, Image
 from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.params import ParamSpec
+from kp_ros.core.stamps import stamp_problem
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.ros.diagnostics import diagnostic_array, latency_values
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
 from kp_ros.ros.image_input import ImageInput
+from kp_ros.ros.parent_watch import watch_parent
 from kp_ros.ros.qos import output_qos
 
 
@@ -146,6 +149,10 @@ class FeatureNode(Node):
     def describe(self) -> str:
         return self.get_name()
 
+    def extra_diagnostics(self) -> dict:
+        """Values a subclass adds to its /diagnostics status (e.g. stream resets)."""
+        return {}
+
     # --- shared machinery -----------------------------------------------------------
     def debug_wanted(self) -> bool:
         return self.values["debug_image"] or self._debug_pub.get_subscription_count() > 0
@@ -157,13 +164,17 @@ class FeatureNode(Node):
         """The subscription callback: never waits for inference. What is cheap to check
         (encoding, sizes, data length, empty compressed data) is checked here, so a frame
         that will be rejected never displaces a good one from the keep-latest slot and never
-        counts in the stream's continuity."""
-        problem = image_msg_problem(msg)
-        if problem is not None:
-            self.worker.reject(problem)
-            self._log_rejected(msg, problem, FrameRejected(problem))
-            return
-        self.worker.submit((msg, self.on_arrival(msg)))
+        counts in the stream's continuity. A bad header stamp is one of those checks."""
+        try:
+            problem = image_msg_problem(msg) or stamp_problem(msg.header.stamp)
+            if problem is None:
+                self.worker.submit((msg, self.on_arrival(msg)))
+                return
+            exc = FrameRejected(problem)
+        except Exception as error:  # noqa: BLE001 - counted and logged, never ends the spin
+            problem, exc = f"{type(error).__name__} on arrival", error
+        self.worker.reject(problem)
+        self._log_rejected(msg, problem, exc)
 
     def _process_frame(self, item) -> None:
         msg, arrival = item
@@ -180,7 +191,8 @@ class FeatureNode(Node):
             return
         self._last_reject_log = now
         counts = self.worker.snapshot()
-        detail = "" if isinstance(exc, FrameRejected) else f": {exc!r}"
+        detail = "" if isinstance(exc, FrameRejected) else (
+            f": {exc!r}\n" + "".join(traceback.format_exception(exc)).rstrip())
         self.get_logger().error(f"frame rejected: {reason}{detail} (rejected so far: {counts.rejected})")
 
     def _normalized(self, name: str, value):
@@ -218,6 +230,8 @@ class FeatureNode(Node):
             "processed rate (Hz)": (counts.processed - processed0) / elapsed,
             "received": counts.received, "processed": counts.processed,
             "dropped": counts.dropped, "rejected": counts.rejected,
+            "lost": self.input.lost if self.input else 0,  # reported lost by the middleware
+            **self.extra_diagnostics(),
             **latency_values(self.worker.latencies),
             "device": str(self.core.device), "model": self.core.model_id,
             "input topic": self.input.topic if self.input else "",
@@ -248,17 +262,26 @@ def run_node(node_class, args=None) -> int:
     # (ros2 launch's second step, docker stop, systemd) shuts down the same clean way.
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = None
+    node, running = None, False
     try:
         node = node_class()
         node.start()
         node.announce()
+        running = True
+        watch_parent(lambda pid: node.get_logger().warning(
+            f"parent process {pid} is gone (ros2 launch stopped by SIGTERM or killed): "
+            f"shutting down"))
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ModelUnavailableError, ValueError) as exc:
-        name = node_class.NODE_NAME if node is None else node.get_name()
-        rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one clear line at start-up, a traceback later
+        logger = rclpy.logging.get_logger(node_class.NODE_NAME if node is None else node.get_name())
+        if running:
+            logger.fatal(f"stopped by an error while running:\n{traceback.format_exc()}")
+        elif isinstance(exc, (ModelUnavailableError, ValueError)):
+            logger.fatal(f"cannot start: {exc}")
+        else:
+            raise
         return 1
     finally:
         # A second signal (ros2 launch's SIGTERM after SIGINT) must not cut the shutdown
