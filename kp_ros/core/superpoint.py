@@ -51,9 +51,11 @@ class SuperPointParams:
 
     def validated(self) -> "SuperPointParams":
         threshold = self.keypoint_threshold
+        low, high = _SPEC["keypoint_threshold"].low, _SPEC["keypoint_threshold"].high  # as the descriptor
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(threshold) or not 0.0 <= threshold < 1.0:
-            raise ValueError(f"keypoint_threshold must be a number in [0, 1), got {threshold!r}")
+                or not math.isfinite(threshold) or not low <= threshold <= high:
+            raise ValueError(f"keypoint_threshold must be a number in [{low:g}, {high:g}], "
+                             f"got {threshold!r}")
         for name in ("nms_radius", "max_keypoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -15,7 +15,7 @@ from sensor_msgs.msg import CameraInfo
 
 from kp_ros.core import params
 from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
-from kp_ros.core.geometry import camera_from_info
+from kp_ros.core.geometry import CalibrationGate, camera_from_info, camera_info_key
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stamps import stamp_ns
@@ -39,6 +39,7 @@ class EfficientLoFTRNode(FeatureNode):
         # Calibration for 'essential': camera_info beside the image, as image_pipeline nodes
         # take it (latched-style QoS not assumed: drivers publish it with every frame).
         self._camera_key = None
+        self.calibration = CalibrationGate()  # used only where it fits the frames' size
         self._warned_no_camera = False
         self.create_subscription(CameraInfo, "camera_info", self.on_camera_info, 10)
 
@@ -62,18 +63,19 @@ class EfficientLoFTRNode(FeatureNode):
             "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
 
     def on_camera_info(self, msg: CameraInfo) -> None:
-        key = (tuple(msg.k), tuple(msg.d), msg.distortion_model, msg.width, msg.height)
+        key = camera_info_key(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
         if key == self._camera_key:
             return  # the same calibration with every frame: nothing to do
         self._camera_key = key
         try:
-            self.core.camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
+            camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
         except ValueError as exc:
-            self.core.camera = None
+            self.calibration.camera = None
             self.get_logger().error(f"camera_info ignored: {exc}")
             return
+        self.calibration.camera = camera
         self.get_logger().info(f"camera_info: {msg.width}x{msg.height}, {msg.distortion_model or 'plumb_bob'}, "
-                               f"focal {self.core.camera.focal:.1f} px")
+                               f"focal {camera.focal:.1f} px")
 
     def describe(self) -> str:
         return (f"EfficientLoFTR {self.core.model_id} on {self.core.device}, "
@@ -90,7 +92,10 @@ class EfficientLoFTRNode(FeatureNode):
         return self.pipeline.arrive(stamp_ns(msg.header.stamp))
 
     def process(self, msg, image, arrival) -> None:
-        if self.core.params.geometric_verification == "essential" and self.core.camera is None \
+        self.core.camera, refused = self.calibration.for_image(image.shape[1], image.shape[0])
+        if refused and self.core.params.geometric_verification == "essential":
+            self.get_logger().warning(refused)
+        if self.core.params.geometric_verification == "essential" and self.calibration.camera is None \
                 and not self._warned_no_camera:
             self._warned_no_camera = True
             self.get_logger().warning(

@@ -3,6 +3,7 @@ kp_ros/core/pipeline.py, as in the nodes); and the camera calibration the matche
 essential-matrix verification takes from the bag's CameraInfo."""
 from __future__ import annotations
 
+from kp_ros.core.geometry import CalibrationGate
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stamps import stamp_problem
 from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
@@ -38,6 +39,9 @@ class FrameProcessor:
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
         # Continuity, pairing, resets and overlays: kp_ros/core/pipeline.py, as in the nodes.
         self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap)
+        # The bag's calibration (use_camera_info), used only for frames of its size.
+        self.calibration = CalibrationGate()
+        self.calibration.camera = getattr(matcher, "camera", None)
         self.debug_images = debug_images
 
     def process(self, data, msgtype: str, summary: Summary) -> list[tuple[str, str, object]] | None:
@@ -90,6 +94,9 @@ class FrameProcessor:
 
     def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
         height, width = image.shape[:2]
+        self.matcher.camera, refused = self.calibration.for_image(width, height)
+        if refused and self.matcher.params.geometric_verification == "essential":
+            summary.events.append(("calibration refused", refused))
         step = self.pipeline.match(image, stamp_to_ns(msg.header.stamp), image_encoding(msg, msgtype),
                                    token=msg.header, overlay=self.debug_images)
         if step.reset:

@@ -31,6 +31,7 @@ Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 inte
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import tempfile
@@ -145,6 +146,20 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
             tracks=track_params(args))
 
 
+def disk_full(err: BaseException) -> str | None:
+    """The disk-full error in ``err``'s chain (OSError ENOSPC from MCAP or the file system,
+    sqlite3's 'database or disk is full'), as text; None when it is another failure."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{errno.errorcode[err.errno]}: {err.strerror or err}"
+        if "disk is full" in str(err):
+            return f"{type(err).__name__}: {err}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
     """main() after the argument checks: load the models, process, print the summary."""
     with interrupts_held():  # model_loading imports torch: see interrupts_held
@@ -160,7 +175,11 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
         return fail(EXIT_INPUT, str(err))
     except (BagError, ValueError, PackageFileNotFound) as err:  # the last: an install without msg/
         return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
-    except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
+    except Exception as err:  # noqa: BLE001 - a model failure: say so, leave no output
+        full = disk_full(err)
+        if full:
+            return fail(EXIT_INPUT, f"no space left on the device while writing {args.output} "
+                                    f"({full}); no output bag written")
         traceback.print_exc()
         return fail(EXIT_INPUT, f"processing failed; no output bag written ({args.output} untouched)")
     print(summary.text())

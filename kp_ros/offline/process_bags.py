@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    started_ray = False
+    started_ray = interrupted = False
     records = {}
     try:
         if todo:
@@ -121,15 +121,17 @@ def main(argv=None) -> int:
                 started_ray = True
             _run(ray, args, options, out_dir, todo, records)
     except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        interrupted = _shut_down(ray if started_ray else None, out_dir, todo) or interrupted
+        signal.signal(signal.SIGTERM, previous)
+    if interrupted and not all(name in records for _, name in todo):
         write_summary(out_dir, records, skipped)  # the bags finished so far
         print("process_bags: interrupted; bags not finished have no output", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if started_ray:
-            ray.shutdown()
-        if todo:
-            remove_partials(out_dir, [n for _, n in todo])  # a worker killed by the shutdown
-        signal.signal(signal.SIGTERM, previous)
+    if interrupted:  # every bag had finished: the run is complete, say so and go on
+        print("process_bags: interrupted after every bag had finished; results complete",
+              file=sys.stderr)
 
     summary = write_summary(out_dir, records, skipped)
     print(summary_table(summary))
@@ -139,6 +141,20 @@ def main(argv=None) -> int:
             f"{r['bag']} ({r['input']}): {r['error'].splitlines()[0] if r['error'] else '?'}"
             for r in failed))
     return EXIT_OK
+
+
+def _shut_down(ray, out_dir: Path, todo) -> bool:
+    """Stop the Ray instance this run started (``ray``, or None) and remove partial outputs;
+    True when a Ctrl-C / SIGTERM came meanwhile (the clean-up still completes)."""
+    interrupted = False
+    for step in (lambda: ray is not None and ray.shutdown(),
+                 lambda: todo and remove_partials(out_dir, [n for _, n in todo])):
+        try:
+            step()  # remove_partials: a worker killed by the shutdown
+        except KeyboardInterrupt:
+            interrupted = True
+            step()
+    return interrupted
 
 
 def _run(ray, args, options, out_dir: Path, todo, records: dict) -> None:
