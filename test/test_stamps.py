@@ -37,3 +37,14 @@ def test_rosbags_and_rclpy_times():
     builtin = pytest.importorskip("builtin_interfaces.msg")
     assert stamp_ns(builtin.Time(sec=7, nanosec=3)) == 7_000_000_003
     assert "negative" in stamp_problem(builtin.Time(sec=-5, nanosec=0))
+
+
+def test_keypoint_threshold_range_is_the_descriptors():
+    """The descriptor's [0, 1] is what the core accepts (1.0 used to be refused)."""
+    from kp_ros.core.params import spec
+    from kp_ros.core.superpoint import SuperPointParams
+    threshold = spec("superpoint_node", "keypoint_threshold")
+    for value in (threshold.low, threshold.high):
+        assert SuperPointParams(keypoint_threshold=value).validated().keypoint_threshold == value
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        SuperPointParams(keypoint_threshold=1.01).validated()
