@@ -19,4 +19,3 @@ def test_message_lost_events_are_counted():
         image_input._subscribe(True, "test: publishers changed")
         image_input._on_message_lost(SimpleNamespace(total_count=2, total_count_change=2))
         assert image_input.lost == 5
-        image_input.close()

@@ -215,7 +215,7 @@ def test_threshold_and_nms_take_effect_at_runtime(tiny_superpoint_dir):
 
 
 @pytest.mark.parametrize("bad", [
-    {"keypoint_threshold": -0.1}, {"keypoint_threshold": 1.0}, {"keypoint_threshold": float("nan")},
+    {"keypoint_threshold": -0.1}, {"keypoint_threshold": 1.01}, {"keypoint_threshold": float("nan")},
     {"keypoint_threshold": "0.1"}, {"nms_radius": -1}, {"nms_radius": 2.5}, {"nms_radius": True},
     {"max_keypoints": 1.5}, {"resize": "square"}, {"max_keypoints": 10, "resize": "bad"}])
 def test_set_params_rejects_bad_values_and_changes_nothing(detector, bad):

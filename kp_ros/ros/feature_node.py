@@ -137,10 +137,11 @@ class FeatureNode(NodeBase):
         self._log_rejected(reason, exc)
 
     def _log_rejected(self, reason: str, exc: BaseException) -> None:
-        detail = "" if isinstance(exc, FrameRejected) else (
-            f": {exc!r}\n" + "".join(traceback.format_exception(exc)).rstrip())
+        failure = not isinstance(exc, FrameRejected)  # a failure inside processing: where
+        detail, trace = (f": {exc!r}", "\n" + "".join(traceback.format_exception(exc)).rstrip()) \
+            if failure else ("", "")
         self.log_rejected(f"frame rejected: {reason}{detail} "
-                          f"(rejected so far: {self.worker.snapshot().rejected})")
+                          f"(rejected so far: {self.worker.snapshot().rejected}){trace}")
 
     def _publish_diagnostics(self) -> None:
         counts = self.worker.snapshot()
