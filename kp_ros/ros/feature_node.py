@@ -12,6 +12,7 @@ from dataclasses import fields
 
 import numpy as np
 import rclpy
+import rclpy.task
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
@@ -21,6 +22,7 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 
 from kp_ros.core import params
+from kp_ros.core.device_errors import EXIT_DEVICE_FAILED, device_still_works, is_sticky_device_error
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.params import ParamSpec
 from kp_ros.core.model_loading import ModelUnavailableError
@@ -103,7 +105,12 @@ class FeatureNode(Node):
 
         self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.worker = LatestFrameWorker(self._process_frame, self._log_rejected)
+        # A sticky CUDA error ends the process (exit EXIT_DEVICE_FAILED) so respawn restarts it.
+        self.device_failed = rclpy.task.Future()
+        self.worker = LatestFrameWorker(
+            self._process_frame, self._log_rejected, is_fatal=lambda exc: is_sticky_device_error(
+                exc, lambda: device_still_works(self.core.device)),
+            on_fatal=self._on_device_failed)
         self._last_reject_log = 0.0
         self._diag_prev = (time.monotonic(), 0, 0)
         self._started = time.monotonic()
@@ -183,6 +190,11 @@ class FeatureNode(Node):
         detail = "" if isinstance(exc, FrameRejected) else f": {exc!r}"
         self.get_logger().error(f"frame rejected: {reason}{detail} (rejected so far: {counts.rejected})")
 
+    def _on_device_failed(self, exc: BaseException) -> None:
+        self.get_logger().fatal(f"the device failed and stays unusable in this process: {exc!r}; "
+                                f"exiting with code {EXIT_DEVICE_FAILED} (respawn:=true restarts it)")
+        self.device_failed.set_result(exc)  # wakes run_node's spin
+
     def _normalized(self, name: str, value):
         normalize = self._params[name].normalize
         return normalize(value) if normalize is not None else value
@@ -248,12 +260,14 @@ def run_node(node_class, args=None) -> int:
     # (ros2 launch's second step, docker stop, systemd) shuts down the same clean way.
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = None
+    node, code = None, 0
     try:
         node = node_class()
         node.start()
         node.announce()
-        rclpy.spin(node)
+        rclpy.spin_until_future_complete(node, node.device_failed)
+        if node.device_failed.done():
+            code = EXIT_DEVICE_FAILED
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ModelUnavailableError, ValueError) as exc:
@@ -272,4 +286,4 @@ def run_node(node_class, args=None) -> int:
             rclpy.try_shutdown()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0
+    return code
