@@ -25,6 +25,7 @@ from kp_ros.core import params
 from kp_ros.core.device_errors import EXIT_DEVICE_FAILED, device_still_works, is_sticky_device_error
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.params import ParamSpec
+from kp_ros.core.warmup import describe_warm_up, warm_up
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.ros.diagnostics import diagnostic_array, latency_values
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
@@ -115,12 +116,14 @@ class FeatureNode(Node):
         self._diag_prev = (time.monotonic(), 0, 0)
         self._started = time.monotonic()
         self.input: ImageInput | None = None
+        self.warm_up_seconds: float | None = None
 
     def start(self) -> None:
         """Subscribe and start publishing diagnostics: called once the whole node (subclass
         publishers included) is built, so no frame reaches a half-built node."""
         if self.input is not None:
             return
+        self.warm_up_seconds = warm_up(self.warm_up_step(), self.core.device)  # CUDA only
         if self.values["use_compressed"]:
             topic, msg_type = "image/compressed", CompressedImage
         else:
@@ -131,7 +134,8 @@ class FeatureNode(Node):
     def announce(self) -> None:
         """The start-up line: what runs on which topic. Logged once the whole node (subclass
         included) is built, so a node stopped while starting still logs its counters."""
-        self.get_logger().info(f"{self.describe()} on {self.input.topic} ({self.input.describe_qos()})")
+        self.get_logger().info(f"{self.describe()} on {self.input.topic} ({self.input.describe_qos()})"
+                               f"{describe_warm_up(self.warm_up_seconds)}")
 
     # --- for subclasses -------------------------------------------------------------
     def build_core(self, values: dict):
@@ -152,6 +156,11 @@ class FeatureNode(Node):
 
     def describe(self) -> str:
         return self.get_name()
+
+    def warm_up_step(self):
+        """One dummy frame through the core, for the warm-up at start (kp_ros/core/warmup.py)."""
+        core = self.core
+        return core.detect if hasattr(core, "detect") else (lambda image: core.match_pair(image, image))
 
     # --- shared machinery -----------------------------------------------------------
     def debug_wanted(self) -> bool:
