@@ -133,7 +133,7 @@ FAULTY_NODE = textwrap.dedent("""
     def start(self):
         real_start(self)
         for _ in range(3):
-            self.on_image(array_to_image_msg(np.zeros((48, 64, 3), np.uint8)))
+            self.input.on_image(array_to_image_msg(np.zeros((48, 64, 3), np.uint8)))
 
     SuperPointDetector.detect = detect
     FeatureNode.start = start

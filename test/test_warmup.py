@@ -28,25 +28,16 @@ def test_node_warms_up_before_it_subscribes_and_says_so(node, tiny_superpoint_di
     from kp_ros.nodes import eloftr_node, superpoint_node
     from ros_helpers import InProcessNode
     monkeypatch.setattr(warmup, "needs_warm_up", lambda device: True)  # the fake CUDA flag
-    seen = []
-    if node == "superpoint_node":
-        node_class, output, topic, model, method = (superpoint_node.SuperPointNode, Keypoints,
-                                                    "keypoints", tiny_superpoint_dir, "detect")
-    else:
-        node_class, output, topic, model, method = (eloftr_node.EfficientLoFTRNode, Matches,
-                                                    "matches", tiny_eloftr_dir, "match_pair")
-    real = getattr(node_class, "build_core")
+    from kp_ros.ros.feature_node import FeatureNode
+    node_class, output, topic, model = {
+        "superpoint_node": (superpoint_node.SuperPointNode, Keypoints, "keypoints", tiny_superpoint_dir),
+        "eloftr_node": (eloftr_node.EfficientLoFTRNode, Matches, "matches", tiny_eloftr_dir)}[node]
+    seen, real_step = [], FeatureNode.warm_up_step
 
-    def build_core(self, values):
-        core = real(self, values)
-        original = getattr(core, method)
-
-        def counted(*args):
-            seen.append(self.input)  # None: not subscribed yet
-            return original(*args)
-        setattr(core, method, counted)
-        return core
-    monkeypatch.setattr(node_class, "build_core", build_core)
+    def warm_up_step(self):
+        step = real_step(self)  # the core's real call, recorded with the subscription state
+        return lambda image: seen.append(self.input) or step(image)
+    monkeypatch.setattr(FeatureNode, "warm_up_step", warm_up_step)
     harness = InProcessNode(node_class, "/warm_up", output, topic, {
         "model": str(model), "device": "cpu", "resize": "native"})
     try:
