@@ -77,8 +77,8 @@ COMMON = (
     ParamSpec("device", "auto", "Torch device for inference: auto (cuda when available), cpu, cuda "
               "or cuda:N.", runtime=False),
     ParamSpec("precision", "fp32", "Model precision: fp32; bf16 (CPU with AVX512-BF16/AMX, or CUDA; "
-              "emulated and slower on other CPUs); fp16 (CUDA only, fp32 on CPU); auto = fp16 on "
-              "CUDA, fp32 on CPU.", runtime=False, choices=PRECISION_CHOICES),
+              "emulated and slower on other CPUs and below CUDA sm 8.0); fp16 (CUDA only, fp32 on "
+              "CPU); auto = fp16 on a CUDA GPU with tensor cores (sm >= 7.0), else fp32.", runtime=False, choices=PRECISION_CHOICES),
     ParamSpec("fp16", False, "Deprecated alias of precision: fp16.", runtime=False),
     ParamSpec("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
               "'native' = the camera size rounded to what the model needs (at most 1920x1088 "

@@ -17,7 +17,12 @@ from kp_ros.core.signals import interrupts_held
 def deterministic_torch(threads: int | None):
     """Deterministic algorithms (warn where none exists) and an optional fixed thread
     count, restored afterwards: the same bag, options and thread count give
-    byte-identical messages."""
+    byte-identical messages, on the same device (on CUDA: the same GPU model, CUDA and
+    cuDNN versions; kernels and their reduction orders differ between them).
+
+    torch's warning for an op without a deterministic implementation is shown, not
+    hidden (Python's default filter: once per place): on CUDA it says which output may
+    differ between runs."""
     with interrupts_held():
         import torch
 

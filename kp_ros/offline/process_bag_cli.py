@@ -36,7 +36,6 @@ import signal
 import sys
 import tempfile
 import traceback
-import warnings
 from pathlib import Path
 
 try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceback
@@ -124,8 +123,7 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
     outputs are byte-identical. Raises ModelUnavailableError, ModelLoadError, BagError,
     ValueError, or the model's own error; never leaves a partial output."""
     with tempfile.TemporaryDirectory(prefix="kp_ros_random_init_") as workdir, \
-            deterministic_torch(args.threads), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deterministic.*")
+            deterministic_torch(args.threads):
         try:
             detector, matcher, detector_name, matcher_name = load_models(
                 detector_kwargs if args.detector else None, matcher_kwargs if args.matcher else None,

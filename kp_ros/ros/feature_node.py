@@ -13,9 +13,13 @@ import traceback
 import warnings
 from dataclasses import fields, replace
 
+import rclpy.task
+
+from kp_ros.core.device_errors import EXIT_DEVICE_FAILED, device_still_works, is_sticky_device_error
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.models import ModelEntry
 from kp_ros.core.precision import PrecisionWarning
+from kp_ros.core.warmup import describe_warm_up, warm_up
 from kp_ros.ros.conversions import image_msg_to_model_input
 from kp_ros.ros.diagnostics import latency_values
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
@@ -43,21 +47,28 @@ class FeatureNode(NodeBase):
             raise StartupError(str(exc)) from None
         if self.core.precision.warning:
             self.get_logger().warning(self.core.precision.warning)
-        self.worker = LatestFrameWorker(self._process_frame, self._on_failed)
+        # A sticky CUDA error ends the process (exit EXIT_DEVICE_FAILED) so respawn restarts it.
+        self.device_failed = rclpy.task.Future()  # run_node spins until it is done
+        self.worker = LatestFrameWorker(
+            self._process_frame, self._on_failed, is_fatal=lambda exc: is_sticky_device_error(
+                exc, lambda: device_still_works(self.core.device)),
+            on_fatal=self._on_device_failed)
         self._diag_prev = (time.monotonic(), 0, 0)
         self.input = None
+        self.warm_up_seconds: float | None = None
 
     def start(self) -> None:
         """Subscribe and start publishing diagnostics: called once the whole node (subclass
         publishers included) is built, so no frame reaches a half-built node."""
         if self.input is not None:
             return
+        self.warm_up_seconds = warm_up(self.warm_up_step(), self.core.device)  # CUDA only
         self.input = self.make_input()
         self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
 
     def announce(self) -> None:
         self.get_logger().info(f"{self.describe()} on {self.input.topic} "
-                               f"({self.input.describe_qos()})")
+                               f"({self.input.describe_qos()}){describe_warm_up(self.warm_up_seconds)}")
 
     # --- for subclasses -------------------------------------------------------------
     def make_input(self):
@@ -92,6 +103,11 @@ class FeatureNode(NodeBase):
     def describe(self) -> str:
         return (f"{self.MODEL.title} {self.core.model_id} on {self.core.device}, "
                 f"precision {self.core.precision.note}")
+
+    def warm_up_step(self):
+        """One dummy frame through the core, for the warm-up at start (kp_ros/core/warmup.py)."""
+        core = self.core
+        return core.detect if hasattr(core, "detect") else (lambda image: core.match_pair(image, image))
 
     # --- parameters -----------------------------------------------------------------
     def _core_changes(self, changes: dict) -> dict:
@@ -135,6 +151,11 @@ class FeatureNode(NodeBase):
 
     def _on_failed(self, bundle, reason: str, exc: BaseException) -> None:
         self._log_rejected(reason, exc)
+
+    def _on_device_failed(self, exc: BaseException) -> None:
+        self.get_logger().fatal(f"the device failed and stays unusable in this process: {exc!r}; "
+                                f"exiting with code {EXIT_DEVICE_FAILED} (respawn:=true restarts it)")
+        self.device_failed.set_result(exc)  # wakes run_node's spin
 
     def _log_rejected(self, reason: str, exc: BaseException) -> None:
         failure = not isinstance(exc, FrameRejected)  # a failure inside processing: where

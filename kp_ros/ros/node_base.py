@@ -21,6 +21,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
 
+from kp_ros.core.device_errors import EXIT_DEVICE_FAILED
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.core.params import ParamSpec
 from kp_ros.core.signals import interrupts_raised
@@ -167,7 +168,7 @@ def run_node(node_class, args=None) -> int:
         # Our own signal handling: rclpy's would invalidate the context before the shutdown
         # line (and its /rosout copy) is written.
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-        node, running = None, False
+        node, running, code = None, False, 0
         try:
             node = node_class()
             node.start()
@@ -176,7 +177,12 @@ def run_node(node_class, args=None) -> int:
             watch_parent(lambda pid: node.get_logger().warning(
                 f"parent process {pid} is gone (ros2 launch stopped by SIGTERM or killed): "
                 f"shutting down"))
-            rclpy.spin(node)
+            failed = getattr(node, "device_failed", None)  # a FeatureNode's sticky CUDA error
+            if failed is None:
+                rclpy.spin(node)
+            else:
+                rclpy.spin_until_future_complete(node, failed)
+                code = EXIT_DEVICE_FAILED if failed.done() else 0
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         except (ModelUnavailableError, StartupError) as exc:
@@ -195,7 +201,7 @@ def run_node(node_class, args=None) -> int:
                 node.destroy_node()
             if rclpy.ok():
                 rclpy.try_shutdown()
-    return 0
+    return code
 
 
 def _logger(node_class, node):
