@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import deque
 from dataclasses import fields
 
 import numpy as np
@@ -24,7 +25,7 @@ from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.params import ParamSpec
 from kp_ros.core.model_loading import ModelUnavailableError
-from kp_ros.ros.diagnostics import diagnostic_array, latency_values
+from kp_ros.ros.diagnostics import diagnostic_array, latency_values, stamp_age
 from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
 from kp_ros.ros.image_input import ImageInput
@@ -104,6 +105,7 @@ class FeatureNode(Node):
         self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.worker = LatestFrameWorker(self._process_frame, self._log_rejected)
+        self._stamp_ages = deque(maxlen=200)  # s, header stamp -> outputs published (node clock)
         self._last_reject_log = 0.0
         self._diag_prev = (time.monotonic(), 0, 0)
         self._started = time.monotonic()
@@ -172,6 +174,7 @@ class FeatureNode(Node):
         except ImageDecodeError as exc:
             raise FrameRejected(str(exc)) from exc
         self.process(msg, image, arrival)
+        self._stamp_ages.append(stamp_age(self, msg.header.stamp))
 
     def _log_rejected(self, item, reason: str, exc: BaseException) -> None:
         # Throttled by hand: rclpy's throttle_duration_sec needs a ROS clock tick.
@@ -219,6 +222,7 @@ class FeatureNode(Node):
             "received": counts.received, "processed": counts.processed,
             "dropped": counts.dropped, "rejected": counts.rejected,
             **latency_values(self.worker.latencies),
+            **latency_values(self._stamp_ages, "stamp latency"),
             "device": str(self.core.device), "model": self.core.model_id,
             "input topic": self.input.topic if self.input else "",
             "input QoS": self.input.describe_qos() if self.input else "",
