@@ -35,7 +35,7 @@ def image_bag(path, count=8, rate_hz=10.0, malformed=(), t0=T0):
         for i in range(count):
             stamp = t0 + int(i * 1e9 / rate_hz)
             msg = bag_messages.image_msg(typestore, synthetic_frame(128, 160, seed=0, shift=(2 * i, i)), "rgb8",
-                                   bag_messages.header_msg(typestore, stamp, "camera"))
+                                         bag_messages.header_msg(typestore, stamp, "camera"))
             if i in malformed:
                 msg.step = 7  # shorter than one row: the nodes must reject it
             writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_messages.IMAGE_TYPE))

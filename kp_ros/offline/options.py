@@ -27,10 +27,10 @@ MODEL_FLAGS = {
     "device": (_BOTH, "device"), "precision": (_BOTH, "precision"), "fp16": (_BOTH, "fp16"),
     "resize": (_BOTH, "resize"),
     **{name: (("superpoint_node",), name) for name in ("keypoint_threshold", "nms_radius",
-                                                        "max_keypoints")},
+                                                       "max_keypoints")},
     **{name: (("eloftr_node",), name) for name in ("match_threshold", "max_matches",
-                                                    "geometric_verification",
-                                                    "ransac_reproj_threshold", "max_frame_gap")},
+                                                   "geometric_verification",
+                                                   "ransac_reproj_threshold", "max_frame_gap")},
 }
 
 

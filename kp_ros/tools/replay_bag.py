@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="replay_bag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bag", help="rosbag2 bag (directory, or a .db3/.mcap file)")
     parser.add_argument("--topic", help="image topic in the bag (default: the bag's only image topic)")
-    parser.add_argument("--output-topic", metavar="TOPIC", help="publish under this name (default: the bag's topic name)")
+    parser.add_argument("--output-topic", metavar="TOPIC",
+                        help="publish under this name (default: the bag's topic name)")
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--rate-scale", type=float, default=1.0, metavar="X",
                       help="play X times the recorded speed (default %(default)s)")
