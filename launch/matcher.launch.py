@@ -21,6 +21,9 @@ from launch.event_handlers import OnProcessExit
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
+from kp_ros.core import models
+from kp_ros.core.topics import camera_info_topic
+
 TRUE = ("true", "1", "yes", "on")
 
 
@@ -38,10 +41,9 @@ def generate_launch_description():
                               description="Namespace of both nodes and their outputs."),
         DeclareLaunchArgument("params_file", default_value=default_params,
                               description="YAML with the parameters of both nodes."),
-        DeclareLaunchArgument("superpoint_model", default_value="",
-                              description="SuperPoint hub id or local directory (empty: from params_file)."),
-        DeclareLaunchArgument("eloftr_model", default_value="",
-                              description="EfficientLoFTR hub id or local directory (empty: from params_file)."),
+        *(DeclareLaunchArgument(f"{entry.name}_model", default_value="",
+                                description=f"{entry.title} hub id or local directory (empty: "
+                                            f"from params_file).") for entry in models.MODELS.values()),
         DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
         DeclareLaunchArgument("use_compressed", default_value="false",
                               description="Subscribe to sensor_msgs/CompressedImage."),
@@ -107,15 +109,14 @@ def feature_nodes(context):
 
     # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
     # geometric_verification: essential.
-    camera_info = image_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in image_topic else "camera_info"
     images = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
-              ("camera_info", camera_info)]
+              ("camera_info", camera_info_topic(image_topic))]
     common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
               "debug_image": debug_image}
-    for executable, enabled, model in (("superpoint_node", "detector", "superpoint_model"),
-                                       ("eloftr_node", "matcher", "eloftr_model")):
-        if arg(enabled).lower() in TRUE:
-            add(executable, dict(common, **({"model": arg(model)} if arg(model) else {})), images)
+    for entry in models.MODELS.values():  # detector: true|false, matcher: true|false
+        if arg(entry.kind).lower() in TRUE:
+            model = arg(f"{entry.name}_model")
+            add(entry.node, dict(common, **({"model": model} if model else {})), images)
     if arg("tracker").lower() in TRUE:
         # Not a model node: only the params file and the debug switch apply; the image is
         # remapped too, for its debug overlay.

@@ -8,7 +8,8 @@ from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRAC
                                   image_msg, keypoints_msg, matches_msg, stamp_to_ns,
                                   tracks_msg)
 from kp_ros.bags.reader import decode_image_msg, image_encoding, read_messages
-from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix
+from kp_ros.core.topics import camera_info_topic
+from kp_ros.offline.options import MAX_FRAME_GAP
 from kp_ros.offline.summary import Summary
 
 
@@ -106,11 +107,6 @@ class FrameProcessor:
             out.append((self.topics["matches_debug"], IMAGE_TYPE,
                         image_msg(self.typestore, step.overlay, "rgb8", msg.header)))
         return out
-
-
-def camera_info_topic(image_topic: str) -> str:
-    """camera_info beside the image, as image_pipeline expects: /cam/image_raw -> /cam/camera_info."""
-    return f"{default_prefix(image_topic)}/camera_info"
 
 
 def use_camera_info(reader, typestore, matcher, image_topic: str, log) -> None:

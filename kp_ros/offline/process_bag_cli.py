@@ -43,7 +43,8 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
     from kp_ros.offline.process_bag import process_bag
     from kp_ros.bags.reader import BagError, image_connections, open_bag
     from kp_ros.bags.writer import check_output_apart
-    from kp_ros.offline.model_setup import deterministic_torch, interrupts_held, load_models
+    from kp_ros.core.signals import interrupts_held, interrupts_raised
+    from kp_ros.offline.model_setup import deterministic_torch, load_models
     # Also the option names tests and process_bags read from here.
     from kp_ros.offline.options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
                                         MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
@@ -61,10 +62,6 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
                  positionals: bool = True):
     """process_bag's options; ``positionals=False`` leaves out input/output (process_bags adds its own)."""
     return options.build_parser(prog, description, positionals)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def fail(code: int, text: str) -> int:
@@ -105,15 +102,13 @@ def _main(argv) -> int:
         return fail(EXIT_INPUT, str(err))
 
     # SIGTERM ends the run like Ctrl-C: the partial output is removed, not left behind.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
-    except KeyboardInterrupt:
-        print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupts_raised((signal.SIGTERM,)):
+        try:
+            return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
+        except KeyboardInterrupt:
+            print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 class ModelLoadError(ValueError):

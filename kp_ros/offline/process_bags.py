@@ -29,6 +29,7 @@ import signal
 import sys
 from pathlib import Path
 
+from kp_ros.core.signals import raise_interrupt
 from kp_ros.offline import process_bag_cli as process_bag
 from kp_ros.bags.finding import bag_name, count_frames, find_bags, remove_partials
 from kp_ros.bags.reader import BagError
@@ -64,10 +65,6 @@ def fail(text: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ray = import_ray()
@@ -97,7 +94,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     started_ray = False
     records = {}
     try:

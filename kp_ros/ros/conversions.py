@@ -55,6 +55,12 @@ def tracks_to_msg(header, height: int, width: int, tracks) -> Tracks:
     return Tracks(header=header, **as_rclpy_arrays(tracks_fields(height, width, tracks)))
 
 
+def stamp_ns(stamp) -> int:
+    """A header stamp in integer nanoseconds, never raising (rclpy's Time refuses a negative
+    stamp): stream continuity judges odd stamps, a conversion must not end the node."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 def image_msg_to_array(msg: Image) -> np.ndarray:
     """The frame as a raw (native dtype/channels) array view; ImageDecodeError if malformed."""
     return image_from_buffer(msg.data, msg.height, msg.width, msg.encoding, msg.step,

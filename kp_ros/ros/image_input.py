@@ -28,7 +28,7 @@ WARN_REPEAT = 60.0     # s between repeats of an unchanged warning
 
 
 class ImageInput:
-    """Owns the subscription; ``callback(msg)`` gets every frame. Call ``close`` to stop."""
+    """Owns the subscription; ``callback(msg)`` gets every frame."""
 
     def __init__(self, node, msg_type, topic: str, reliability: str, callback,
                  warn_after: float = WARN_AFTER, warn_repeat: float = WARN_REPEAT):
@@ -58,12 +58,6 @@ class ImageInput:
 
     def matched_publishers(self) -> int:
         return self.subscription.get_publisher_count() if self.subscription is not None else 0
-
-    def close(self) -> None:
-        self._node.destroy_timer(self._timer)
-        if self.subscription is not None:
-            self._node.destroy_subscription(self.subscription)
-            self.subscription = None
 
     # --- internals ------------------------------------------------------------------
     def _subscribe(self, reliable: bool, why: str) -> None:

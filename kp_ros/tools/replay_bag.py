@@ -31,6 +31,7 @@ from typing import Callable
 
 from kp_ros.bags.messages import COMPRESSED_TYPE
 from kp_ros.bags.reader import BagError, image_connections, iter_frames, open_bag
+from kp_ros.core.signals import raise_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,10 +143,6 @@ def _clock_publisher(node) -> Callable[[int], None]:
     return publish
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import rclpy
@@ -170,7 +167,7 @@ def main(argv=None) -> int:
     # Ctrl-C and SIGTERM end the loop through KeyboardInterrupt; rclpy's own handler
     # would shut the context down under a publish.
     rclpy.init(args=["replay_bag"] + argv, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     node = rclpy.create_node("replay_bag")
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=args.qos_depth,
                      durability=DurabilityPolicy.VOLATILE,
