@@ -13,7 +13,7 @@ the same float32 roundings as the reference's numpy arithmetic.
 
 Coordinates: pixel centres at integers in both the model and the source image, so
 ``scale_to_source`` is ``(k + 0.5) * W / w - 0.5``. The reference post-process uses
-``int((k / [w, h]) * [W, H])`` instead, biased by ``0.5 * (W / w - 1)`` px (issue 13);
+``int((k / [w, h]) * [W, H])`` instead, biased by ``0.5 * (W / w - 1)`` px;
 parity tests apply that formula to kp_ros's model-resolution keypoints to compare.
 """
 from __future__ import annotations
