@@ -58,6 +58,10 @@ def generate_launch_description():
                                           "instead of shutting the launch down."),
         DeclareLaunchArgument("respawn_delay", default_value="2.0",
                               description="Seconds before a respawn."),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="All nodes follow /clock (ros2 bag play --clock, "
+                                          "replay_bag --clock, a simulator): stamps, latencies "
+                                          "and diagnostics on the recorded time line."),
         DeclareLaunchArgument(
             "large_data", default_value="false",
             description="Opt-in: Fast DDS LARGE_DATA transports (shared memory/TCP for data, UDP "
@@ -84,11 +88,13 @@ def feature_nodes(context):
     image_topic = arg("image_topic")
     respawn = arg("respawn").lower() in TRUE
     debug_image = arg("debug_images").lower() in TRUE
+    use_sim_time = arg("use_sim_time").lower() in TRUE
     actions = []
 
     def add(executable, overrides, remappings):
         node = Node(package="kp_ros", executable=executable, name=executable,
-                    namespace=arg("namespace"), parameters=[arg("params_file"), overrides],
+                    namespace=arg("namespace"),
+                    parameters=[arg("params_file"), overrides, {"use_sim_time": use_sim_time}],
                     remappings=remappings, output="screen",
                     # Colour codes only where a person reads a terminal, not in redirected logs.
                     emulate_tty=sys.stdout.isatty(),

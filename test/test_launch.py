@@ -23,7 +23,7 @@ def test_launch_file_declares_the_documented_arguments():
                 if isinstance(entity, DeclareLaunchArgument)}
     assert {"image_topic", "namespace", "params_file", "device", "use_compressed", "debug_images",
             "detector", "matcher", "tracker", "superpoint_model", "eloftr_model", "respawn",
-            "large_data"} <= declared
+            "large_data", "use_sim_time"} <= declared
 
 
 def test_matcher_launch_with_launch_testing():

@@ -28,7 +28,7 @@ from PIL import Image
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.core.preprocess import MODEL_SIZE, scale_to_model, scale_to_source, target_size
 from kp_ros.core.superpoint import (SuperPointDetector, SuperPointParams, _nms_mask_torch, nms_mask,
-                                   simple_nms)
+                                    simple_nms)
 from conftest import synthetic_frame
 from sync_counting import SyncCounter
 

@@ -7,8 +7,8 @@ from kp_ros.core.geometry import CalibrationGate
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stamps import stamp_problem
 from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
-                                       image_msg, keypoints_msg, matches_msg, stamp_to_ns,
-                                       tracks_msg)
+                                  image_msg, keypoints_msg, matches_msg, stamp_to_ns,
+                                  tracks_msg)
 from kp_ros.bags.reader import decode_image_msg, image_encoding, read_messages
 from kp_ros.core.topics import camera_info_topic
 from kp_ros.offline.options import MAX_FRAME_GAP

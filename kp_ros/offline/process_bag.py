@@ -10,7 +10,7 @@ import numpy as np
 
 from kp_ros.bags.messages import KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE, kp_ros_typestore
 from kp_ros.bags.reader import (BagError, detect_storage, image_connections, iter_frames,
-                                     open_bag, read_messages)
+                                open_bag, read_messages)
 from kp_ros.bags.writer import AtomicBagWriter, check_output_apart
 from kp_ros.offline.frame_processor import FrameProcessor, use_camera_info
 from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix, output_topics

@@ -47,9 +47,9 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
     from kp_ros.offline.model_setup import deterministic_torch, load_models
     # Also the option names tests and process_bags read from here.
     from kp_ros.offline.options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
-                                                  MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
-                                                  default_prefix, output_topics, resolve_options,
-                                                  track_params)
+                                        MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
+                                        default_prefix, output_topics, resolve_options,
+                                        track_params)
     from kp_ros.offline.summary import Summary
 except KeyboardInterrupt:
     print("process_bag: interrupted; no output bag written", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import traceback
 import warnings
+from collections import deque
 from dataclasses import fields, replace
 
 import rclpy.task
@@ -21,7 +22,7 @@ from kp_ros.core.models import ModelEntry
 from kp_ros.core.precision import PrecisionWarning
 from kp_ros.core.warmup import describe_warm_up, warm_up
 from kp_ros.ros.conversions import image_msg_to_model_input
-from kp_ros.ros.diagnostics import latency_values
+from kp_ros.ros.diagnostics import latency_values, stamp_age
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
 from kp_ros.ros.inputs import MonoInput
 from kp_ros.ros.node_base import NodeBase, StartupError
@@ -53,6 +54,7 @@ class FeatureNode(NodeBase):
             self._process_frame, self._on_failed, is_fatal=lambda exc: is_sticky_device_error(
                 exc, lambda: device_still_works(self.core.device)),
             on_fatal=self._on_device_failed)
+        self._stamp_ages = deque(maxlen=200)  # s, header stamp -> outputs published (node clock)
         self._diag_prev = (time.monotonic(), 0, 0)
         self.input = None
         self.warm_up_seconds: float | None = None
@@ -148,6 +150,7 @@ class FeatureNode(NodeBase):
         except ImageDecodeError as exc:
             raise FrameRejected(str(exc)) from exc
         self.process(bundle, images)
+        self._stamp_ages.append(stamp_age(self, bundle.msgs[0].header.stamp))
 
     def _on_failed(self, bundle, reason: str, exc: BaseException) -> None:
         self._log_rejected(reason, exc)
@@ -179,6 +182,7 @@ class FeatureNode(NodeBase):
             **self.input.counters,  # e.g. lost: frames the middleware reported lost
             **self.extra_diagnostics(),
             **latency_values(self.worker.latencies),
+            **latency_values(self._stamp_ages, "stamp latency"),
             "device": str(self.core.device), "model": self.core.model_id,
             "input topic": self.input.topic, "input QoS": self.input.describe_qos(),
             "input publishers matched": self.input.matched_publishers(),
