@@ -50,7 +50,8 @@ class GridDetector:
     instances = []
 
     def __init__(self, model, device="cpu", precision="fp32", spacing=16):
-        self.device, self.model_id, self.params = device, model, GridParams(spacing).validated()
+        self.device = "cpu" if device == "auto" else device  # as the real cores resolve it
+        self.model_id, self.params = model, GridParams(spacing).validated()
         self.precision = type("Precision", (), {"note": precision, "warning": None})()
         GridDetector.instances.append(self)
 
@@ -68,9 +69,10 @@ class GridDetector:
 GRID_SPECS = (
     ParamSpec("model", "grid", "Name of the grid model (no weights).", runtime=False),
     ParamSpec("spacing", 16, "Pixels between two grid keypoints.", 1, 256),
-) + tuple(s for s in params.COMMON if s.name in ("device", "precision", "use_compressed",
-                                                     "reliable_input", "debug_image",
-                                                     "diagnostics_period"))
+)
+COMMON_USED = ("device", "precision", "use_compressed", "reliable_input", "debug_image",
+               "diagnostics_period")
+GRID_SPECS += tuple(s for s in params.COMMON if s.name in COMMON_USED)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from kp_ros.bags.finding import bag_name, count_frames, find_bags, remove_partia
 from kp_ros.bags.reader import BagError
 from kp_ros.offline.options import resolve_options
 from kp_ros.offline.ray_tasks import (Progress, available_memory_gb, bag_task, import_ray,
-                                           plan_resources, start_local_ray, wants_cuda)
+                                      plan_resources, start_local_ray, wants_cuda)
 from kp_ros.offline.batch_summary import summary_table, write_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
