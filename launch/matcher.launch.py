@@ -21,6 +21,9 @@ from launch.event_handlers import OnProcessExit
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
+from kp_ros.core import models
+from kp_ros.core.topics import camera_info_topic
+
 TRUE = ("true", "1", "yes", "on")
 
 
@@ -38,10 +41,9 @@ def generate_launch_description():
                               description="Namespace of both nodes and their outputs."),
         DeclareLaunchArgument("params_file", default_value=default_params,
                               description="YAML with the parameters of both nodes."),
-        DeclareLaunchArgument("superpoint_model", default_value="",
-                              description="SuperPoint hub id or local directory (empty: from params_file)."),
-        DeclareLaunchArgument("eloftr_model", default_value="",
-                              description="EfficientLoFTR hub id or local directory (empty: from params_file)."),
+        *(DeclareLaunchArgument(f"{entry.name}_model", default_value="",
+                                description=f"{entry.title} hub id or local directory (empty: "
+                                            f"from params_file).") for entry in models.MODELS.values()),
         DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
         DeclareLaunchArgument("use_compressed", default_value="false",
                               description="Subscribe to sensor_msgs/CompressedImage."),
@@ -56,6 +58,10 @@ def generate_launch_description():
                                           "instead of shutting the launch down."),
         DeclareLaunchArgument("respawn_delay", default_value="2.0",
                               description="Seconds before a respawn."),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="All nodes follow /clock (ros2 bag play --clock, "
+                                          "replay_bag --clock, a simulator): stamps, latencies "
+                                          "and diagnostics on the recorded time line."),
         DeclareLaunchArgument(
             "large_data", default_value="false",
             description="Opt-in: Fast DDS LARGE_DATA transports (shared memory/TCP for data, UDP "
@@ -82,11 +88,13 @@ def feature_nodes(context):
     image_topic = arg("image_topic")
     respawn = arg("respawn").lower() in TRUE
     debug_image = arg("debug_images").lower() in TRUE
+    use_sim_time = arg("use_sim_time").lower() in TRUE
     actions = []
 
     def add(executable, overrides, remappings):
         node = Node(package="kp_ros", executable=executable, name=executable,
-                    namespace=arg("namespace"), parameters=[arg("params_file"), overrides],
+                    namespace=arg("namespace"),
+                    parameters=[arg("params_file"), overrides, {"use_sim_time": use_sim_time}],
                     remappings=remappings, output="screen",
                     # Colour codes only where a person reads a terminal, not in redirected logs.
                     emulate_tty=sys.stdout.isatty(),
@@ -101,15 +109,14 @@ def feature_nodes(context):
 
     # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
     # geometric_verification: essential.
-    camera_info = image_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in image_topic else "camera_info"
     images = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
-              ("camera_info", camera_info)]
+              ("camera_info", camera_info_topic(image_topic))]
     common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
               "debug_image": debug_image}
-    for executable, enabled, model in (("superpoint_node", "detector", "superpoint_model"),
-                                       ("eloftr_node", "matcher", "eloftr_model")):
-        if arg(enabled).lower() in TRUE:
-            add(executable, dict(common, **({"model": arg(model)} if arg(model) else {})), images)
+    for entry in models.MODELS.values():  # detector: true|false, matcher: true|false
+        if arg(entry.kind).lower() in TRUE:
+            model = arg(f"{entry.name}_model")
+            add(entry.node, dict(common, **({"model": model} if model else {})), images)
     if arg("tracker").lower() in TRUE:
         # Not a model node: only the params file and the debug switch apply; the image is
         # remapped too, for its debug overlay.

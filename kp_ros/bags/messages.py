@@ -20,6 +20,7 @@ from kp_ros.core.messages import (keypoints_fields, keypoints_from_msg, matches_
                                   matches_from_msg, stereo_matches_fields,
                                   stereo_matches_from_msg, tracks_fields, tracks_from_msg)
 from kp_ros.core.package_files import msg_dir
+from kp_ros.core.stamps import stamp_ns
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -50,8 +51,9 @@ def kp_ros_typestore():
 
 
 def stamp_to_ns(stamp) -> int:
-    """builtin_interfaces/Time (anything with sec, nanosec) -> int nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+    """builtin_interfaces/Time (anything with sec, nanosec) -> int nanoseconds; BadStamp
+    (a ValueError) for a stamp that is not a time (kp_ros.core.stamps, as the nodes)."""
+    return stamp_ns(stamp)
 
 
 def time_msg(typestore, stamp_ns: int):

@@ -6,48 +6,48 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kp_ros.core import params
+from kp_ros.core import models, params
 from kp_ros.core.package_files import PackageFileNotFound, package_file
+from kp_ros.core.topics import default_prefix  # noqa: F401 - part of the options' API
 from kp_ros.bags.reader import BagError
 from kp_ros.bags.writer import STORAGES
 
-SUPERPOINT_MODEL = params.spec("superpoint_node", "model").default
-ELOFTR_MODEL = params.spec("eloftr_node", "model").default
-MAX_FRAME_GAP = params.spec("eloftr_node", "max_frame_gap").default
+DETECTOR, MATCHER = models.model("superpoint"), models.model("eloftr")
+SUPERPOINT_MODEL = DETECTOR.default_model
+ELOFTR_MODEL = MATCHER.default_model
+MAX_FRAME_GAP = params.spec(MATCHER.node, "max_frame_gap").default
 
-# The nodes' ROS parameters that map 1:1 to keywords of the core classes.
-DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
-                   "resize", "fp16", "precision")
-MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
-                  "geometric_verification", "ransac_reproj_threshold", "fp16", "precision")
+# The nodes' ROS parameters that map 1:1 to keywords of the core classes (the registry's).
+DETECTOR_PARAMS = DETECTOR.core_keywords
+MATCHER_PARAMS = MATCHER.core_keywords
+# Parameters that only make sense live (subscription, diagnostics): no flag.
+_LIVE_ONLY = {s.name for s in params.COMMON if s.node_only}
+
+
+def _model_flags() -> dict:
+    """flag -> (the nodes it sets, parameter): each model's ``model`` as --<name>-model, a
+    parameter the models share as one flag, the others as their own."""
+    flags = {}
+    for entry in (DETECTOR, MATCHER):
+        for spec in entry.specs:
+            if spec.name in _LIVE_ONLY:
+                continue
+            flag = f"{entry.name}_model" if spec.name == "model" else spec.name
+            nodes, _ = flags.get(flag, ((), None))
+            flags[flag] = (nodes + (entry.node,), spec.name)
+    return flags
+
+
 # Model flags (each a parameter of kp_ros/core/params.py) -> (the nodes it sets, parameter).
-_BOTH = ("superpoint_node", "eloftr_node")
-MODEL_FLAGS = {
-    "superpoint_model": (("superpoint_node",), "model"), "eloftr_model": (("eloftr_node",), "model"),
-    "device": (_BOTH, "device"), "precision": (_BOTH, "precision"), "fp16": (_BOTH, "fp16"),
-    "resize": (_BOTH, "resize"),
-    **{name: (("superpoint_node",), name) for name in ("keypoint_threshold", "nms_radius",
-                                                        "max_keypoints")},
-    **{name: (("eloftr_node",), name) for name in ("match_threshold", "max_matches",
-                                                    "geometric_verification",
-                                                    "ransac_reproj_threshold", "max_frame_gap")},
-}
-
-
-def default_prefix(image_topic: str) -> str:
-    """The namespace of an image topic: /camera/image_raw[/compressed] -> /camera; /image -> ''."""
-    parts = image_topic.strip("/").split("/")
-    if len(parts) > 1 and parts[-1] == "compressed":
-        parts = parts[:-1]
-    return "/" + "/".join(parts[:-1]) if len(parts) > 1 else ""
+MODEL_FLAGS = _model_flags()
 
 
 def output_topics(prefix: str) -> dict[str, str]:
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     return {"keypoints": f"{prefix}/keypoints", "matches": f"{prefix}/matches",
             "tracks": f"{prefix}/tracks",
-            "keypoints_debug": f"{prefix}/superpoint_node/debug_image",
-            "matches_debug": f"{prefix}/eloftr_node/debug_image"}
+            "keypoints_debug": f"{prefix}/{DETECTOR.node}/debug_image",
+            "matches_debug": f"{prefix}/{MATCHER.node}/debug_image"}
 
 
 def load_params_file(path: str | Path) -> tuple[dict, dict]:
@@ -64,14 +64,12 @@ def load_params_file(path: str | Path) -> tuple[dict, dict]:
         raise BagError(f"cannot read params file {str(path)!r}: {err}") from err
     if not isinstance(document, dict):
         raise BagError(f"params file {str(path)!r}: expected a mapping of node names")
-    found = {"**": {}, "superpoint_node": {}, "eloftr_node": {}}
+    found = {"**": {}, DETECTOR.node: {}, MATCHER.node: {}}
     for key, entry in document.items():
         name = str(key).rstrip("/").split("/")[-1]
         if name in found and isinstance(entry, dict):
             found[name].update(entry.get("ros__parameters") or {})
-    superpoint = {**found["**"], **found["superpoint_node"]}
-    eloftr = {**found["**"], **found["eloftr_node"]}
-    return superpoint, eloftr
+    return ({**found["**"], **found[DETECTOR.node]}, {**found["**"], **found[MATCHER.node]})
 
 
 def default_params_file() -> str | None:
@@ -85,15 +83,15 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
     """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
     use_file = args.params_file and str(args.params_file).lower() != "none"
     file_sp, file_lo = load_params_file(args.params_file) if use_file else ({}, {})
-    options = {"superpoint_node": {"model": SUPERPOINT_MODEL} | file_sp,
-               "eloftr_node": {"model": ELOFTR_MODEL} | file_lo}
+    options = {DETECTOR.node: {"model": SUPERPOINT_MODEL} | file_sp,
+               MATCHER.node: {"model": ELOFTR_MODEL} | file_lo}
     for flag, (nodes, name) in MODEL_FLAGS.items():
         if getattr(args, flag, None) is not None:
             for node in nodes:
                 options[node][name] = getattr(args, flag)
-    detector = {k: v for k, v in options["superpoint_node"].items() if k in DETECTOR_PARAMS}
-    matcher = {k: v for k, v in options["eloftr_node"].items() if k in MATCHER_PARAMS}
-    return detector, matcher, float(options["eloftr_node"].get("max_frame_gap", MAX_FRAME_GAP))
+    detector = {k: v for k, v in options[DETECTOR.node].items() if k in DETECTOR_PARAMS}
+    matcher = {k: v for k, v in options[MATCHER.node].items() if k in MATCHER_PARAMS}
+    return detector, matcher, float(options[MATCHER.node].get("max_frame_gap", MAX_FRAME_GAP))
 
 
 def add_model_flags(group) -> None:
@@ -107,7 +105,7 @@ def add_model_flags(group) -> None:
             default += f"; {spec.core_value} with --params-file none"
         text = f"{spec.description} ({default})".replace("%", "%%")
         if len(nodes) == 1 and name != "model":
-            text = ("SuperPoint: " if nodes[0] == "superpoint_node" else "EfficientLoFTR: ") + text
+            text = f"{models.for_node(nodes[0]).title}: {text}"
         kwargs = {"help": text}
         if spec.type is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=None)

@@ -37,11 +37,11 @@ Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 inte
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import tempfile
 import traceback
-import warnings
 from pathlib import Path
 
 try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceback
@@ -49,12 +49,13 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
     from kp_ros.offline.process_bag import process_bag
     from kp_ros.bags.reader import BagError, image_connections, open_bag
     from kp_ros.bags.writer import check_output_apart
-    from kp_ros.offline.model_setup import deterministic_torch, interrupts_held, load_models
+    from kp_ros.core.signals import interrupts_held, interrupts_raised
+    from kp_ros.offline.model_setup import deterministic_torch, load_models
     # Also the option names tests and process_bags read from here.
     from kp_ros.offline.options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
-                                                  MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
-                                                  default_prefix, output_topics, resolve_options,
-                                                  track_params)
+                                        MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
+                                        default_prefix, output_topics, resolve_options,
+                                        track_params)
     from kp_ros.offline.summary import Summary
 except KeyboardInterrupt:
     print("process_bag: interrupted; no output bag written", file=sys.stderr)
@@ -67,10 +68,6 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
                  positionals: bool = True):
     """process_bag's options; ``positionals=False`` leaves out input/output (process_bags adds its own)."""
     return options.build_parser(prog, description, positionals)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def fail(code: int, text: str) -> int:
@@ -120,15 +117,13 @@ def _main(argv) -> int:
         return fail(EXIT_INPUT, str(err))
 
     # SIGTERM ends the run like Ctrl-C: the partial output is removed, not left behind.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
-    except KeyboardInterrupt:
-        print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupts_raised((signal.SIGTERM,)):
+        try:
+            return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
+        except KeyboardInterrupt:
+            print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 class ModelLoadError(ValueError):
@@ -143,8 +138,7 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
     outputs are byte-identical. Raises ModelUnavailableError, ModelLoadError, BagError,
     ValueError, or the model's own error; never leaves a partial output."""
     with tempfile.TemporaryDirectory(prefix="kp_ros_random_init_") as workdir, \
-            deterministic_torch(args.threads), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deterministic.*")
+            deterministic_torch(args.threads):
         try:
             detector, matcher, detector_name, matcher_name = load_models(
                 detector_kwargs if args.detector else None, matcher_kwargs if args.matcher else None,
@@ -171,6 +165,20 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
             tracks=track_params(args))
 
 
+def disk_full(err: BaseException) -> str | None:
+    """The disk-full error in ``err``'s chain (OSError ENOSPC from MCAP or the file system,
+    sqlite3's 'database or disk is full'), as text; None when it is another failure."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{errno.errorcode[err.errno]}: {err.strerror or err}"
+        if "disk is full" in str(err):
+            return f"{type(err).__name__}: {err}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
     """main() after the argument checks: load the models, process, print the summary."""
     with interrupts_held():  # model_loading imports torch: see interrupts_held
@@ -186,7 +194,11 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
         return fail(EXIT_INPUT, str(err))
     except (BagError, ValueError, PackageFileNotFound) as err:  # the last: an install without msg/
         return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
-    except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
+    except Exception as err:  # noqa: BLE001 - a model failure: say so, leave no output
+        full = disk_full(err)
+        if full:
+            return fail(EXIT_INPUT, f"no space left on the device while writing {args.output} "
+                                    f"({full}); no output bag written")
         traceback.print_exc()
         return fail(EXIT_INPUT, f"processing failed; no output bag written ({args.output} untouched)")
     print(summary.text())

@@ -53,8 +53,10 @@ class Summary:
             f"process_bag: {self.input} {self.topic} ({self.msgtype}) -> {self.output} ({self.storage})",
             f"  frames            {self.frames} read, {self.processed} processed "
             f"in {self.seconds:.1f} s ({rate:.2f} frames/s)",
-            f"  keypoints         {self.keypoints_msgs} messages, {per(self.keypoints_total, self.keypoints_msgs)} keypoints/frame",
-            f"  matches           {self.matches_msgs} messages, {per(self.matches_total, self.matches_msgs)} matches/frame"
+            f"  keypoints         {self.keypoints_msgs} messages, "
+            f"{per(self.keypoints_total, self.keypoints_msgs)} keypoints/frame",
+            f"  matches           {self.matches_msgs} messages, "
+            f"{per(self.matches_total, self.matches_msgs)} matches/frame"
             + (f", {per(self.inliers_total, self.matches_msgs)} inliers/frame" if self.inliers_total else ""),
             f"  rejected frames   {sum(self.rejected.values())}",
         ]

@@ -65,6 +65,11 @@ def stereo_matches_to_msg(header, stamp_right, frame_id_right: str, height: int,
     return StereoMatches(header=header, stamp_right=stamp_right, **as_rclpy_arrays(fields))
 
 
+# The one checked conversion (BadStamp, a ValueError, for a stamp that is not a time),
+# re-exported: inputs check with stamp_problem first, so a bad stamp is a counted reject.
+from kp_ros.core.stamps import stamp_ns  # noqa: E402,F401
+
+
 def image_msg_to_array(msg: Image) -> np.ndarray:
     """The frame as a raw (native dtype/channels) array view; ImageDecodeError if malformed."""
     return image_from_buffer(msg.data, msg.height, msg.width, msg.encoding, msg.step,
