@@ -86,9 +86,9 @@ def rig_from_infos(left_info, right_info) -> StereoRig:
                                  "or missing): cannot tell the baseline, so no depth")
     fx, tx = float(right[0, 0]), float(right[0, 3])
     if tx == 0.0:
-        return StereoRig(fx=fx, problem="the right CameraInfo's P has Tx = 0 (no baseline): the "
-                                        "pair looks unrectified (or left/right swapped); no depth. "
-                                        "Feed image_rect and the rectified camera_info")
+        return StereoRig(fx=fx, problem=(
+            "the right CameraInfo's P has Tx = 0 (no baseline): the pair looks unrectified; "
+            "no depth. Feed image_rect and the rectified camera_info"))
     baseline = -tx / fx
     if baseline < 0:
         return StereoRig(fx=fx, problem=f"the right CameraInfo's P gives a negative baseline "

@@ -86,7 +86,8 @@ class StereoSync:
         out = {}
         for side in SIDES:
             counts = self.counts[side]
-            out.update({f"{side}_received": counts.received, f"{side}_dropped_unpaired": counts.dropped,
+            out.update({f"{side}_received": counts.received,
+                        f"{side}_dropped_unpaired": counts.dropped,
                         f"{side}_pending": len(self._pending[side])})
         out["pairs"] = self.counts["left"].paired
         return out

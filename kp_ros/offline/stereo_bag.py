@@ -97,7 +97,8 @@ class StereoFrameProcessor(FrameProcessor):
                 msg = self.typestore.deserialize_cdr(data, msgtype)
                 decoded.append((msg, decode_image_msg(msg, msgtype)))
             except Exception as err:  # noqa: BLE001 - garbage in a message is that pair's problem
-                summary.note(summary.rejected, f"undecodable stereo image ({type(err).__name__}: {err})")
+                summary.note(summary.rejected,
+                             f"undecodable stereo image ({type(err).__name__}: {err})")
                 return None
         (left_msg, left), (right_msg, right) = decoded
         try:
@@ -200,7 +201,8 @@ def process_stereo_bag(input_path, output_path, detector, matcher, *, left_topic
                 summary.processed += 1
                 for out_topic, out_type, message in outputs:
                     if out_topic not in connections:
-                        connections[out_topic] = writer.add_connection(out_topic, out_type, typestore)
+                        connections[out_topic] = writer.add_connection(out_topic, out_type,
+                                                                       typestore)
                     writer.write(connections[out_topic], pair.left.log_ns,
                                  typestore.serialize_cdr(message, out_type))
                     _count(summary, out_type, message)
