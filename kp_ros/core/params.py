@@ -140,6 +140,24 @@ TRACK = (
     _COMMON["diagnostics_period"],
 )
 
+# Stereo mode of the front-end (kp_ros/core/stereo.py, stereo_sync.py): the node that runs
+# a stereo input declares these; process_bag --stereo takes them as flags.
+STEREO = (
+    ParamSpec("stereo", False, "Stereo input: left/image_rect + right/image_rect (and their "
+              "camera_info), paired by stamp; left-right matches with disparity and depth.",
+              runtime=False),
+    ParamSpec("stereo_sync_tolerance", 0.0, "Seconds left and right stamps may differ and still "
+              "pair (0: exact stamps, as a hardware-synchronised driver gives).", 0.0, 1.0,
+              runtime=False),
+    ParamSpec("stereo_max_row_error", 1.5, "Pixels a left-right match may leave its row "
+              "(|y_left - y_right|) in a rectified pair.", 0.0, 64.0),
+    ParamSpec("min_disparity", 1.0, "Smallest disparity (x_left - x_right, px) a left-right match "
+              "may have (points farther than fx * baseline / min_disparity are dropped).",
+              0.0, 10000.0),
+    ParamSpec("max_disparity", 256.0, "Largest disparity (px) a left-right match may have "
+              "(points nearer than fx * baseline / max_disparity are dropped).", 0.0, 10000.0),
+)
+
 # Node name -> every parameter it declares, in declaration order.
 NODES = {
     "superpoint_node": SUPERPOINT + COMMON,

@@ -142,6 +142,7 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
                              f"{association.default}; see track_node)")
     parser.add_argument("--association-radius", type=float, default=radius.default, metavar="PX",
                         help=f"with --tracks: link radius in pixels (default {radius.default})")
+    add_stereo_flags(parser.add_argument_group("stereo (a bag with left/right image_rect topics)"))
     parser.add_argument("--copy-input", action="store_true",
                         help="copy every input topic into the output bag too")
     parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
@@ -163,6 +164,27 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="tqdm progress bar on stderr (default: on)")
     return parser
+
+
+def add_stereo_flags(group) -> None:
+    """--stereo, the two image topics and one flag per stereo parameter (kp_ros/core/params.py)."""
+    group.add_argument("--stereo", action="store_true",
+                       help="stereo pairs: left/right Keypoints, left Matches, StereoMatches "
+                            "(disparity, depth) on <prefix>/stereo_matches; --tracks carry depth")
+    group.add_argument("--left-topic", help="left image topic (default: the image topic with a "
+                                            "'left' segment, e.g. /stereo/left/image_rect)")
+    group.add_argument("--right-topic", help="right image topic (default: the one with 'right')")
+    for spec in params.STEREO[1:]:
+        group.add_argument("--" + spec.name.replace("_", "-"), type=float, default=spec.default,
+                           metavar="S" if spec.name.endswith("tolerance") else "PX",
+                           help=f"{spec.description} (default {spec.default})".replace("%", "%%"))
+
+
+def stereo_params(args):
+    """StereoParams from the stereo flags (ValueError naming a bad one)."""
+    from kp_ros.core.stereo import StereoParams
+    return StereoParams(max_row_error=args.stereo_max_row_error, min_disparity=args.min_disparity,
+                        max_disparity=args.max_disparity).validated()
 
 
 def track_params(args):

@@ -25,6 +25,12 @@ Options default to the nodes' config/matcher.yaml (so a bag gives what the live 
 give); --params-file reads another ROS YAML (superpoint_node: ros__parameters: {...},
 eloftr_node: ...), --params-file none uses the core models' defaults; flags override.
 
+--stereo (a bag with left/right image topics and their camera_info, image_pipeline's
+<ns>/left/image_rect, <ns>/right/image_rect): pairs by stamp (exact; --stereo-sync-tolerance)
+and writes <ns>/keypoints (left), <ns>/right/keypoints, <ns>/matches (left camera),
+<ns>/stereo_matches (kp_ros/msg/StereoMatches: disparity, depth) and, with --tracks,
+<ns>/tracks with each keypoint's right observation and depth.
+
 Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 interrupted.
 
     process_bag tum.bag tum_features.bag --topic /camera/image_raw --max-keypoints 1024
@@ -83,8 +89,12 @@ def _main(argv) -> int:
         return fail(EXIT_INPUT, "--no-detector and --no-matcher: nothing to do")
     if args.tracks and not (args.detector and args.matcher):
         return fail(EXIT_INPUT, "--tracks needs both the detector and the matcher")
+    if args.stereo and not (args.detector and args.matcher):
+        return fail(EXIT_INPUT, "--stereo needs both the detector and the matcher")
     try:
         track_params(args)
+        if args.stereo:
+            options.stereo_params(args)
     except ValueError as err:
         return fail(EXIT_INPUT, str(err))
     try:
@@ -92,7 +102,12 @@ def _main(argv) -> int:
         # Check the input before spending time on the models.
         reader = open_bag(args.input)
         try:
-            image_connections(reader, args.topic)
+            if args.stereo:
+                from kp_ros.offline.stereo_bag import stereo_topics
+                for topic in stereo_topics(reader, args.left_topic, args.right_topic):
+                    image_connections(reader, topic)
+            else:
+                image_connections(reader, args.topic)
         finally:
             reader.close()
         check_output_apart(args.input, args.output)
@@ -130,6 +145,17 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
                 args.random_init_fallback, Path(workdir))
         except ValueError as err:
             raise ModelLoadError(str(err)) from err
+        if getattr(args, "stereo", False):
+            from kp_ros.offline.stereo_bag import process_stereo_bag
+            return process_stereo_bag(
+                input_path, output_path, detector, matcher, left_topic=args.left_topic,
+                right_topic=args.right_topic, storage=args.storage, prefix=args.prefix,
+                max_frame_gap=max_frame_gap, order=args.order,
+                stereo_params=options.stereo_params(args),
+                sync_tolerance=args.stereo_sync_tolerance, overwrite=args.overwrite,
+                progress=args.progress if progress is None else progress, log=log,
+                tracks=track_params(args), detector_name=detector_name,
+                matcher_name=matcher_name)
         return process_bag(
             input_path, output_path, detector, matcher, topic=args.topic, storage=args.storage,
             prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
