@@ -74,5 +74,8 @@ def test_negative_stamp_costs_one_frame_and_sigterm_leaves_no_node(
         assert counts is not None, logs[name][-2000:]
         assert counts["received"] == 5 and counts["rejected"] == 1, (name, counts)
     assert "stream resets: 0" in logs["eloftr_node"]  # a bad stamp is a reject, not a reset
-    assert "matches 3," in logs["track_node"], logs["track_node"][-2000:]  # 100-101-102-103
+    # Every Matches eloftr_node published reached track_node: one per processed frame after
+    # the first (100-101-102-103 when none was dropped under load).
+    matched = parse_counters(logs["eloftr_node"])["processed"] - 1
+    assert f"matches {matched}," in logs["track_node"], logs["track_node"][-2000:]
     assert "parent process" in logs["track_node"] and "shutting down:" in logs["track_node"]
