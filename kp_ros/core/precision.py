@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from kp_ros.core.params import PRECISION_CHOICES
+
+PRECISIONS = PRECISION_CHOICES  # the spec's list (kp_ros/core/params.py), not a copy
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

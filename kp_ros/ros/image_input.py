@@ -27,6 +27,13 @@ from rclpy.qos import QoSPolicyKind, ReliabilityPolicy
 from kp_ros.core.params import normalize_reliability
 from kp_ros.ros.qos import image_input_qos
 
+# Over the default transports a best-effort stream of full frames loses many in transport
+# (one lost UDP fragment loses the frame); the camera-side profile keeps the transports
+# (discovery with every default participant intact) and sizes the buffers for frames.
+CAMERA_PROFILE_HINT = (
+    "; a best-effort camera of full frames loses many over the default transports: start the "
+    "camera with FASTDDS_DEFAULT_PROFILES_FILE=<kp_ros share>/config/fastdds/"
+    "camera_large_frames.xml (docs/qos.md)")
 POLL_PERIOD = 0.25     # s between looks at the ROS graph (a local cache: microseconds)
 WARN_AFTER = 5.0       # s without a matched publisher before the first warning
 WARN_REPEAT = 60.0     # s between repeats of an unchanged warning
@@ -75,7 +82,8 @@ class ImageInput:
         self._incompatible = None
         self._since = time.monotonic()
         self._node.get_logger().info(
-            f"subscribed to {self.topic} ({self.type_name}) with {self.describe_qos()}: {why}")
+            f"subscribed to {self.topic} ({self.type_name}) with {self.describe_qos()}: {why}"
+            + ("" if reliable or self._msg_type.__name__ != "Image" else CAMERA_PROFILE_HINT))
 
     def _create_subscription(self, reliable: bool):
         """With the message-lost event where the RMW offers it (rmw_fastrtps does; rclpy
