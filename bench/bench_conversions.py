@@ -49,10 +49,12 @@ def main(argv=None):
     image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     img_msg = array_to_image_msg(image, "bgr8")
     rows = [
-        ("Keypoints 2000x256: fill from numpy (kp_ros)", lambda: keypoints_to_msg(header, 480, 640, "x", kp, scores, desc)),
+        ("Keypoints 2000x256: fill from numpy (kp_ros)",
+         lambda: keypoints_to_msg(header, 480, 640, "x", kp, scores, desc)),
         ("Keypoints 2000x256: read back to numpy (kp_ros)", lambda: keypoints_from_msg(kp_msg)),
         ("Keypoints 2000x256: naive fill (numpy -> field)", lambda: naive_fill(header, kp, scores, desc)),
-        ("Matches 2000 (+inliers): fill", lambda: matches_to_msg(header, Time(), "c", 480, 640, "x", kp, kp, scores, np.ones(n, np.uint8))),
+        ("Matches 2000 (+inliers): fill",
+         lambda: matches_to_msg(header, Time(), "c", 480, 640, "x", kp, kp, scores, np.ones(n, np.uint8))),
         ("Matches 2000: read back", lambda: matches_from_msg(m_msg)),
         ("Image 640x480 rgb8: fill from numpy", lambda: array_to_image_msg(image, "rgb8")),
         ("Image 640x480 bgr8: decode to RGB model input", lambda: image_msg_to_model_input(img_msg)),

@@ -7,7 +7,8 @@ As ros2_benchmark does: each node runs as its own process (``python -m kp_ros.no
 with config/matcher.yaml, as the launch file starts it); this process publishes 640x480
 rgb8 frames (TUM fr3 if present, else synthetic) with reliable QoS, as most camera
 drivers offer it (the node's reliable_input: auto then subscribes reliable; best effort
-over the default transports loses many full frames in transport: bench_interop.py), and subscribes to the node's output. Per input rate: processed rate, drops (the
+over the default transports loses many full frames in transport: bench_interop.py), and
+subscribes to the node's output. Per input rate: processed rate, drops (the
 node's own counters from /diagnostics, plus frames lost in transport), and latency from
 ``publish()`` to the output's arrival here (same clock, same process).
 

@@ -300,8 +300,10 @@ def main(argv=None) -> str:
                             continue
                         scaled = resized(frames[:3], size)
                         gflop = step_gflop(kind, model, scaled) if name == precisions[0] else \
-                            results["scaling"].get(f"{kind}/{precisions[0]}", {}).get(f"{size[0]}x{size[1]}", {}).get("gflop", float("nan"))
-                        times, slow = time_path(kind, model, scaled, max(1, args.runs - 1), device, args.max_call_seconds)
+                            results["scaling"].get(f"{kind}/{precisions[0]}", {}
+                                                   ).get(f"{size[0]}x{size[1]}", {}).get("gflop", float("nan"))
+                        times, slow = time_path(kind, model, scaled, max(
+                            1, args.runs - 1), device, args.max_call_seconds)
                         ms = 1e3 * float(np.median(times))
                         skip = slow
                         results["scaling"].setdefault(f"{kind}/{name}", {})[f"{size[0]}x{size[1]}"] = \

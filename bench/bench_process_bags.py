@@ -56,7 +56,8 @@ def make_bags(root: Path, bags: int, frames: int) -> list[Path]:
             connection = writer.add_connection("/camera/image_raw", bag_messages.IMAGE_TYPE, typestore)
             for i, image in enumerate(images):
                 stamp = 1_700_000_000_000_000_000 + i * 33_333_333
-                msg = bag_messages.image_msg(typestore, image, "rgb8", bag_messages.header_msg(typestore, stamp, "camera"))
+                header = bag_messages.header_msg(typestore, stamp, "camera")
+                msg = bag_messages.image_msg(typestore, image, "rgb8", header)
                 writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_messages.IMAGE_TYPE))
         paths.append(path)
     return paths

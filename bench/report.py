@@ -272,6 +272,7 @@ def summary_rows(overhead, live, memory, bench_tables) -> list[str]:
         lambda k: f"{live['nodes'][k]['max_rate_under_5pct_hz']:.2f} Hz")
     add("live: max latency at the highest input rate", lat_at_top)
     add("peak RSS (VmHWM)", lambda k: f"{memory['nodes'][k]['rss_peak_mb']:.0f} MiB")
+
     def memory_trend(key):
         res = memory["nodes"][key]
         slope = "" if res["slope_mb_per_min"] is None else f", {res['slope_mb_per_min']:+.2f} MiB/min"

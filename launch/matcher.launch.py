@@ -22,6 +22,9 @@ from launch.event_handlers import OnProcessExit
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
+from kp_ros.core import models
+from kp_ros.core.topics import camera_info_topic
+
 TRUE = ("true", "1", "yes", "on")
 
 
@@ -39,10 +42,9 @@ def generate_launch_description():
                               description="Namespace of both nodes and their outputs."),
         DeclareLaunchArgument("params_file", default_value=default_params,
                               description="YAML with the parameters of both nodes."),
-        DeclareLaunchArgument("superpoint_model", default_value="",
-                              description="SuperPoint hub id or local directory (empty: from params_file)."),
-        DeclareLaunchArgument("eloftr_model", default_value="",
-                              description="EfficientLoFTR hub id or local directory (empty: from params_file)."),
+        *(DeclareLaunchArgument(f"{entry.name}_model", default_value="",
+                                description=f"{entry.title} hub id or local directory (empty: "
+                                            f"from params_file).") for entry in models.MODELS.values()),
         DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
         DeclareLaunchArgument("use_compressed", default_value="false",
                               description="Subscribe to sensor_msgs/CompressedImage."),
@@ -53,8 +55,6 @@ def generate_launch_description():
                               description="eloftr (eloftr_node, dense, on the images; true means "
                                           "this) | lightglue (lightglue_node, sparse, on "
                                           "superpoint_node's keypoints) | false (no matcher)."),
-        DeclareLaunchArgument("lightglue_model", default_value="",
-                              description="LightGlue hub id or local directory (empty: from params_file)."),
         DeclareLaunchArgument("tracker", default_value="true",
                               description="Run track_node (kp_ros/Tracks from keypoints + matches)."),
         DeclareLaunchArgument("respawn", default_value="false",
@@ -62,6 +62,10 @@ def generate_launch_description():
                                           "instead of shutting the launch down."),
         DeclareLaunchArgument("respawn_delay", default_value="2.0",
                               description="Seconds before a respawn."),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="All nodes follow /clock (ros2 bag play --clock, "
+                                          "replay_bag --clock, a simulator): stamps, latencies "
+                                          "and diagnostics on the recorded time line."),
         DeclareLaunchArgument(
             "large_data", default_value="false",
             description="Opt-in: Fast DDS LARGE_DATA transports (shared memory/TCP for data, UDP "
@@ -88,11 +92,13 @@ def feature_nodes(context):
     image_topic = arg("image_topic")
     respawn = arg("respawn").lower() in TRUE
     debug_image = arg("debug_images").lower() in TRUE
+    use_sim_time = arg("use_sim_time").lower() in TRUE
     actions = []
 
     def add(executable, overrides, remappings):
         node = Node(package="kp_ros", executable=executable, name=executable,
-                    namespace=arg("namespace"), parameters=[arg("params_file"), overrides],
+                    namespace=arg("namespace"),
+                    parameters=[arg("params_file"), overrides, {"use_sim_time": use_sim_time}],
                     remappings=remappings, output="screen",
                     # Colour codes only where a person reads a terminal, not in redirected logs.
                     emulate_tty=sys.stdout.isatty(),
@@ -107,23 +113,20 @@ def feature_nodes(context):
 
     # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
     # geometric_verification: essential.
-    camera_info = image_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in image_topic else "camera_info"
     images = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
-              ("camera_info", camera_info)]
+              ("camera_info", camera_info_topic(image_topic))]
     common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
               "debug_image": debug_image}
-    def model(name):
-        return {"model": arg(name)} if arg(name) else {}
-
     if arg("detector").lower() in TRUE:
-        add("superpoint_node", dict(common, **model("superpoint_model")), images)
-    matcher = matcher_node(arg("matcher"))
-    if matcher == "eloftr_node":
-        add(matcher, dict(common, **model("eloftr_model")), images)
-    elif matcher == "lightglue_node":
+        for entry in models.of_kind("detector"):
+            add(entry.node, dict(common, **model_override(arg, entry)), images)
+    entry = matcher_entry(arg("matcher"))
+    if entry is not None and entry.consumes == "keypoints":
         # Reads keypoints (same namespace); the image only for its overlay.
-        add(matcher, {"device": arg("device"), "debug_image": debug_image,
-                      **model("lightglue_model")}, images[:1] + images[2:])
+        add(entry.node, {"device": arg("device"), "debug_image": debug_image,
+                         **model_override(arg, entry)}, images[:1] + images[2:])
+    elif entry is not None:
+        add(entry.node, dict(common, **model_override(arg, entry)), images)
     if arg("tracker").lower() in TRUE:
         # Not a model node: only the params file and the debug switch apply; the image is
         # remapped too, for its debug overlay.
@@ -131,16 +134,23 @@ def feature_nodes(context):
     return actions
 
 
-def matcher_node(choice: str) -> str | None:
-    """The matcher argument -> the node to run (None: none), or ValueError naming the choices."""
+def model_override(arg, entry) -> dict:
+    """The entry's ``<name>_model`` launch argument, when given (else the params file's)."""
+    value = arg(f"{entry.name}_model")
+    return {"model": value} if value else {}
+
+
+def matcher_entry(choice: str):
+    """The matcher argument -> its MODELS entry (true: eloftr; false: None), or ValueError."""
     choice = choice.strip().lower()
-    if choice in TRUE or choice == "eloftr":
-        return "eloftr_node"
-    if choice == "lightglue":
-        return "lightglue_node"
+    if choice in TRUE:
+        choice = "eloftr"
     if choice in ("false", "0", "no", "off", "none", ""):
         return None
-    raise ValueError(f"matcher:={choice}: use eloftr, lightglue or false")
+    names = [entry.name for entry in models.of_kind("matcher")]
+    if choice not in names:
+        raise ValueError(f"matcher:={choice}: use {', '.join(names)} or false")
+    return models.model(choice)
 
 
 def on_node_exit(event, context):

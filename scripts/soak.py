@@ -306,7 +306,8 @@ def main(argv=None) -> int:
                                 "rss_end_mb": sampler.samples[-1][2][key], "peak_mb": sampler.peak[key],
                                 "slope_mb_per_1000_frames": trend["slope"], "slope_stderr": trend["stderr"],
                                 "floor_slope_mb_per_1000_frames": trend["floor_slope"],
-                                "slope_points": trend["points"], "lost_in_transport": published - counts.get("received", 0),
+                                "slope_points": trend["points"],
+                                "lost_in_transport": published - counts.get("received", 0),
                                 "stream_resets": int(resets[-1]) if resets else None, "checks": checks}
     report["ok"] = ok
     (out / "soak.json").write_text(json.dumps({**report, "samples": sampler.samples}, indent=1))

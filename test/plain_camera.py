@@ -50,7 +50,12 @@ def main(argv=None) -> int:
     parser.add_argument("--listen", default="", help="kp_ros/Keypoints topic to time outputs on")
     parser.add_argument("--linger", type=float, default=3.0, help="seconds to keep listening after")
     parser.add_argument("--first-stamp", type=int, default=1000, help="seconds of the first stamp")
+    parser.add_argument("--stamps", default="", help="comma-separated whole-second stamps, one "
+                                                     "per frame (may be bad, e.g. -5); sets --count")
     args = parser.parse_args(argv)
+    stamps = [int(x) for x in args.stamps.split(",")] if args.stamps else None
+    if stamps:
+        args.count = len(stamps)
 
     # SIGINT as a plain KeyboardInterrupt (ends the stream), not rclpy's context shutdown.
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
@@ -89,6 +94,8 @@ def main(argv=None) -> int:
         msg = Image(height=args.height, width=args.width, encoding="rgb8", step=3 * args.width,
                     data=frames[i % len(frames)])
         msg.header.stamp = Time(sec=args.first_stamp + i // 1000, nanosec=(i % 1000) * 1_000_000)
+        if stamps:
+            msg.header.stamp = Time(sec=stamps[i], nanosec=0)
         msg.header.frame_id = "plain_camera"
         published[f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"] = time.monotonic()
         pub.publish(msg)

@@ -218,7 +218,7 @@ class InProcessNode:
         msg = array_to_image_msg(image)
         msg.header.stamp = to_time(stamp_sec)
         msg.header.frame_id = frame_id
-        self.node.on_image(msg)
+        self.node.input.on_image(msg)
         self.submitted += 1
         if wait:
             assert self.node.worker.wait_idle(60)

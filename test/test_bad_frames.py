@@ -67,11 +67,11 @@ def test_bad_frame_after_each_good_one_costs_no_good_frame(superpoint):
     good = [superpoint.submit(synthetic_frame(240, 320, seed=1), 1.0, wait=False)]
     assert started.wait(30)  # the worker holds frame 1; the slot is empty
     good.append(superpoint.submit(synthetic_frame(240, 320, seed=2), 2.0, wait=False))
-    node.on_image(truncated(synthetic_frame(240, 320, seed=3), 2.5))  # right behind it
+    node.input.on_image(truncated(synthetic_frame(240, 320, seed=3), 2.5))  # right behind it
     release.set()
     assert node.worker.wait_idle(60)
     good.append(superpoint.submit(synthetic_frame(240, 320, seed=4), 3.0))
-    node.on_image(truncated(synthetic_frame(240, 320, seed=5), 3.5))
+    node.input.on_image(truncated(synthetic_frame(240, 320, seed=5), 3.5))
     counts = node.worker.snapshot()
     assert (counts.received, counts.processed, counts.dropped, counts.rejected) == (5, 3, 0, 2), counts
     assert counts.received == counts.processed + counts.dropped + counts.rejected
@@ -84,8 +84,8 @@ def test_a_bad_frame_never_breaks_the_stream(eloftr):
     """Its stamp jumps 100 s: had it counted in continuity, the next good frame would reset."""
     node = eloftr.node
     first = eloftr.submit(synthetic_frame(120, 160, seed=0, shift=(0, 0)), 10.0)
-    node.on_image(truncated(synthetic_frame(120, 160, seed=0), 110.0))
-    node.on_image(truncated(synthetic_frame(120, 160, seed=0), 5.0))  # and one going backwards
+    node.input.on_image(truncated(synthetic_frame(120, 160, seed=0), 110.0))
+    node.input.on_image(truncated(synthetic_frame(120, 160, seed=0), 5.0))  # and one going backwards
     second = eloftr.submit(synthetic_frame(120, 160, seed=0, shift=(2, 1)), 10.1)
     out = eloftr.output_for(second)
     assert out is not None, "the good frame after the bad ones was not matched"
@@ -101,7 +101,7 @@ def test_compressed_frames_checked_on_arrival_or_on_decoding(superpoint, data):
     decode are rejected by the worker: either way counted once, never crashing."""
     from sensor_msgs.msg import CompressedImage
     node = superpoint.node
-    node.on_image(CompressedImage(format="png", data=data))
+    node.input.on_image(CompressedImage(format="png", data=data))
     assert node.worker.wait_idle(30)
     counts = node.worker.snapshot()
     assert (counts.received, counts.processed, counts.rejected) == (1, 0, 1), counts

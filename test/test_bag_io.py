@@ -64,10 +64,10 @@ def test_keypoints_and_matches_round_trip(tmp_path, typestore):
     desc = rng.random((7, 256), dtype=np.float32)
     keypoints = bag_messages.keypoints_msg(typestore, header, 120, 160, "sp", kp, kp[:, 0], desc)
     empty = bag_messages.keypoints_msg(typestore, header, 120, 160, "sp", np.zeros((0, 2)), np.zeros(0),
-                                 np.zeros((0, 256)))
+                                       np.zeros((0, 256)))
     stamp0 = bag_messages.time_msg(typestore, 1_400_000_000_000)
     matches = bag_messages.matches_msg(typestore, header, stamp0, "cam0", 120, 160, "lo", kp, kp + 1,
-                                 kp[:, 1], np.arange(7) % 2)
+                                       kp[:, 1], np.arange(7) % 2)
     for storage in ("sqlite3", "mcap"):
         path = tmp_path / storage
         with AtomicBagWriter(path, storage) as writer:
@@ -81,7 +81,8 @@ def test_keypoints_and_matches_round_trip(tmp_path, typestore):
         reader.close()
         k = bag_messages.keypoints_from_msg(got["/k"])
         assert np.array_equal(k["keypoints"], kp) and np.array_equal(k["descriptors"], desc)
-        assert got["/k"].descriptor_size == 256 and bag_messages.stamp_to_ns(got["/k"].header.stamp) == 1_500_000_000_123
+        assert got["/k"].descriptor_size == 256 and bag_messages.stamp_to_ns(
+            got["/k"].header.stamp) == 1_500_000_000_123
         assert bag_messages.keypoints_from_msg(got["/e"])["descriptors"].shape == (0, 256)
         m = bag_messages.matches_from_msg(got["/m"])
         assert np.array_equal(m["keypoints1"], kp + 1) and m["inliers"].tolist() == [0, 1, 0, 1, 0, 1, 0]
@@ -91,7 +92,7 @@ def test_keypoints_and_matches_round_trip(tmp_path, typestore):
 @pytest.mark.parametrize("little_endian", [True, False])
 def test_header_stamp_from_cdr(typestore, little_endian):
     msg = bag_messages.image_msg(typestore, np.zeros((2, 3), np.uint8), "mono8",
-                           bag_messages.header_msg(typestore, -1_000_000_001, "cam"))  # before 1970 too
+                                 bag_messages.header_msg(typestore, -1_000_000_001, "cam"))  # before 1970 too
     raw = typestore.serialize_cdr(msg, IMAGE_TYPE, little_endian=little_endian)
     assert bag_reader.header_stamp_from_cdr(raw) == -1_000_000_001
     with pytest.raises(BagError):

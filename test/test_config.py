@@ -4,12 +4,17 @@ import yaml
 from kp_ros.nodes.eloftr_node import EfficientLoFTRNode
 from kp_ros.nodes.superpoint_node import SuperPointNode
 from kp_ros.nodes.track_node import TrackNode
-from kp_ros.ros.feature_node import COMMON_PARAMS
+from kp_ros.ros.node_base import ros_params
 from ros_helpers import PARAMS_FILE
 
 
+def declared_params(node_class):
+    """The parameters a node declares (its specs, with their ROS descriptors)."""
+    return ros_params(node_class.SPECS)
+
+
 def declared(node_class) -> dict:
-    return {p.name: p.default for p in node_class.MODEL_PARAMS + COMMON_PARAMS}
+    return {p.name: p.default for p in declared_params(node_class)}
 
 
 def test_every_yaml_key_is_declared_and_every_declared_parameter_is_in_the_yaml():
@@ -26,7 +31,7 @@ def test_every_yaml_key_is_declared_and_every_declared_parameter_is_in_the_yaml(
 
 def test_every_parameter_has_a_description_and_numeric_ones_a_range():
     for node_class in (SuperPointNode, EfficientLoFTRNode):
-        for param in node_class.MODEL_PARAMS + COMMON_PARAMS:
+        for param in declared_params(node_class):
             descriptor = param.descriptor()
             assert len(descriptor.description) > 20, param.name
             if isinstance(param.default, (int, float)) and not isinstance(param.default, bool):
@@ -35,10 +40,10 @@ def test_every_parameter_has_a_description_and_numeric_ones_a_range():
 
 def test_track_node_parameters_match_the_yaml():
     in_file = yaml.safe_load(PARAMS_FILE.read_text())["/**/track_node"]["ros__parameters"]
-    declared_track = {p.name: p.default for p in TrackNode.PARAMS}
+    declared_track = {p.name: p.default for p in declared_params(TrackNode)}
     assert in_file == declared_track
     assert all(type(in_file[k]) is type(v) for k, v in declared_track.items())
-    for param in TrackNode.PARAMS:
+    for param in declared_params(TrackNode):
         descriptor = param.descriptor()
         assert len(descriptor.description) > 20, param.name
         if isinstance(param.default, (int, float)) and not isinstance(param.default, bool):
@@ -74,9 +79,9 @@ def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
     from kp_ros.offline import process_bag_cli as process_bag
 
     for node, node_class in (("superpoint_node", SuperPointNode), ("eloftr_node", EfficientLoFTRNode)):
-        assert [(p.name, p.default, p.runtime) for p in node_class.MODEL_PARAMS + COMMON_PARAMS] \
+        assert [(p.name, p.default, p.runtime) for p in declared_params(node_class)] \
             == [(p.name, p.default, p.runtime) for p in params.NODES[node]]
-    assert [p.name for p in TrackNode.PARAMS] == [p.name for p in params.TRACK]
+    assert [p.name for p in declared_params(TrackNode)] == [p.name for p in params.TRACK]
     # The core API keeps everything unless told (max_keypoints / max_matches -1); the nodes
     # publish a bounded top-k: both written in the spec, nowhere else.
     core_sp = params.defaults("superpoint_node", core=True)

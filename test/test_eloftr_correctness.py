@@ -156,7 +156,10 @@ def stock_matches(stock, matcher, image0, image1) -> dict:
         features1 = matcher.extract(matcher.preprocess(image1))
         coarse = torch.stack([features0.coarse, features1.coarse], 1)
         fine = torch.cat(matcher.fine_maps(None, None, features0, features1))
-        backbone = lambda pixel_values, **kwargs: BackboneOutput(feature_maps=(coarse, None, None))
+
+        def backbone(pixel_values, **kwargs):
+            return BackboneOutput(feature_maps=(coarse, None, None))
+
         with mock.patch.object(model.efficientloftr, "forward", backbone), \
                 mock.patch.object(model.refinement_layer, "forward_pyramid", lambda *args: fine):
             outputs = model(pixel_values=torch.zeros(1, 2, 1, HEIGHT, WIDTH))

@@ -206,3 +206,44 @@ def test_accounting_at_shutdown(tiny_eloftr_dir, tmp_path):
     assert counts["received"] == harness.published == 4
     assert counts == {"received": 4, "processed": 3, "dropped": 0, "rejected": 1}, counts
     assert "stream reset" in text and process.returncode == 0 and "Traceback" not in text, text
+
+
+def test_calibration_of_another_size_is_refused_and_nan_logged_once(running):
+    """CameraInfo of 320x240 with 160x120 frames: refused once with both sizes named (the
+    matches verified with F); a NaN calibration repeated is reported once."""
+    from sensor_msgs.msg import CameraInfo
+    from kp_ros.ros.qos import output_qos
+    harness, _, log = running
+    image, t0 = synthetic_frame(120, 160, seed=0), stream_start(harness)
+    assert harness.set_params(NODE, {"geometric_verification": "essential"})[0].successful
+    info_pub = harness.node.create_publisher(CameraInfo, "/el_test/camera_info", output_qos())
+    spin_until(harness.executor, lambda: info_pub.get_subscription_count() >= 1, 10)
+    nan = CameraInfo(width=160, height=120, k=[float("nan")] * 9)
+    for _ in range(3):
+        info_pub.publish(nan)
+    assert spin_until(harness.executor, lambda: "camera_info ignored" in log.read_text(), 10)
+    info_pub.publish(CameraInfo(width=320, height=240, distortion_model="plumb_bob",
+                                k=[200.0, 0, 160, 0, 200.0, 120, 0, 0, 1]))
+    assert spin_until(harness.executor, lambda: "camera_info: 320x240" in log.read_text(), 10)
+    feed(harness, image, t0, expect_matches=False)
+    _, out = feed(harness, image, t0 + 0.1, expect_matches=True)
+    assert len(out.inliers) == len(out.x0)  # verified, with F
+    text = log.read_text()
+    assert text.count("camera_info is for 320x240 images, the frames are 160x120") == 1, text[-3000:]
+    assert text.count("camera_info ignored") == 1
+    assert harness.set_params(NODE, {"geometric_verification": "none"})[0].successful
+    harness.node.destroy_publisher(info_pub)
+
+
+def test_bad_stamp_is_one_rejected_frame_and_diagnostics_show_lost_and_resets(running):
+    from kp_ros.ros.conversions import array_to_image_msg
+    harness, _, log = running
+    before = harness.wait_counters(NODE, lambda c: c.get("received") == harness.published)
+    msg = array_to_image_msg(synthetic_frame(120, 160, seed=1))
+    msg.header.stamp.sec = -5
+    harness.publish(msg)
+    harness.published += 1
+    after = harness.wait_counters(NODE, lambda c: c.get("rejected") == before["rejected"] + 1)
+    assert after["rejected"] == before["rejected"] + 1 and after["received"] == harness.published
+    assert spin_until(harness.executor, lambda: "bad stamp: negative seconds" in log.read_text(), 10)
+    assert {"lost", "stream resets"} <= set(harness.diagnostics[NODE])

@@ -200,3 +200,27 @@ def test_essential_degenerate_input_gives_no_inliers():
 def test_camera_from_info_rejects_unusable_calibration(k, d, model, message):
     with pytest.raises(ValueError, match=message):
         camera_from_info(k, d, model)
+
+
+def test_calibration_gate_refuses_another_image_size_once():
+    """K of 1280x720 is not used for 640x480 frames (one warning naming both sizes), is
+    used for 1280x720 frames; a CameraInfo without a size (0x0) is used as it is."""
+    from kp_ros.core.geometry import CalibrationGate
+    gate = CalibrationGate()
+    assert gate.for_image(640, 480) == (None, None)  # no calibration: nothing to say
+    gate.camera = camera_from_info(K.ravel(), [], "plumb_bob", 1280, 720)
+    camera, warning = gate.for_image(640, 480)
+    assert camera is None and "1280x720" in warning and "640x480" in warning
+    assert gate.for_image(640, 480) == (None, None)  # said once
+    assert gate.for_image(1280, 720) == (gate.camera, None)
+    assert gate.for_image(640, 480)[1] is not None  # a new refusal after a fit is said again
+    gate.camera = camera_from_info(K.ravel(), [], "plumb_bob", 0, 0)
+    assert gate.for_image(640, 480) == (gate.camera, None)
+
+
+def test_camera_info_key_treats_nan_calibrations_as_equal():
+    from kp_ros.core.geometry import camera_info_key
+    nan = [float("nan")] * 9
+    assert camera_info_key(nan, [0.0] * 5, "plumb_bob", 640, 480) == \
+        camera_info_key(list(nan), [0.0] * 5, "plumb_bob", 640, 480)
+    assert camera_info_key(nan, [], "", 640, 480) != camera_info_key(nan, [], "", 640, 481)

@@ -72,6 +72,7 @@ def test_defaults_connect_to_a_best_effort_camera(superpoint, tmp_path):
     assert counts["received"] >= 18, (counts, log[-3000:])
     assert len(result["arrivals"]) >= 1
     assert "with best-effort QoS (auto)" in log
+    assert "config/fastdds/camera_large_frames.xml" in log  # the cure, named where it applies
 
 
 def test_a_forced_reliable_subscription_warns_about_a_best_effort_camera(superpoint, tmp_path):

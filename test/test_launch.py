@@ -1,7 +1,6 @@
 """The launch file itself, run by launch_testing (a ROS 2 install, or the venv of
 scripts/setup_env.sh, which installs it from ../shared/ros2-cli; it skips with the reason
 where neither is there). test_ros2_cli.py drives it with the real ros2 CLI."""
-import ast
 import shutil
 import subprocess
 import sys
@@ -13,12 +12,18 @@ LAUNCH_TEST = REPO_ROOT / "test" / "launch" / "matcher_launch_testing.py"
 
 
 def test_launch_file_declares_the_documented_arguments():
-    tree = ast.parse(LAUNCH_FILE.read_text())
-    declared = {node.args[0].value for node in ast.walk(tree)
-                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument"}
+    require_launch_and_installed_kp_ros()
+    import importlib.util
+    from launch.actions import DeclareLaunchArgument
+
+    spec = importlib.util.spec_from_file_location("matcher_launch", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    declared = {entity.name for entity in module.generate_launch_description().entities
+                if isinstance(entity, DeclareLaunchArgument)}
     assert {"image_topic", "namespace", "params_file", "device", "use_compressed", "debug_images",
             "detector", "matcher", "tracker", "superpoint_model", "eloftr_model", "respawn",
-            "large_data"} <= declared
+            "large_data", "use_sim_time"} <= declared
 
 
 def test_matcher_launch_with_launch_testing():

@@ -35,13 +35,93 @@ def emulated_bf16(monkeypatch):
     monkeypatch.setattr(prec, "cpu_bf16_support", lambda: (False, "no native bf16 on TestCPU: emulated"))
 
 
+@pytest.fixture
+def gpu(monkeypatch):
+    """A fake GPU: ``gpu(major, minor, name)`` makes torch report that compute capability
+    for the device asked about (recorded in ``asked``); no CUDA needed."""
+    asked = []
+
+    def install(major=8, minor=6, name="Fake RTX A6000"):
+        def capability(device=None):
+            asked.append(device)
+            return (major, minor)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        return asked
+    install()
+    return install
+
+
 # --- resolution -------------------------------------------------------------------------
 
-def test_auto_is_fp16_on_cuda_and_fp32_on_cpu():
+def test_auto_is_fp16_on_cuda_and_fp32_on_cpu(gpu):
     assert resolve_precision("auto", CPU).dtype == torch.float32
     assert resolve_precision("auto", CUDA).dtype == torch.float16
     assert resolve_precision("fp32", CUDA).dtype == torch.float32
     assert resolve_precision("fp16", CUDA).name == "fp16"
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 1), "fp32"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                  ((8, 0), "fp16"), ((9, 0), "fp16")])
+def test_auto_is_fp16_only_from_tensor_core_gpus(gpu, capability, expected):
+    gpu(*capability, name="Fake GPU")
+    resolved = resolve_precision("auto", CUDA)
+    assert resolved.name == expected and resolved.warning == ""
+    assert f"sm {capability[0]}.{capability[1]}" in resolved.note
+    assert ("no tensor cores" in resolved.note) == (expected == "fp32")
+
+
+@pytest.mark.parametrize("capability, name, emulated", [
+    ((7, 0), "Tesla V100-SXM2-16GB", True), ((7, 5), "Tesla T4", True),
+    ((8, 0), "NVIDIA A100-SXM4-40GB", False), ((8, 9), "NVIDIA L4", False),
+    ((9, 0), "NVIDIA H200", False)])
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_that_it_is_emulated(gpu, capability, name, emulated):
+    asked = gpu(*capability, name=name)
+    resolved = resolve_precision("bf16", torch.device("cuda:1"))
+    assert resolved.dtype == torch.bfloat16  # still runs: the user asked for bf16
+    assert asked == [torch.device("cuda:1")]  # the GPU asked for, not the current one
+    assert bool(resolved.warning) == emulated
+    if emulated:
+        assert "emulated" in resolved.warning and name in resolved.warning
+
+
+def test_fp16_on_a_gpu_without_tensor_cores_warns(gpu):
+    gpu(6, 1, name="GeForce GTX 1080")
+    assert "no tensor cores" in resolve_precision("fp16", CUDA).warning
+    gpu(7, 5)
+    assert resolve_precision("fp16", CUDA).warning == ""
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CPU-only torch: autocast off
+@pytest.mark.parametrize("name, tf32", [("fp32", False), ("bf16", True), ("fp16", True)])
+def test_tf32_is_set_per_precision_around_each_call_and_restored(gpu, name, tf32):
+    """torch's default is cudnn.allow_tf32 = True: fp32 convolutions in TF32 on Ampere+."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    resolved = resolve_precision(name, CUDA)
+    assert resolved.allow_tf32 == tf32
+    try:
+        for before in (True, False):
+            cudnn.allow_tf32 = matmul.allow_tf32 = before
+            with resolved.math_mode(CUDA):
+                assert (cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
+            with resolved.autocast(CUDA):
+                assert (cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (before, before)
+            with resolved.math_mode(CPU):  # CPU: untouched
+                assert (cudnn.allow_tf32, matmul.allow_tf32) == (before, before)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def test_superpoint_forward_runs_in_its_math_mode(tiny_superpoint_dir, monkeypatch):
+    detector = SuperPointDetector(str(tiny_superpoint_dir), device="cpu")
+    entered = []
+    real = type(detector.precision).math_mode
+    monkeypatch.setattr(type(detector.precision), "math_mode",
+                        lambda self, device: entered.append(device) or real(self, device))
+    detector.forward(detector.preprocess(synthetic_frame(32, 48)))
+    assert entered == [detector.device]
 
 
 def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning():
@@ -63,7 +143,7 @@ def test_bf16_on_a_cpu_without_it_warns_that_it_is_slower(emulated_bf16):
     assert "emulated" in resolved.note
 
 
-def test_deprecated_fp16_flag_is_an_alias_and_contradictions_are_errors():
+def test_deprecated_fp16_flag_is_an_alias_and_contradictions_are_errors(gpu):
     assert resolve_precision("fp32", CUDA, fp16=True).name == "fp16"
     assert "deprecated" in resolve_precision("auto", CUDA, fp16=True).note
     assert resolve_precision("fp32", CPU, fp16=True).name == "fp32"  # CUDA-only, as before

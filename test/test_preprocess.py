@@ -252,3 +252,19 @@ def test_scale_to_model_inverts_scale_to_source():
     there = scale_to_source(points, MODEL_SIZE, (600, 800))
     torch.testing.assert_close(there, (points + 0.5) * 1.25 - 0.5)
     torch.testing.assert_close(scale_to_model(there, MODEL_SIZE, (600, 800)), points)
+
+
+def test_gray_and_coordinate_mapping_need_no_synchronisation(monkeypatch):
+    """What runs on the device per frame (the CUDA branch of the gray conversion, the
+    coordinate mapping once its size constants are cached) reads no tensor value back."""
+    from sync_counting import SyncCounter
+    from kp_ros.core.preprocess import _gray_elementwise
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 48, 64), np.uint8))
+    points = torch.rand(50, 2) * 60
+    expected = scale_to_source(points, (48, 64), (480, 640))
+    counter = SyncCounter(monkeypatch)
+    gray = _gray_elementwise(pixels)
+    mapped = scale_to_source(points, (48, 64), (480, 640))
+    monkeypatch.undo()
+    assert counter.calls == {}, counter.calls
+    assert gray.shape == (48, 64) and torch.equal(mapped, expected)

@@ -399,3 +399,25 @@ def test_ctrl_c_at_any_early_moment_exits_130(tmp_path):
         assert "Traceback" not in err, (delay, err)
         assert "process_bag: interrupted" in err.strip().splitlines()[-1]
     assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+@pytest.mark.parametrize("error", ["enospc", "sqlite"])
+def test_disk_full_is_one_clear_line(tmp_path, tiny_superpoint_dir, monkeypatch, capsys, error):
+    """A full disk while writing ends in one line that says so, no traceback, no output."""
+    import errno
+    import sqlite3
+    from kp_ros.bags import writer as bag_writer_module
+    image_bag(tmp_path / "in", frames(2, 64, 96))
+
+    def write(self, *args):
+        if error == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(bag_writer_module.AtomicBagWriter, "write", write)
+    argv = [str(tmp_path / "in"), str(tmp_path / "out"), "--no-matcher", "--device", "cpu",
+            "--superpoint-model", str(tiny_superpoint_dir), "--no-progress"]
+    assert pb.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no space left on the device" in err, err
+    assert err.strip().splitlines()[-1].startswith("process_bag: error: no space left"), err
+    assert not (tmp_path / "out").exists()

@@ -226,3 +226,19 @@ def test_resource_plan():
     assert pbs.wants_cuda({"device": "auto"}, {"device": "auto"}, gpus_available=0) is False
     assert pbs.wants_cuda({"device": "auto"}, {"device": "cpu"}, gpus_available=1) is True
     assert pbs.wants_cuda({"device": "cuda:1"}, {"device": "cpu"}, gpus_available=0) is True
+
+
+def test_interrupt_after_every_bag_finished_exits_0(tmp_path, local_ray, options, monkeypatch, capsys):
+    """Ctrl-C once every bag is done (e.g. during the Ray shutdown) loses nothing: exit 0."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    image_bag(data / "seq_a", frames(3, 64, 96))
+    real_run = pbs._run
+
+    def run_then_interrupt(*args):
+        real_run(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pbs, "_run", run_then_interrupt)
+    assert pbs.main(options + [str(data), "--out", str(out), "--workers", "1"]) == 0
+    assert "after every bag had finished" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["bag"], r["status"]) for r in summary["bags"]] == [("seq_a", "done")]

@@ -28,14 +28,14 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def image_bag(path, count=8, rate_hz=10.0, malformed=()):
+def image_bag(path, count=8, rate_hz=10.0, malformed=(), t0=T0):
     typestore = bag_messages.kp_ros_typestore()
     with bag_writer.AtomicBagWriter(path, "sqlite3") as writer:
         connection = writer.add_connection("/camera/image_raw", bag_messages.IMAGE_TYPE, typestore)
         for i in range(count):
-            stamp = T0 + int(i * 1e9 / rate_hz)
+            stamp = t0 + int(i * 1e9 / rate_hz)
             msg = bag_messages.image_msg(typestore, synthetic_frame(128, 160, seed=0, shift=(2 * i, i)), "rgb8",
-                                   bag_messages.header_msg(typestore, stamp, "camera"))
+                                         bag_messages.header_msg(typestore, stamp, "camera"))
             if i in malformed:
                 msg.step = 7  # shorter than one row: the nodes must reject it
             writer.write(connection, stamp, typestore.serialize_cdr(msg, bag_messages.IMAGE_TYPE))
@@ -103,3 +103,50 @@ def test_live_replay_every_frame_accounted_for(tmp_path, tiny_superpoint_dir, ti
         assert received == published, f"{name}: {text}"
         assert processed + dropped + rejected == received, f"{name}: {text}"
         assert dropped + rejected >= 1 and processed <= published - 1, f"{name}: {text}"
+
+
+def _diagnostic_values(msg) -> dict[str, str]:
+    return {kv.key: kv.value for status in msg.status for kv in status.values}
+
+
+def test_replay_with_clock_gives_sim_time_latencies(tmp_path, tiny_superpoint_dir):
+    """replay_bag --clock -> superpoint_node with use_sim_time: the stamp latency on
+    /diagnostics is measured on the bag's time line (seconds), not wall time minus a
+    2001 stamp (years); the /clock it publishes follows the bag's receive times."""
+    pytest.importorskip("kp_ros.msg", reason="kp_ros messages are not built/installed")
+    from rosgraph_msgs.msg import Clock
+    from diagnostic_msgs.msg import DiagnosticArray
+    from ros_helpers import ros_node, spin_until
+    t0_2001 = 1_000_000_000_000_000_000
+    bag = image_bag(tmp_path / "bag", count=30, rate_hz=10.0, t0=t0_2001)
+    log = tmp_path / "superpoint.log"
+    node = node_process.start_node(
+        "superpoint_node", log, params={"model": tiny_superpoint_dir, "device": "cpu",
+                                        "resize": "native", "reliable_input": True,
+                                        "use_sim_time": True, "diagnostics_period": 0.3},
+        remaps={"image": "/camera/image_raw"}, env=env(), cwd=REPO)
+    clocks, latencies = [], []
+
+    def on_diagnostics(msg):
+        values = _diagnostic_values(msg)
+        if float(values.get("processed", "0")) > 0 and "stamp latency median (ms)" in values:
+            latencies.append(float(values["stamp latency median (ms)"]))
+
+    try:
+        with ros_node("sim_time_probe") as (probe, executor):
+            probe.create_subscription(Clock, "/clock", lambda m: clocks.append(m.clock.sec), 10)
+            probe.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+            replay = subprocess.Popen(
+                [sys.executable, "-m", "kp_ros.tools.replay_bag", str(bag), "--clock",
+                 "--wait-for-subscribers", "1", "--wait-timeout", "90"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+            spin_until(executor, lambda: replay.poll() is not None, timeout=150)
+            output = replay.communicate(timeout=30)[0]
+    finally:
+        node_process.stop_nodes([node])
+    assert replay.returncode == 0, output + log.read_text()
+    assert clocks and all(abs(sec - t0_2001 // 10**9) < 10 for sec in clocks), clocks[:5]
+    assert latencies, f"no /diagnostics with a stamp latency:\n{log.read_text()}"
+    # Wall clock minus a 2001 stamp would be ~8e11 ms; on the bag's clock it is the
+    # processing time plus at most a clock period.
+    assert all(abs(ms) < 10_000 for ms in latencies), latencies

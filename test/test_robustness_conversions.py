@@ -187,7 +187,7 @@ ENCODING_NAMES = sorted(ENCODINGS) + ["32FC1", "yuv422", "", "mono8 ", "RGB8"]
 @given(height=st.integers(0, 40), width=st.integers(0, 40), step=st.integers(0, 200),
        encoding=st.sampled_from(ENCODING_NAMES), size=st.integers(0, 9000), bigendian=st.booleans())
 def test_fuzz_any_image_header_decodes_consistently_or_is_rejected(height, width, step, encoding,
-                                                                    size, bigendian):
+                                                                   size, bigendian):
     data = (bytes(range(251)) * (size // 251 + 1))[:size]
     msg = Image(height=height, width=width, encoding=encoding, step=step, is_bigendian=bigendian, data=data)
     try:

@@ -36,7 +36,6 @@ from test_robustness_conversions import COMPRESSED_CORPUS, RAW_CORPUS, Case
 GOOD_SIZE = (120, 160)
 
 
-
 @dataclass
 class Fed:
     """One node under test, as the test sees it: its harness and what it must have counted."""

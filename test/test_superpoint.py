@@ -28,8 +28,9 @@ from PIL import Image
 from kp_ros.core.model_loading import ModelUnavailableError
 from kp_ros.core.preprocess import MODEL_SIZE, scale_to_model, scale_to_source, target_size
 from kp_ros.core.superpoint import (SuperPointDetector, SuperPointParams, _nms_mask_torch, nms_mask,
-                                   simple_nms)
+                                    simple_nms)
 from conftest import synthetic_frame
+from sync_counting import SyncCounter
 
 SCORE_ATOL = 1e-6
 DESCRIPTOR_ATOL = 1e-5
@@ -215,7 +216,7 @@ def test_threshold_and_nms_take_effect_at_runtime(tiny_superpoint_dir):
 
 
 @pytest.mark.parametrize("bad", [
-    {"keypoint_threshold": -0.1}, {"keypoint_threshold": 1.0}, {"keypoint_threshold": float("nan")},
+    {"keypoint_threshold": -0.1}, {"keypoint_threshold": 1.01}, {"keypoint_threshold": float("nan")},
     {"keypoint_threshold": "0.1"}, {"nms_radius": -1}, {"nms_radius": 2.5}, {"nms_radius": True},
     {"max_keypoints": 1.5}, {"resize": "square"}, {"max_keypoints": 10, "resize": "bad"}])
 def test_set_params_rejects_bad_values_and_changes_nothing(detector, bad):
@@ -369,3 +370,91 @@ def test_opted_in_pre_and_post_processing_run_on_one_thread_and_restore_it(tiny_
     assert seen == [before]  # the network keeps all threads
     assert calls[-2:] == [("set_num_threads", before), ("setNumThreads", cv_before)]
     assert torch.get_num_threads() == before and cv2.getNumThreads() == cv_before
+
+
+# --- tie-stable top-k and the synchronisations per frame ------------------------------------
+
+def reference_selection(scores: torch.Tensor, threshold: float, radius: int, border: int, k: int):
+    """transformers' own selection steps (simple_nms, nonzero, border removal, top_k) on a
+    (H, W) score map, with the border applied on all four sides as kp_ros does: (y, x) rows."""
+    from transformers.models.superpoint.modeling_superpoint import (
+        remove_keypoints_from_borders, simple_nms as reference_nms, top_k_keypoints)
+    nms = reference_nms(scores[None], radius)[0]
+    yx = torch.nonzero(nms > threshold)
+    kept = nms[tuple(yx.t())]
+    yx, kept = remove_keypoints_from_borders(yx, kept, border, *scores.shape)
+    return top_k_keypoints(yx, kept, k)
+
+
+def tied_score_map(height=64, width=96, seed=0) -> torch.Tensor:
+    """Isolated peaks (12 px apart, so NMS keeps each) whose scores come in tied groups."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.zeros(height, width)
+    levels = torch.tensor([0.9, 0.7, 0.5, 0.3])
+    for y in range(6, height - 6, 12):
+        for x in range(6, width - 6, 12):
+            scores[y, x] = levels[torch.randint(0, 4, (1,), generator=generator)]
+    return scores
+
+
+def select_with(detector, scores: torch.Tensor, k: int) -> np.ndarray:
+    """kp_ros's selection on a hand-made score map: keypoints (x, y) at model resolution."""
+    height, width = scores.shape
+    descriptors = torch.nn.functional.normalize(torch.randn(1, 256, height // 8, width // 8), dim=1)
+    maps = {"scores": scores[None], "descriptors": descriptors}
+    params = SuperPointParams(keypoint_threshold=0.1, nms_radius=4, max_keypoints=k)
+    return detector.postprocess(maps, (height, width), params)
+
+
+def test_tie_stable_top_k_orders_by_score_then_index():
+    from kp_ros.core.superpoint import tie_stable_top_k
+    scores = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 0.5, 1])
+    values, index = tie_stable_top_k(scores, 5)
+    assert index.tolist() == [0, 1, 2, 3, 4] and values.tolist() == [1.0] * 5
+    values, index = tie_stable_top_k(scores, 0)  # unbounded: all, ties in index order
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9, 8]
+
+
+@pytest.mark.parametrize("k", [3, 8, 14, 20])
+def test_top_k_with_ties_inside_the_kept_set_equals_the_reference(detector, k):
+    """Tied groups at 0.9 / 0.7 / 0.5 / 0.3; k chosen at a group boundary, so the set is unique."""
+    scores = tied_score_map()
+    counts = {float(v): int((scores == v).sum()) for v in scores.unique() if v > 0}
+    boundaries = np.cumsum([counts[v] for v in sorted(counts, reverse=True)]).tolist()
+    k = min(boundaries, key=lambda b: abs(b - k))
+    ref_yx, ref_scores = reference_selection(scores, 0.1, 4, detector.border, k)
+    ours = select_with(detector, scores, k)
+    assert len(ours["scores"]) == len(ref_scores) == k
+    theirs = {(int(x), int(y)) for y, x in ref_yx.tolist()}
+    assert {(int(x), int(y)) for x, y in ours["keypoints"].round()} == theirs
+    np.testing.assert_array_equal(np.sort(ours["scores"]), np.sort(ref_scores.numpy()))
+
+
+def test_a_tie_at_the_kth_score_keeps_the_first_in_raster_order(detector):
+    scores = tied_score_map()
+    top = float(scores.max())
+    tied = int((scores == top).sum())
+    assert tied >= 4
+    ours = select_with(detector, scores, tied - 2)  # cuts through the top group
+    ys, xs = np.nonzero(scores.numpy() == top)  # raster order
+    expected = list(zip(xs[:tied - 2].tolist(), ys[:tied - 2].tolist()))
+    assert [(int(x), int(y)) for x, y in ours["keypoints"].round()] == expected
+    assert (ours["scores"] == top).all()
+    again = select_with(detector, scores, tied - 2)
+    assert np.array_equal(again["keypoints"], ours["keypoints"])
+
+
+def test_postprocess_synchronises_twice_per_frame(detector, monkeypatch):
+    """The candidates' count (one nonzero) and the one copy of the packed result; no
+    per-frame constants, no mask indexing, no python values read from tensors."""
+    image = synthetic_frame(120, 160, seed=21)
+    maps = detector.forward(detector.preprocess(image))
+    expected = detector.postprocess(maps, image.shape[:2])  # warm: constants cached per size
+    counter = SyncCounter(monkeypatch)
+    result = detector.postprocess(maps, image.shape[:2])
+    monkeypatch.undo()
+    assert counter.calls == {"nonzero": 1, "cpu": 1}, counter.calls
+    assert len(result["scores"]) > 0
+    for key in expected:
+        assert np.array_equal(result[key], expected[key])
+        assert result[key].flags.c_contiguous and result[key].flags.writeable

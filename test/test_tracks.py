@@ -388,3 +388,17 @@ def test_known_motion_wrong_matches_are_not_linked_when_flagged(known_motion):
                                                np.zeros(len(m.scores), np.uint8)) for m in matches]
     quality = track_quality(keypoints, flagged, step, motions, TrackParams())
     assert quality["links"] == 0
+
+
+def test_sync_refuses_matches_of_another_image_size():
+    """Matches found on 320x240 images do not link 640x480 Keypoints: new tracks, counted."""
+    sync = _sync()
+    sync.add_keypoints(1, K, now=0.0, size=(640, 480))
+    sync.add_matches(_matches(2, 1, K, K), now=0.1, size=(320, 240))
+    out = sync.add_keypoints(2, K, now=0.2, size=(640, 480))
+    assert _stamps(out) == [2] and out[0].previous_index.tolist() == [-1, -1]
+    assert "320x240" in out[0].why_new and "640x480" in out[0].why_new
+    assert sync.counters["size mismatch"] == 1
+    sync.add_matches(_matches(3, 2, K, K), now=0.3, size=(640, 480))  # same size: linked
+    out = sync.add_keypoints(3, K, now=0.4, size=(640, 480))
+    assert out[0].previous_index.tolist() == [0, 1] and sync.counters["size mismatch"] == 1

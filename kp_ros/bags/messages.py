@@ -1,9 +1,10 @@
 """rosbags message types and messages for the bag tools (pure Python, no ROS).
 
-- ``kp_ros_typestore``: the ROS 2 types plus kp_ros/msg/Keypoints, Matches and Tracks,
+- ``kp_ros_typestore``: the ROS 2 types plus kp_ros/msg/Keypoints, Matches, Tracks and
+  StereoMatches,
   parsed from the package's own .msg files, so the definitions written into a bag are the
   ones a ROS install generates (same RIHS01 hashes) and ``ros2 bag info/play`` can use them.
-- ``keypoints_msg`` / ``matches_msg`` / ``tracks_msg``: numpy in, rosbags message out,
+- ``keypoints_msg`` / ``matches_msg`` / ``tracks_msg`` / ``stereo_matches_msg``: numpy in, rosbags message out,
   built from kp_ros.core.messages' fields (the same fields the rclpy messages get);
   ``*_from_msg`` read them back (also kp_ros.core.messages').
 - ``image_msg`` / ``compressed_image_msg``: sensor_msgs images from arrays or encoded bytes.
@@ -16,8 +17,10 @@ import numpy as np
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 from kp_ros.core.messages import (keypoints_fields, keypoints_from_msg, matches_fields,
-                                  matches_from_msg, tracks_fields, tracks_from_msg)
+                                  matches_from_msg, stereo_matches_fields,
+                                  stereo_matches_from_msg, tracks_fields, tracks_from_msg)
 from kp_ros.core.package_files import msg_dir
+from kp_ros.core.stamps import stamp_ns
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -25,6 +28,7 @@ IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
 KEYPOINTS_TYPE = "kp_ros/msg/Keypoints"
 MATCHES_TYPE = "kp_ros/msg/Matches"
 TRACKS_TYPE = "kp_ros/msg/Tracks"
+STEREO_MATCHES_TYPE = "kp_ros/msg/StereoMatches"
 # The newest ROS 2 store this rosbags has (Kilted in 0.11.9); bags written with it carry
 # full definitions, so older distros' readers decode them too.
 _STORE = getattr(Stores, "ROS2_KILTED", Stores.LATEST)
@@ -33,7 +37,7 @@ _STORE = getattr(Stores, "ROS2_KILTED", Stores.LATEST)
 @lru_cache(maxsize=1)
 def _kp_ros_types() -> dict:
     types = {}
-    for name in ("Keypoints", "Matches", "Tracks"):
+    for name in ("Keypoints", "Matches", "Tracks", "StereoMatches"):
         text = (msg_dir() / f"{name}.msg").read_text()
         types.update(get_types_from_msg(text, f"kp_ros/msg/{name}"))
     return types
@@ -47,8 +51,9 @@ def kp_ros_typestore():
 
 
 def stamp_to_ns(stamp) -> int:
-    """builtin_interfaces/Time (anything with sec, nanosec) -> int nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+    """builtin_interfaces/Time (anything with sec, nanosec) -> int nanoseconds; BadStamp
+    (a ValueError) for a stamp that is not a time (kp_ros.core.stamps, as the nodes)."""
+    return stamp_ns(stamp)
 
 
 def time_msg(typestore, stamp_ns: int):
@@ -77,9 +82,18 @@ def matches_msg(typestore, header, stamp0, frame_id0: str, height: int, width: i
     return typestore.types[MATCHES_TYPE](header=header, stamp0=stamp0, **fields)
 
 
-def tracks_msg(typestore, header, height: int, width: int, tracks):
-    """kp_ros/msg/Tracks from a kp_ros.core.tracks.FrameTracks."""
-    return typestore.types[TRACKS_TYPE](header=header, **tracks_fields(height, width, tracks))
+def tracks_msg(typestore, header, height: int, width: int, tracks, keypoints_right=None,
+               depth=None):
+    """kp_ros/msg/Tracks from a kp_ros.core.tracks.FrameTracks (stereo: right keypoints, depths)."""
+    fields = tracks_fields(height, width, tracks, keypoints_right, depth)
+    return typestore.types[TRACKS_TYPE](header=header, **fields)
+
+
+def stereo_matches_msg(typestore, header, stamp_right, frame_id_right: str, height: int,
+                       width: int, matcher: str, matches, rig):
+    """kp_ros/msg/StereoMatches: ``header`` of the left image; a StereoMatchSet and its rig."""
+    fields = stereo_matches_fields(frame_id_right, height, width, matcher, matches, rig)
+    return typestore.types[STEREO_MATCHES_TYPE](header=header, stamp_right=stamp_right, **fields)
 
 
 _IMAGE_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4}
@@ -106,7 +120,8 @@ def compressed_image_msg(typestore, data: bytes, fmt: str, header):
 
 __all__ = [
     "COMPRESSED_TYPE", "IMAGE_TYPE", "IMAGE_TYPES", "KEYPOINTS_TYPE", "MATCHES_TYPE",
-    "TRACKS_TYPE", "compressed_image_msg", "header_msg", "image_msg", "keypoints_from_msg",
+    "STEREO_MATCHES_TYPE", "TRACKS_TYPE", "compressed_image_msg", "header_msg", "image_msg", "keypoints_from_msg",
     "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir",
-    "stamp_to_ns", "time_msg", "tracks_from_msg", "tracks_msg",
+    "stamp_to_ns", "stereo_matches_from_msg", "stereo_matches_msg", "time_msg",
+    "tracks_from_msg", "tracks_msg",
 ]

@@ -135,6 +135,12 @@ class EfficientLoFTRStreamMatcher:
         """Forget the previous frame: the next push starts a new pair."""
         self._previous = None
 
+    @property
+    def latest_features(self) -> FrameFeatures | None:
+        """The last pushed frame's backbone features (None after a reset): a stereo step
+        matches that frame against its right image without running its backbone again."""
+        return self._previous
+
     @torch.inference_mode()
     def push(self, image: np.ndarray) -> dict[str, np.ndarray] | None:
         """Match ``image`` (uint8 HxW or HxWx3 RGB) against the previous frame.

@@ -59,6 +59,39 @@ def camera_from_info(k, d, distortion_model: str, width: int = 0, height: int = 
     return CameraModel(K, D, model, int(width), int(height))
 
 
+def camera_info_key(k, d, distortion_model: str, width: int, height: int) -> tuple:
+    """A CameraInfo's calibration as a hashable key that compares NaN equal to NaN (bytes),
+    so a driver repeating one broken calibration with every frame is judged once."""
+    return (np.asarray(k, np.float64).tobytes(), np.asarray(d, np.float64).tobytes(),
+            distortion_model, int(width), int(height))
+
+
+class CalibrationGate:
+    """The calibration essential verification may use for each frame: ``camera`` (set from
+    a CameraInfo) only when it was calibrated at the frame's size. Another size (K of
+    1280x720 with 640x480 frames) is refused, not scaled: binning, cropping and the driver's
+    own resize change K differently, and a wrong K silently corrupts the inlier flags. A
+    CameraInfo with width = height = 0 states no size and is used as it is."""
+
+    def __init__(self):
+        self.camera: CameraModel | None = None
+        self._refused: tuple | None = None  # the last (calibration size, image size) refused
+
+    def for_image(self, width: int, height: int) -> tuple[CameraModel | None, str | None]:
+        """(calibration or None, a warning when this refusal is new, else None)."""
+        camera = self.camera
+        if camera is None or (camera.width, camera.height) in ((0, 0), (width, height)):
+            self._refused = None
+            return camera, None
+        key = ((camera.width, camera.height), (width, height))
+        if key == self._refused:
+            return None, None
+        self._refused = key
+        return None, (f"camera_info is for {camera.width}x{camera.height} images, the frames "
+                      f"are {width}x{height}: calibration refused, verifying with a "
+                      f"fundamental matrix until a camera_info of the frames' size arrives")
+
+
 def undistort_points(points, camera: CameraModel) -> np.ndarray:
     """(N, 2) raw pixels -> (N, 2) normalised image coordinates (x/z, y/z), undistorted."""
     p = _as_points(points).astype(np.float64).reshape(-1, 1, 2)

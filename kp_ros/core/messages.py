@@ -1,4 +1,4 @@
-"""numpy results <-> the fields of kp_ros/msg/Keypoints, Matches and Tracks: the one place
+"""numpy results <-> the fields of kp_ros/msg/Keypoints, Matches, Tracks and StereoMatches: the one place
 that knows how arrays map onto message fields (x/y split, float32, the flat descriptor
 block, empty inliers when unverified, uint64 ids, ...). ROS-free.
 
@@ -61,12 +61,34 @@ def matches_fields(frame_id0: str, height: int, width: int, matcher: str, keypoi
             "index0": index0, "index1": index1}
 
 
-def tracks_fields(height: int, width: int, tracks) -> dict:
-    """Tracks fields from a kp_ros.core.tracks.FrameTracks."""
+def tracks_fields(height: int, width: int, tracks, keypoints_right=None, depth=None) -> dict:
+    """Tracks fields from a kp_ros.core.tracks.FrameTracks; stereo: (N, 2) right keypoints
+    and (N,) depths, NaN where none (mono: None, the stereo fields stay empty)."""
     x, y = _xy(tracks.keypoints)
+    x_right, y_right = _xy(np.zeros((0, 2)) if keypoints_right is None else keypoints_right)
+    depth = _flat(() if depth is None else depth, np.float32)
+    if len(x_right) not in (0, len(x)) or len(depth) != len(x_right):
+        raise ValueError(f"stereo fields need one right point and one depth per keypoint "
+                         f"({len(x)}), got {len(x_right)} and {len(depth)}")
     return {"height": int(height), "width": int(width), "x": x, "y": y,
             "ids": _flat(tracks.ids, np.uint64), "lengths": _flat(tracks.lengths, np.uint32),
-            "previous_index": _flat(tracks.previous_index, np.int32)}
+            "previous_index": _flat(tracks.previous_index, np.int32),
+            "x_right": x_right, "y_right": y_right, "depth": depth}
+
+
+def stereo_matches_fields(frame_id_right: str, height: int, width: int, matcher: str,
+                          matches, rig) -> dict:
+    """StereoMatches fields (header and stamp_right excepted) from a
+    kp_ros.core.stereo.StereoMatchSet and the StereoRig it was checked with."""
+    x_left, y_left = _xy(matches.left)
+    x_right, y_right = _xy(matches.right)
+    return {"frame_id_right": str(frame_id_right), "height": int(height), "width": int(width),
+            "matcher": str(matcher), "focal": float(rig.fx), "baseline": float(rig.baseline),
+            "warning": matches.problem or "", "candidates": int(matches.candidates),
+            "x_left": x_left, "y_left": y_left, "x_right": x_right, "y_right": y_right,
+            "scores": _flat(matches.scores, np.float32),
+            "disparity": _flat(matches.disparity, np.float32),
+            "depth": _flat(matches.depth, np.float32)}
 
 
 def field_array(values, dtype) -> np.ndarray:
@@ -107,7 +129,18 @@ def matches_from_msg(msg) -> dict[str, np.ndarray]:
 
 
 def tracks_from_msg(msg) -> dict[str, np.ndarray]:
-    """keypoints (N,2), ids, lengths, previous_index of a Tracks message."""
+    """keypoints (N,2), ids, lengths, previous_index of a Tracks message; stereo:
+    keypoints_right (N,2 or 0,2) and depth (N or 0), NaN where none."""
     return {"keypoints": keypoint_positions(msg), "ids": field_array(msg.ids, np.uint64),
             "lengths": field_array(msg.lengths, np.uint32),
-            "previous_index": field_array(msg.previous_index, np.int32)}
+            "previous_index": field_array(msg.previous_index, np.int32),
+            "keypoints_right": _points(msg.x_right, msg.y_right),
+            "depth": field_array(msg.depth, np.float32)}
+
+
+def stereo_matches_from_msg(msg) -> dict[str, np.ndarray]:
+    """left/right (N,2), scores, disparity, depth (N,) of a StereoMatches message."""
+    return {"left": _points(msg.x_left, msg.y_left), "right": _points(msg.x_right, msg.y_right),
+            "scores": field_array(msg.scores, np.float32),
+            "disparity": field_array(msg.disparity, np.float32),
+            "depth": field_array(msg.depth, np.float32)}

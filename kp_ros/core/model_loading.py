@@ -34,6 +34,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_for_assigned_gpus(name: str, assigned_gpus) -> str:
+    """The device string to use in a process that a scheduler gave its own GPU(s).
+
+    Ray (a GPU task), Slurm and similar set CUDA_VISIBLE_DEVICES to the assigned GPU(s),
+    so the process sees them as cuda:0.. whatever their index on the machine: a
+    ``cuda:N`` chosen on the driver (N >= 1) does not exist there ("only 1 CUDA
+    device(s)"). With ``assigned_gpus`` (e.g. ``ray.get_gpu_ids()``) non-empty every
+    ``cuda`` / ``cuda:N`` becomes ``cuda`` (the first assigned GPU); anything else, or no
+    assignment, is returned unchanged."""
+    text = str(name).strip()
+    if assigned_gpus and text.lower().startswith("cuda"):
+        return "cuda"
+    return text
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith((os.sep, ".", "~")) or model.count("/") != 1
 

@@ -51,6 +51,9 @@ class ParamSpec:
     # ValueError with the reason. Such a parameter is declared dynamically typed.
     normalize: Callable[[object], object] | None = None
     core_default: object = _SAME
+    # A setting of the node (subscription, diagnostics, stream rules), not a keyword of
+    # the core model: kp_ros/core/models.py passes the others to the model's constructor.
+    node_only: bool = False
 
     @property
     def type(self) -> type:
@@ -74,22 +77,22 @@ COMMON = (
     ParamSpec("device", "auto", "Torch device for inference: auto (cuda when available), cpu, cuda "
               "or cuda:N.", runtime=False),
     ParamSpec("precision", "fp32", "Model precision: fp32; bf16 (CPU with AVX512-BF16/AMX, or CUDA; "
-              "emulated and slower on other CPUs); fp16 (CUDA only, fp32 on CPU); auto = fp16 on "
-              "CUDA, fp32 on CPU.", runtime=False, choices=PRECISION_CHOICES),
+              "emulated and slower on other CPUs and below CUDA sm 8.0); fp16 (CUDA only, fp32 on "
+              "CPU); auto = fp16 on a CUDA GPU with tensor cores (sm >= 7.0), else fp32.", runtime=False, choices=PRECISION_CHOICES),
     ParamSpec("fp16", False, "Deprecated alias of precision: fp16.", runtime=False),
     ParamSpec("resize", "model", "Model input size: 'model' = 480x640 as the reference pipeline; "
               "'native' = the camera size rounded to what the model needs (at most 1920x1088 "
               "pixels, aspect kept).", choices=RESIZE_CHOICES),
     ParamSpec("use_compressed", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed "
-              "instead of sensor_msgs/Image on image.", runtime=False),
+              "instead of sensor_msgs/Image on image.", runtime=False, node_only=True),
     ParamSpec("reliable_input", "auto", "Image subscription reliability: auto follows the "
               "publishers (reliable when all are, else best effort); reliable or best_effort fix it. "
               "true/false are accepted as reliable/best_effort.", runtime=False,
-              choices=RELIABILITY_CHOICES, normalize=normalize_reliability),
+              choices=RELIABILITY_CHOICES, normalize=normalize_reliability, node_only=True),
     ParamSpec("debug_image", False, "Always publish ~/debug_image (it is also published whenever "
-              "someone subscribes to it)."),
+              "someone subscribes to it).", node_only=True),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", 0.1, 60.0,
-              runtime=False),
+              runtime=False, node_only=True),
 )
 
 SUPERPOINT = (
@@ -113,7 +116,8 @@ ELOFTR = (
               choices=VERIFICATION_CHOICES),
     ParamSpec("ransac_reproj_threshold", 1.0, "Inlier threshold in source pixels.", 0.01, 100.0),
     ParamSpec("max_frame_gap", 1.5, "Reset the stream (no matches for that frame) when stamps jump "
-              "by more than this many seconds; 0 disables.", 0.0, 3600.0),
+              "by more than this many seconds; 0 disables.", 0.0, 3600.0,
+              node_only=True),
 )
 
 _COMMON = {p.name: p for p in COMMON}
@@ -154,6 +158,24 @@ TRACK = (
     ParamSpec("trail_length", 10, "Frames of trail drawn per track on ~/debug_image.", 1, 100),
     _COMMON["debug_image"],
     _COMMON["diagnostics_period"],
+)
+
+# Stereo mode of the front-end (kp_ros/core/stereo.py, stereo_sync.py): the node that runs
+# a stereo input declares these; process_bag --stereo takes them as flags.
+STEREO = (
+    ParamSpec("stereo", False, "Stereo input: left/image_rect + right/image_rect (and their "
+              "camera_info), paired by stamp; left-right matches with disparity and depth.",
+              runtime=False),
+    ParamSpec("stereo_sync_tolerance", 0.0, "Seconds left and right stamps may differ and still "
+              "pair (0: exact stamps, as a hardware-synchronised driver gives).", 0.0, 1.0,
+              runtime=False),
+    ParamSpec("stereo_max_row_error", 1.5, "Pixels a left-right match may leave its row "
+              "(|y_left - y_right|) in a rectified pair.", 0.0, 64.0),
+    ParamSpec("min_disparity", 1.0, "Smallest disparity (x_left - x_right, px) a left-right match "
+              "may have (points farther than fx * baseline / min_disparity are dropped).",
+              0.0, 10000.0),
+    ParamSpec("max_disparity", 256.0, "Largest disparity (px) a left-right match may have "
+              "(points nearer than fx * baseline / max_disparity are dropped).", 0.0, 10000.0),
 )
 
 # Node name -> every parameter it declares, in declaration order.

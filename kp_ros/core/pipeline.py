@@ -8,6 +8,10 @@ Stamps are judged on *arrival* (``arrive``, every frame: a slow device that drop
 still matches the ones it gets to), size / encoding / order on *processing* (``match``);
 an arrival break starts a new epoch and the first processed frame of it resets the matcher.
 Where every frame that arrives is processed (a bag), ``match`` does both.
+
+Stereo (a ``stereo`` StereoMatcher given): ``detect_stereo`` runs SuperPoint on both images
+of a pair, ``match`` the temporal step on the left image as in mono, then ``match_stereo``
+the left-right step, reusing the left image's backbone features from ``match``.
 """
 from __future__ import annotations
 
@@ -36,13 +40,28 @@ class MatchStep:
     overlay: np.ndarray | None = None  # RGB debug image, when asked for and matched
 
 
+@dataclass
+class StereoStep:
+    """What one stereo pair gave: checked left-right matches, and per left keypoint its
+    right keypoint and depth (NaN where none)."""
+    matches: object                 # kp_ros.core.stereo.StereoMatchSet
+    keypoints_right: np.ndarray | None = None  # (N, 2) per left keypoint, NaN: no right match
+    depth: np.ndarray | None = None  # (N,) per left keypoint, NaN where none
+    warning: str | None = None       # a new reason for no depth (unrectified), said once
+    overlay: np.ndarray | None = None
+
+
 class FeaturePipeline:
     """``detect`` (SuperPoint) and ``match`` (EfficientLoFTR against the previous frame);
     either model may be None. Not thread-safe: one caller (a node's worker, a bag loop)."""
 
     def __init__(self, detector=None, matcher=None,
-                 max_frame_gap: float = spec("eloftr_node", "max_frame_gap").default):
+                 max_frame_gap: float = spec("eloftr_node", "max_frame_gap").default,
+                 stereo=None):
         self.detector, self.matcher = detector, matcher
+        self.stereo = stereo  # kp_ros.core.stereo_matching.StereoMatcher, or None (mono)
+        self._pushed = None  # the image the matcher's latest backbone features are of
+        self._stereo_problem: str | None = None  # the last one reported
         self._arrivals = StreamContinuity(max_frame_gap)
         self._epoch: tuple[int, str | None] = (0, None)  # (number, why it began) of arriving frames
         self._processed = StreamContinuity(max_frame_gap=0)  # size, encoding, stamp order
@@ -113,6 +132,7 @@ class FeaturePipeline:
         except BaseException:
             self.restart()
             raise
+        self._pushed = image
         previous, self._previous = self._previous, (token, image)
         if matches is None:
             return MatchStep(None, reset=broken)
@@ -130,3 +150,37 @@ class FeaturePipeline:
             self.matcher.reset()
         self._processed.reset()
         self._previous = None
+        self._pushed = None
+
+    def detect_stereo(self, left: np.ndarray, right: np.ndarray,
+                      overlay: bool = False) -> tuple[Detection, Detection]:
+        """SuperPoint on both images of a pair (one batched forward when they have one size)."""
+        from kp_ros.core.stereo_matching import detect_pair
+        found = [Detection(f["keypoints"], f["scores"], f["descriptors"])
+                 for f in detect_pair(self.detector, left, right)]
+        if overlay:
+            from kp_ros.core.visualize import draw_keypoints
+            found[0].overlay = draw_keypoints(left, found[0].keypoints, found[0].scores)
+        return found[0], found[1]
+
+    def match_stereo(self, left: np.ndarray, right: np.ndarray, rig,
+                     keypoints_left=None, keypoints_right=None,
+                     overlay: bool = False) -> StereoStep:
+        """Left-right matches of a pair, checked against the rig (kp_ros.core.stereo.StereoRig);
+        after ``match(left, ...)`` its backbone features are reused. With both images'
+        keypoints, also each left keypoint's right keypoint and depth."""
+        from kp_ros.core.stereo import link_keypoints
+        features = self.matcher.latest_features if left is self._pushed else None
+        found = self.stereo.match(left, right, rig, features)
+        step = StereoStep(found)
+        if found.problem != self._stereo_problem:
+            self._stereo_problem = found.problem
+            step.warning = found.problem
+        if keypoints_left is not None and keypoints_right is not None:
+            step.keypoints_right, step.depth = link_keypoints(
+                keypoints_left, keypoints_right, found, self.stereo.link_radius, rig,
+                self.stereo.params)
+        if overlay:
+            from kp_ros.core.visualize import draw_matches
+            step.overlay = draw_matches(left, right, found.left, found.right, found.scores, None)
+        return step

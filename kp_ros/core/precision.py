@@ -1,11 +1,20 @@
 """Which floating-point precision a model runs in, and whether this machine has it natively.
 
-``precision``: ``fp32`` | ``bf16`` | ``fp16`` | ``auto`` (fp16 on CUDA, fp32 on CPU: bf16 on
-a CPU is opt-in, it changes results by bf16 rounding). ``fp16`` is CUDA-only (CPU half
+``precision``: ``fp32`` | ``bf16`` | ``fp16`` | ``auto`` (fp16 on a CUDA GPU with tensor
+cores, i.e. compute capability >= 7.0; fp32 on older GPUs and on CPU: bf16 on a CPU is
+opt-in, it changes results by bf16 rounding). ``fp16`` is CUDA-only (CPU half
 convolutions are slow and inexact); on CPU it falls back to fp32 with a warning. ``bf16``
-runs on CPU and CUDA; a CPU without native bf16 (AVX512-BF16 or AMX) emulates it and is
-slower than fp32, so that case gets a loud warning, not a refusal (the results are the
-same bf16 results, which is what the agreement tests check on such machines).
+runs on CPU and CUDA; a CPU without native bf16 (AVX512-BF16 or AMX) or a GPU below
+compute capability 8.0 (T4, V100: no bf16 tensor cores) emulates it and is slower, so
+that case gets a loud warning, not a refusal (the results are the same bf16 results,
+which is what the agreement tests check on such machines). The GPU is the one asked
+for (``cuda:N``), not the current device.
+
+TF32 is set explicitly, per precision, around every model call (``Precision.math_mode``,
+also entered by ``Precision.autocast``): off for fp32, so fp32 on an Ampere+ GPU computes
+what the CPU computes (torch's default ``cudnn.allow_tf32 = True`` would round every
+convolution's inputs to 10 mantissa bits); on for bf16 / fp16, whose float32 stages then
+round to TF32's 10 bits, no coarser than the reduced stages (bf16 7, fp16 10 bits).
 
 Which stages run in lower precision is each model's choice (superpoint.py, eloftr.py);
 both keep softmax normalisation, NMS, the sub-pixel expectation and the coordinate
@@ -13,13 +22,16 @@ mapping in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from kp_ros.core.params import PRECISION_CHOICES
+
+PRECISIONS = PRECISION_CHOICES  # the spec's list (kp_ros/core/params.py), not a copy
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -60,9 +72,42 @@ class Precision:
     def reduced(self) -> bool:
         return self.dtype != torch.float32
 
+    @property
+    def allow_tf32(self) -> bool:
+        """TF32 for float32 convolutions and matmuls on CUDA: off for fp32 (CPU parity)."""
+        return self.reduced
+
+    def math_mode(self, device: torch.device):
+        """A context with TF32 set for this precision on CUDA (restored after); nothing
+        on CPU. Around every model call: the flags are process-wide, and another model
+        in the same process may run another precision."""
+        return tf32_mode(self.allow_tf32) if device.type == "cuda" else contextlib.nullcontext()
+
+    @contextlib.contextmanager
     def autocast(self, device: torch.device):
-        """An autocast context for the low-precision stages (disabled for fp32)."""
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.reduced)
+        """An autocast context for the low-precision stages (disabled for fp32), with
+        ``math_mode`` for the float32 ops in it."""
+        with self.math_mode(device), torch.autocast(device.type, dtype=self.dtype,
+                                                    enabled=self.reduced):
+            yield
+
+
+@contextlib.contextmanager
+def tf32_mode(allow: bool):
+    """cuDNN convolutions and cuBLAS matmuls in TF32 (``allow``) or full float32, restored
+    afterwards. torch's legacy flags, the ones every torch >= 1.7 reads; its newer
+    ``fp32_precision`` API must not be mixed with them (reading then raises)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    try:
+        saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    except RuntimeError:  # the process mixed in the new API: set ours, restore nothing
+        saved = None
+    cudnn.allow_tf32 = matmul.allow_tf32 = bool(allow)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def resolve_precision(precision: str, device: torch.device, fp16: bool = False) -> Precision:
@@ -79,8 +124,10 @@ def resolve_precision(precision: str, device: torch.device, fp16: bool = False) 
                              f"set only precision")
         name = "fp16"
         notes.append("fp16: true is deprecated, use precision: fp16")
+    capability = cuda_capability(device) if device.type == "cuda" else None
     if name == "auto":
-        name = "fp16" if device.type == "cuda" else "fp32"
+        name = "fp16" if capability is not None and capability >= TENSOR_CORES else "fp32"
+        notes.append(f"auto: {_auto_reason(device, capability)}")
     warning = ""
     if device.type == "cpu" and name == "fp16":
         warning = ("precision fp16 is only used on CUDA (CPU half convolutions are slow and "
@@ -94,10 +141,37 @@ def resolve_precision(precision: str, device: torch.device, fp16: bool = False) 
             warning = ("precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX): "
                        "it is emulated and SLOWER than fp32 here (results are bf16's); "
                        "use precision: fp32 on this machine")
-    elif device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
-        warning = f"precision bf16 on {torch.cuda.get_device_name(device)}: not native, emulated and slow"
+    elif device.type == "cuda" and name == "bf16" and capability < BF16_TENSOR_CORES:
+        warning = (f"precision bf16 on {_gpu(device, capability)}: no bf16 tensor cores below "
+                   f"compute capability 8.0, it is emulated and SLOW; use precision: fp16")
+    elif device.type == "cuda" and name == "fp16" and capability < TENSOR_CORES:
+        warning = (f"precision fp16 on {_gpu(device, capability)}: no tensor cores below compute "
+                   f"capability 7.0, fp16 may be no faster than fp32; use precision: fp32")
     note = name + (f" ({'; '.join(notes)})" if notes else "")
     return Precision(name, DTYPES[name], note, warning)
+
+
+TENSOR_CORES = (7, 0)       # Volta: fp16 tensor cores
+BF16_TENSOR_CORES = (8, 0)  # Ampere: bf16 tensor cores (torch.cuda.is_bf16_supported()
+# counts emulation as support by default, so it is True on a T4 or V100, and it asks the
+# current device, not the one a model runs on)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of the GPU ``device`` names (cuda = the current one)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _gpu(device: torch.device, capability) -> str:
+    return f"{torch.cuda.get_device_name(device)} (sm {capability[0]}.{capability[1]})"
+
+
+def _auto_reason(device: torch.device, capability) -> str:
+    if capability is None:
+        return f"fp32 on {device.type}"
+    if capability >= TENSOR_CORES:
+        return f"fp16 on {_gpu(device, capability)}, tensor cores"
+    return f"fp32 on {_gpu(device, capability)}, no tensor cores"
 
 
 def warn_once(precision: Precision, stacklevel: int = 3) -> None:

@@ -13,7 +13,7 @@ the same float32 roundings as the reference's numpy arithmetic.
 
 Coordinates: pixel centres at integers in both the model and the source image, so
 ``scale_to_source`` is ``(k + 0.5) * W / w - 0.5``. The reference post-process uses
-``int((k / [w, h]) * [W, H])`` instead, biased by ``0.5 * (W / w - 1)`` px (issue 13);
+``int((k / [w, h]) * [W, H])`` instead, biased by ``0.5 * (W / w - 1)`` px;
 parity tests apply that formula to kp_ros's model-resolution keypoints to compare.
 """
 from __future__ import annotations
@@ -171,9 +171,18 @@ def _centre_aligned(points_xy: torch.Tensor, from_size, to_size) -> torch.Tensor
     points = points_xy.to(torch.float64)
     if (h, w) == (H, W):
         return points.float()
-    sizes_from = points.new_tensor([w, h])
-    sizes_to = points.new_tensor([W, H])
+    sizes_from, sizes_to = _size_constants((w, h), (W, H), points.device)
     return (((2 * points + 1) * sizes_to - sizes_from) / (2 * sizes_from)).float()
+
+
+@lru_cache(maxsize=64)
+def _size_constants(sizes_from: tuple, sizes_to: tuple, device: torch.device):
+    """The (x, y) sizes as float64 tensors on ``device``, uploaded once per size pair: a
+    per-frame ``new_tensor`` is a blocking host-to-device copy (a synchronisation) on
+    CUDA. Tensors, not python-scalar divisors: CUDA divides by a scalar as a multiply by
+    its reciprocal, which would break the exactness above."""
+    return (torch.tensor(sizes_from, dtype=torch.float64, device=device),
+            torch.tensor(sizes_to, dtype=torch.float64, device=device))
 
 
 def _uint8_to_device(image: np.ndarray, device) -> torch.Tensor:
@@ -187,7 +196,14 @@ def _uint8_to_device(image: np.ndarray, device) -> torch.Tensor:
         raise ValueError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
     if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only memory
         image = image.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    tensor = torch.from_numpy(np.ascontiguousarray(image))
+    if torch.device(device).type == "cuda":
+        # Through pinned memory, asynchronously: a pageable copy blocks the host until
+        # the device has caught up (a synchronisation per frame); the caching host
+        # allocator keeps the pinned buffer until the copy has run.
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
     return tensor.permute(2, 0, 1).contiguous()[None]  # planar: later per-channel ops run contiguous
 
 

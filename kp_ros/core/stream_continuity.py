@@ -42,7 +42,8 @@ class StreamContinuity:
             return f"encoding changed {last.encoding} -> {frame.encoding}"
         gap_ns = frame.stamp_ns - last.stamp_ns
         if gap_ns <= 0:
-            return f"stamp went {'backwards' if gap_ns < 0 else 'nowhere'} by {-gap_ns / 1e9:.3f} s (bag loop or clock reset?)"
+            return (f"stamp went {'backwards' if gap_ns < 0 else 'nowhere'} by {-gap_ns / 1e9:.3f} s "
+                    f"(bag loop or clock reset?)")
         if self.max_frame_gap > 0 and gap_ns > self.max_frame_gap * 1e9:
             return f"stamp jumped {gap_ns / 1e9:.3f} s > max_frame_gap {self.max_frame_gap} s"
         return None

@@ -10,8 +10,11 @@ Differences from the reference, all deliberate:
   - true grayscale input (the stock processor feeds the R channel; see preprocess.py),
   - keypoints stay float source-pixel coordinates (the reference truncates to int32;
     ``keypoints.int()`` here equals its output),
-  - keypoints are sorted by descending score (the reference keeps raster order unless
-    max_keypoints is set), and ``max_keypoints <= 0`` means unbounded (reference: only < 0),
+  - keypoints are sorted by descending score, equal scores in raster order (the
+    reference keeps raster order unless max_keypoints is set, then topk's unspecified
+    order), so a tie at the max_keypoints-th score keeps the same keypoints on every
+    device (``tie_stable_top_k``), and ``max_keypoints <= 0`` means unbounded (reference:
+    only < 0),
   - ``border_removal_distance`` applies on all four sides: transformers passes the
     full-resolution score size times 8 again, so its bottom/right border is never
     removed (keypoints at y = h - 1 survive there),
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -51,9 +55,11 @@ class SuperPointParams:
 
     def validated(self) -> "SuperPointParams":
         threshold = self.keypoint_threshold
+        low, high = _SPEC["keypoint_threshold"].low, _SPEC["keypoint_threshold"].high  # as the descriptor
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(threshold) or not 0.0 <= threshold < 1.0:
-            raise ValueError(f"keypoint_threshold must be a number in [0, 1), got {threshold!r}")
+                or not math.isfinite(threshold) or not low <= threshold <= high:
+            raise ValueError(f"keypoint_threshold must be a number in [{low:g}, {high:g}], "
+                             f"got {threshold!r}")
         for name in ("nms_radius", "max_keypoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -139,6 +145,10 @@ class SuperPointDetector:
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The network: dense score map (1, h, w) before NMS, descriptor map (1, D, h/8, w/8)
         L2-normalized; the same ops as SuperPointForKeypointDetection, minus selection."""
+        with self.precision.math_mode(self.device):  # TF32 off for fp32: see precision.py
+            return self._forward(pixels)
+
+    def _forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self._net
         encoded = net.encoder(pixels, return_dict=False)[0]
         head = net.keypoint_decoder
@@ -160,22 +170,63 @@ class SuperPointDetector:
             return self._select(maps, source_size, params or self.params)
 
     def _select(self, maps, source_size, params: SuperPointParams) -> dict[str, np.ndarray]:
+        # Host-device synchronisations per frame on CUDA: two, both needed by the outputs:
+        # the nonzero() below (the number of candidates sizes every later tensor) and the
+        # one copy of the packed result to the host. The image upload (preprocess.py) and
+        # the constants (cached per size) do not wait for the device.
         scores = maps["scores"][0]
         height, width = scores.shape
-        # = nonzero(simple_nms(scores) > threshold), as the threshold is >= 0
-        yx = torch.nonzero(nms_mask(scores, params.nms_radius) & (scores > params.keypoint_threshold))
-        yx = yx[remove_borders_mask(yx, self.border, height, width)]
-        kept = scores[yx[:, 0], yx[:, 1]]
-        if 0 < params.max_keypoints < len(kept):
-            kept, top = torch.topk(kept, params.max_keypoints)
-            yx = yx[top]
-        kept, order = torch.sort(kept, descending=True, stable=True)
-        xy = yx[order].flip(1).float()
+        # = nonzero(simple_nms(scores) > threshold) minus the border, as the threshold is >= 0
+        mask = nms_mask(scores, params.nms_radius) & (scores > params.keypoint_threshold)
+        clear_borders(mask, self.border)
+        index = mask.reshape(-1).nonzero().squeeze(1)  # raster order, as the reference's
+        kept = scores.reshape(-1).index_select(0, index)
+        kept, order = tie_stable_top_k(kept, params.max_keypoints)
+        index = index.index_select(0, order)
+        xy = torch.stack((index % width, torch.div(index, width, rounding_mode="floor")), 1).float()
         descriptors = sample_descriptors(xy, maps["descriptors"])
         keypoints = scale_to_source(xy, (height, width), source_size)
-        # The core's boundary: numpy out (views of the CPU tensors, no copy beyond .cpu()).
-        return {"keypoints": keypoints.cpu().contiguous().numpy(), "scores": kept.cpu().contiguous().numpy(),
-                "descriptors": descriptors.cpu().contiguous().numpy()}
+        return unpack_to_numpy(torch.cat((descriptors.reshape(-1), keypoints.reshape(-1), kept)),
+                               len(kept), descriptors.shape[1])
+
+
+def tie_stable_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the ``k`` highest ``scores`` (all when k <= 0), by descending
+    score and, among equal scores, ascending index: the same on every device.
+
+    The reference's ``torch.topk`` leaves the order of ties unspecified, and it differs:
+    on CPU it is a quickselect whose pick among equal scores moves with k and N (ten equal
+    scores, k = 5: indices 7, 0, 6, 5, 9), and CUDA's differs again. Without a tie at
+    the k-th score both select the same set; with one this keeps the lowest (raster) indices.
+    """
+    values, order = torch.sort(scores, descending=True, stable=True)
+    if 0 < k < len(values):
+        values, order = values[:k], order[:k]
+    return values, order
+
+
+def clear_borders(mask: torch.Tensor, border: int) -> None:
+    """Set ``mask`` (H, W) False within ``border`` pixels of every edge, in place (the
+    reference means to do this but only applies the top/left side, see the module docstring)."""
+    if border <= 0:
+        return
+    height, width = mask.shape
+    mask[:border] = False
+    mask[max(height - border, 0):] = False
+    mask[:, :border] = False
+    mask[:, max(width - border, 0):] = False
+
+
+def unpack_to_numpy(packed: torch.Tensor, count: int, size: int) -> dict[str, np.ndarray]:
+    """The result as numpy, from descriptors (N*D), keypoints (N*2) and scores (N) packed in
+    one float32 tensor: one device-to-host copy instead of three, the descriptors made
+    contiguous on the device (by the packing) instead of by the CPU after the copy. Each
+    array is a C-contiguous, writable view of that one host buffer (the core's boundary)."""
+    flat = packed.cpu().numpy()
+    descriptors_end, keypoints_end = count * size, count * (size + 2)
+    return {"keypoints": flat[descriptors_end:keypoints_end].reshape(count, 2),
+            "scores": flat[keypoints_end:],
+            "descriptors": flat[:descriptors_end].reshape(count, size)}
 
 
 def simple_nms(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
@@ -215,23 +266,26 @@ def _nms_mask_torch(scores: torch.Tensor, nms_radius: int) -> torch.Tensor:
     return max_mask
 
 
-def remove_borders_mask(yx: torch.Tensor, border: int, height: int, width: int) -> torch.Tensor:
-    """Keypoints (y, x) at least ``border`` pixels from every edge (the reference means
-    to do this but only applies the top/left side, see the module docstring)."""
-    return ((yx[:, 0] >= border) & (yx[:, 0] < height - border)
-            & (yx[:, 1] >= border) & (yx[:, 1] < width - border))
-
-
 def sample_descriptors(xy: torch.Tensor, descriptors: torch.Tensor, scale: int = CELL) -> torch.Tensor:
     """Bilinear descriptor at model-pixel (x, y), re-normalized: (N, D). The reference's
     ``_sample_descriptors`` arithmetic, step for step, so the values are bit-identical."""
     _, channels, rows, cols = descriptors.shape
     points = xy - scale / 2 + 0.5
-    points = points / points.new_tensor([cols * scale - scale / 2 - 0.5, rows * scale - scale / 2 - 0.5])
+    points = points / _device_constant((cols * scale - scale / 2 - 0.5, rows * scale - scale / 2 - 0.5),
+                                       points.device, points.dtype)
     points = points * 2 - 1
     sampled = F.grid_sample(descriptors, points.view(1, 1, -1, 2), mode="bilinear", align_corners=True)
     sampled = F.normalize(sampled.reshape(1, channels, -1), p=2, dim=1)
     return sampled[0].t()
+
+
+@lru_cache(maxsize=64)
+def _device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor on ``device``, uploaded once per value (a per-frame
+    ``new_tensor`` is a blocking host-to-device copy, i.e. a synchronisation, on CUDA).
+    Not a python-scalar divisor: CUDA divides by one as a multiply by its reciprocal,
+    which rounds differently from the reference's division by a tensor."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _max_pool(x: torch.Tensor, radius: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """eloftr_node: EfficientLoFTR matches between each frame and the previous one.
 
-Subscribes ``image`` (or ``image/compressed``), publishes ``matches``
+Subscribes ``image`` (or ``image/compressed``) and ``camera_info``, publishes ``matches``
 (kp_ros/Matches: header of the newer frame, stamp0/frame_id0 of the older one) and
 ``~/debug_image``. "Previous" means the previously *processed* frame: frames dropped
 by the keep-latest hand-off are skipped, not matched. Stamp gaps and backwards stamps
@@ -9,93 +9,73 @@ are judged between consecutive *received* frames, so a device slower than
 """
 from __future__ import annotations
 
-import warnings
-
-from rclpy.time import Time
-from sensor_msgs.msg import CameraInfo
-
-from kp_ros.core import params
-from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
-from kp_ros.core.geometry import camera_from_info
-from kp_ros.core.precision import PrecisionWarning
+from kp_ros.core import models
+from kp_ros.core.geometry import CalibrationGate, camera_from_info, camera_info_key
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.msg import Matches
 from kp_ros.ros.conversions import matches_to_msg
-from kp_ros.ros.feature_node import FeatureNode, ros_params, run_node
+from kp_ros.ros.feature_node import FeatureNode
+from kp_ros.ros.node_base import run_node
 from kp_ros.ros.qos import output_qos
-
-VERIFICATION_PARAMS = ("geometric_verification", "ransac_reproj_threshold")
 
 
 class EfficientLoFTRNode(FeatureNode):
-    NODE_NAME = "eloftr_node"
-    MODEL_PARAMS = ros_params(params.ELOFTR)
+    MODEL = models.model("eloftr")
 
     def __init__(self, **kwargs):
-        super().__init__(self.NODE_NAME, **kwargs)
+        super().__init__(**kwargs)
         self._pub = self.create_publisher(Matches, "matches", output_qos())
         # Continuity, pairing and resets: see kp_ros/core/pipeline.py.
         self.pipeline = FeaturePipeline(matcher=self.core, max_frame_gap=self.values["max_frame_gap"])
         # Calibration for 'essential': camera_info beside the image, as image_pipeline nodes
         # take it (latched-style QoS not assumed: drivers publish it with every frame).
         self._camera_key = None
+        self.calibration = CalibrationGate()  # used only where it fits the frames' size
         self._warned_no_camera = False
-        self.create_subscription(CameraInfo, "camera_info", self.on_camera_info, 10)
 
-    def build_core(self, values: dict) -> EfficientLoFTRStreamMatcher:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PrecisionWarning)  # logged below as a ROS warning
-            core = EfficientLoFTRStreamMatcher(
-                values["model"], device=values["device"], match_threshold=values["match_threshold"],
-                max_matches=values["max_matches"], resize=values["resize"],
-                geometric_verification=values["geometric_verification"],
-                ransac_reproj_threshold=values["ransac_reproj_threshold"], fp16=values["fp16"],
-                precision=values["precision"])
-        if core.precision.warning:
-            self.get_logger().warning(core.precision.warning)
-        return core
-
-    def apply_params(self, changes: dict) -> None:
+    def apply_node_params(self, changes: dict) -> None:
         if "max_frame_gap" in changes:
             self.pipeline.max_frame_gap = changes["max_frame_gap"]
-        self.core.set_params(**{k: v for k, v in changes.items() if k in (
-            "match_threshold", "max_matches", "resize") + VERIFICATION_PARAMS})
 
-    def on_camera_info(self, msg: CameraInfo) -> None:
-        key = (tuple(msg.k), tuple(msg.d), msg.distortion_model, msg.width, msg.height)
+    def on_camera_info(self, msg) -> None:
+        key = camera_info_key(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
         if key == self._camera_key:
-            return  # the same calibration with every frame: nothing to do
+            return  # the same calibration with every frame (NaN included): nothing to do
         self._camera_key = key
         try:
-            self.core.camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
+            camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
         except ValueError as exc:
-            self.core.camera = None
+            self.calibration.camera = None
             self.get_logger().error(f"camera_info ignored: {exc}")
             return
+        self.calibration.camera = camera
         self.get_logger().info(f"camera_info: {msg.width}x{msg.height}, {msg.distortion_model or 'plumb_bob'}, "
-                               f"focal {self.core.camera.focal:.1f} px")
+                               f"focal {camera.focal:.1f} px")
 
-    def describe(self) -> str:
-        return (f"EfficientLoFTR {self.core.model_id} on {self.core.device}, "
-                f"precision {self.core.precision.note}")
+    def extra_diagnostics(self) -> dict:
+        return {"stream resets": self.resets}
 
     @property
     def resets(self) -> int:
         return self.pipeline.resets
 
-    def on_arrival(self, msg) -> tuple[int, str | None]:
-        return self.pipeline.arrive(Time.from_msg(msg.header.stamp).nanoseconds)
+    def on_arrival(self, bundle) -> tuple[int, str | None]:
+        return self.pipeline.arrive(bundle.stamp_ns)
 
-    def process(self, msg, image, arrival) -> None:
-        if self.core.params.geometric_verification == "essential" and self.core.camera is None \
+    def process(self, bundle, images) -> None:
+        self.core.camera, refused = self.calibration.for_image(images[0].shape[1], images[0].shape[0])
+        if refused and self.core.params.geometric_verification == "essential":
+            self.get_logger().warning(refused)
+        if self.core.params.geometric_verification == "essential" and self.calibration.camera is None \
                 and not self._warned_no_camera:
             self._warned_no_camera = True
             self.get_logger().warning(
-                f"geometric_verification essential: no camera_info on {self.resolve_topic_name('camera_info')} "
+                f"geometric_verification essential: no camera_info on {self.input.camera_info_topic} "
                 f"yet; verifying with a fundamental matrix until one arrives")
+        msg, image = bundle.msgs[0], images[0]
         encoding = getattr(msg, "encoding", None) or getattr(msg, "format", "")
-        step = self.pipeline.match(image, Time.from_msg(msg.header.stamp).nanoseconds, encoding,
-                                   token=msg.header, arrival=arrival, overlay=self.debug_wanted())
+        step = self.pipeline.match(image, bundle.stamp_ns, encoding, token=msg.header,
+                                   arrival=bundle.arrival, overlay=self.debug_wanted())
         if step.reset:
             self.get_logger().warning(f"stream reset, no matches for this frame: {step.reset}")
         if step.matches is None:

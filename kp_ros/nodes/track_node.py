@@ -14,27 +14,26 @@ messages and counts.
 """
 from __future__ import annotations
 
+import functools
 import time
+import traceback
 from collections import deque
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import SetParametersResult
-from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.time import Time
 from sensor_msgs.msg import Image
 
 from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
+from kp_ros.core.stamps import stamp_problem
 from kp_ros.core.track_sync import TrackSynchronizer
 from kp_ros.core.tracks import FrameTracks, MatchSet, TrackBook, TrackParams
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, Tracks
-from kp_ros.ros.diagnostics import diagnostic_array, latency_values
-from kp_ros.ros.conversions import (array_to_image_msg, image_msg_to_model_input, keypoint_positions,
-                                   matches_from_msg, tracks_to_msg)
-from kp_ros.ros.feature_node import parameter_changes, ros_params, run_node
+from kp_ros.ros.conversions import (image_msg_to_model_input, keypoint_positions, matches_from_msg,
+                                   stamp_ns, tracks_to_msg)
+from kp_ros.ros.diagnostics import latency_values
+from kp_ros.ros.node_base import NodeBase, StartupError, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
 
 # Inputs are small and each one matters (a lost Matches costs a frame its links):
@@ -45,37 +44,42 @@ IMAGES_KEPT = 8  # frames kept for the debug overlay, waiting for their tracks
 TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
 
 
-def _stamp_ns(stamp) -> int:
-    return Time.from_msg(stamp).nanoseconds
+def _guarded(handler):
+    """A callback that logs (with the traceback) and counts an exception instead of letting
+    it end the executor's spin: one bad message must not stop the node."""
+    @functools.wraps(handler)
+    def callback(self, *args):
+        try:
+            return handler(self, *args)
+        except Exception:  # noqa: BLE001 - counted and logged with its traceback
+            self.counts["errors"] += 1
+            self.log_rejected(f"{handler.__name__} failed (errors so far: "
+                              f"{self.counts['errors']}):\n{traceback.format_exc()}")
+    return callback
 
 
-class TrackNode(Node):
+class TrackNode(NodeBase):
     NODE_NAME = "track_node"
-    PARAMS = ros_params(params.TRACK)
+    SPECS = params.NODES[NODE_NAME]
 
     def __init__(self, **kwargs):
-        super().__init__(self.NODE_NAME, **kwargs)
-        self._params = {p.name: p for p in self.PARAMS}
-        for p in self.PARAMS:
-            self.declare_parameter(p.name, p.default, p.descriptor())
-        self.values = {name: self.get_parameter(name).value for name in self._params}
-        book = TrackBook(self._track_params(self.values))  # raises ValueError: run_node says why
+        super().__init__(**kwargs)
+        try:
+            book = TrackBook(self._track_params(self.values))
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         self.sync = TrackSynchronizer(book, timeout=self.values["match_timeout"],
                                       max_pending=self.values["max_pending"])
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-
         self._pub = self.create_publisher(Tracks, "tracks", output_qos())
-        self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._kp_sub = self._match_sub = None  # start() subscribes
         self._image_sub = None  # created while the debug image is wanted
         self._images: dict[int, Image] = {}
         self._history: deque[FrameTracks] = deque(maxlen=self.values["trail_length"])
         self.counts = {"keypoints": 0, "matches": 0, "published": 0, "rejected": 0,
-                       "linked tracks": 0, "new tracks": 0}
+                       "linked tracks": 0, "new tracks": 0, "size mismatch": 0, "errors": 0}
         self._latencies: deque[float] = deque(maxlen=200)
-        self._last_reject_log = 0.0
         self._diag_prev = (time.monotonic(), 0)
+        self._last_warn_log = 0.0
 
     def start(self) -> None:
         """Subscribe and start the timers once the node is fully built (run_node calls it)."""
@@ -97,35 +101,36 @@ class TrackNode(Node):
     def _track_params(values: dict) -> TrackParams:
         return TrackParams(**{k: values[k] for k in TRACK_PARAMS}).validated()
 
-    def _on_set_parameters(self, params) -> SetParametersResult:
-        changes, reason = parameter_changes(self._params, self.values, params)
-        if reason:
-            return SetParametersResult(successful=False, reason=reason)
-        values = {**self.values, **changes}
-        try:
-            track_params = self._track_params(values)
-        except ValueError as exc:
-            return SetParametersResult(successful=False, reason=str(exc))
-        self.sync.book.set_params(track_params)
-        self.sync.timeout = values["match_timeout"]
-        if values["trail_length"] != self.values["trail_length"]:
-            self._history = deque(self._history, maxlen=values["trail_length"])
-        self.values = values
-        return SetParametersResult(successful=True)
+    def check_params(self, changes: dict) -> None:
+        self._track_params({**self.values, **changes})  # ValueError: rejected
+
+    def apply_params(self, changes: dict) -> None:
+        self.sync.book.set_params(self._track_params(self.values))
+        self.sync.timeout = self.values["match_timeout"]
+        if self._history.maxlen != self.values["trail_length"]:
+            self._history = deque(self._history, maxlen=self.values["trail_length"])
 
     # --- inputs ---------------------------------------------------------------------
+    @_guarded
     def on_keypoints(self, msg: Keypoints) -> None:
         started = time.perf_counter()
         self.counts["keypoints"] += 1
         if len(msg.x) != len(msg.y):
             return self._reject(f"Keypoints with {len(msg.x)} x but {len(msg.y)} y")
-        ready = self.sync.add_keypoints(_stamp_ns(msg.header.stamp), keypoint_positions(msg),
-                                        time.monotonic(), payload=msg)
+        problem = stamp_problem(msg.header.stamp)
+        if problem is not None:
+            return self._reject(f"Keypoints with a {problem}")
+        ready = self.sync.add_keypoints(stamp_ns(msg.header.stamp), keypoint_positions(msg),
+                                        time.monotonic(), payload=msg, size=(msg.width, msg.height))
         self._publish(ready, started)
 
+    @_guarded
     def on_matches(self, msg: Matches) -> None:
         started = time.perf_counter()
         self.counts["matches"] += 1
+        problem = stamp_problem(msg.header.stamp) or stamp_problem(msg.stamp0)
+        if problem is not None:
+            return self._reject(f"Matches with a {problem}")
         n = len(msg.scores)
         if not (len(msg.x0) == len(msg.y0) == len(msg.x1) == len(msg.y1) == n) \
                 or len(msg.inliers) not in (0, n) or len(msg.index0) != len(msg.index1) \
@@ -135,32 +140,44 @@ class TrackNode(Node):
                                 f"inliers {len(msg.inliers)}, index0 {len(msg.index0)}, "
                                 f"index1 {len(msg.index1)})")
         fields = matches_from_msg(msg)
-        matches = MatchSet(_stamp_ns(msg.header.stamp), _stamp_ns(msg.stamp0), fields["keypoints0"],
+        matches = MatchSet(stamp_ns(msg.header.stamp), stamp_ns(msg.stamp0), fields["keypoints0"],
                            fields["keypoints1"], fields["scores"],
                            fields["inliers"] if len(fields["inliers"]) else None,
                            *((fields["index0"], fields["index1"]) if len(fields["index0"]) else ()))
         if matches.stamp0_ns >= matches.stamp_ns:
             return self._reject("Matches whose older frame (stamp0) is not older than its header stamp")
-        self._publish(self.sync.add_matches(matches, time.monotonic()), started)
+        self._publish(self.sync.add_matches(matches, time.monotonic(), size=(msg.width, msg.height)),
+                      started)
 
+    @_guarded
     def on_image(self, msg: Image) -> None:
-        self._images[_stamp_ns(msg.header.stamp)] = msg
+        problem = stamp_problem(msg.header.stamp)
+        if problem is not None:
+            return self._reject(f"debug image: {problem}")
+        self._images[stamp_ns(msg.header.stamp)] = msg
         while len(self._images) > IMAGES_KEPT:
             del self._images[min(self._images)]
 
+    @_guarded
     def _poll(self) -> None:
         self._publish(self.sync.poll(time.monotonic()), time.perf_counter())
         self._update_image_subscription()
 
     def _reject(self, reason: str) -> None:
         self.counts["rejected"] += 1
-        now = time.monotonic()
-        if now - self._last_reject_log >= 1.0:  # throttled by hand, as FeatureNode does
-            self._last_reject_log = now
-            self.get_logger().error(f"input rejected: {reason} (rejected so far: {self.counts['rejected']})")
+        self.log_rejected(f"input rejected: {reason} (rejected so far: {self.counts['rejected']})")
 
     # --- outputs --------------------------------------------------------------------
     def _publish(self, ready: list[FrameTracks], started: float) -> None:
+        mismatches = self.sync.counters["size mismatch"]
+        if mismatches > self.counts["size mismatch"]:
+            self.counts["size mismatch"] = mismatches
+            now = time.monotonic()
+            if now - self._last_warn_log >= 1.0:  # throttled, as rejects are
+                self._last_warn_log = now
+                why = next((t.why_new for t in ready if t.why_new and "image, keypoints" in t.why_new), "")
+                self.get_logger().warning(f"Matches for another image size than the Keypoints' "
+                                          f"refused ({why}): new tracks (so far: {mismatches})")
         for tracks in ready:
             keypoints_msg = tracks.payload
             tracks.payload = None  # the history keeps arrays, not messages
@@ -172,14 +189,11 @@ class TrackNode(Node):
             self.counts["new tracks"] += len(tracks.ids) - linked
             self._latencies.append(time.perf_counter() - started)
             self._history.append(tracks)
-            if self._debug_wanted():
+            if self.debug_wanted():
                 self._publish_debug(keypoints_msg.header, tracks)
 
-    def _debug_wanted(self) -> bool:
-        return self.values["debug_image"] or self._debug_pub.get_subscription_count() > 0
-
     def _update_image_subscription(self) -> None:
-        wanted = self._debug_wanted()
+        wanted = self.debug_wanted()
         if wanted and self._image_sub is None:
             self._image_sub = self.create_subscription(Image, "image", self.on_image, image_input_qos(False))
         elif not wanted and self._image_sub is not None:
@@ -213,8 +227,7 @@ class TrackNode(Node):
             image = image_msg_to_model_input(image_msg)
         except ImageDecodeError as exc:
             return self._reject(f"debug image: {exc}")
-        self._debug_pub.publish(array_to_image_msg(draw_tracks(image, self.trails(tracks), tracks.ids),
-                                                   "rgb8", header))
+        self.publish_debug(draw_tracks(image, self.trails(tracks), tracks.ids), header)
 
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
@@ -228,7 +241,7 @@ class TrackNode(Node):
             "pending": self.sync.pending,
             **latency_values(self._latencies),
         }
-        self._diag_pub.publish(diagnostic_array(self, "feature tracks", "cpu", values, warning))
+        self.publish_diagnostics("feature tracks", "cpu", values, warning)
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in {**self.counts, **self.sync.counters}.items())

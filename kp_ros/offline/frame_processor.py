@@ -3,12 +3,15 @@ kp_ros/core/pipeline.py, as in the nodes); and the camera calibration the matche
 essential-matrix verification takes from the bag's CameraInfo."""
 from __future__ import annotations
 
+from kp_ros.core.geometry import CalibrationGate
 from kp_ros.core.pipeline import FeaturePipeline
+from kp_ros.core.stamps import stamp_problem
 from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
-                                       image_msg, keypoints_msg, matches_msg, stamp_to_ns,
-                                       tracks_msg)
+                                  image_msg, keypoints_msg, matches_msg, stamp_to_ns,
+                                  tracks_msg)
 from kp_ros.bags.reader import decode_image_msg, image_encoding, read_messages
-from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix
+from kp_ros.core.topics import camera_info_topic
+from kp_ros.offline.options import MAX_FRAME_GAP
 from kp_ros.offline.summary import Summary
 
 
@@ -41,6 +44,9 @@ class FrameProcessor:
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
         # Continuity, pairing, resets and overlays: kp_ros/core/pipeline.py, as in the nodes.
         self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap)
+        # The bag's calibration (use_camera_info), used only for frames of its size.
+        self.calibration = CalibrationGate()
+        self.calibration.camera = getattr(matcher, "camera", None)
         self.debug_images = debug_images
 
     def process(self, data, msgtype: str, summary: Summary) -> list[tuple[str, str, object]] | None:
@@ -49,6 +55,10 @@ class FrameProcessor:
             msg = self.typestore.deserialize_cdr(data, msgtype)
         except Exception as err:  # noqa: BLE001 - any garbage in a message is that frame's problem
             summary.note(summary.rejected, f"undeserializable {msgtype} ({type(err).__name__}: {err})")
+            return None
+        problem = stamp_problem(msg.header.stamp)
+        if problem is not None:
+            summary.note(summary.rejected, problem)
             return None
         try:
             image = decode_image_msg(msg, msgtype)
@@ -91,6 +101,9 @@ class FrameProcessor:
 
     def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
         height, width = image.shape[:2]
+        self.matcher.camera, refused = self.calibration.for_image(width, height)
+        if refused and self.matcher.params.geometric_verification == "essential":
+            summary.events.append(("calibration refused", refused))
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if self.sparse:
             step = self.pipeline.match_keypoints(self._frame_features, (height, width), stamp_ns,
@@ -120,11 +133,6 @@ class FrameProcessor:
             out.append((self.topics["matches_debug"], IMAGE_TYPE,
                         image_msg(self.typestore, step.overlay, "rgb8", msg.header)))
         return out
-
-
-def camera_info_topic(image_topic: str) -> str:
-    """camera_info beside the image, as image_pipeline expects: /cam/image_raw -> /cam/camera_info."""
-    return f"{default_prefix(image_topic)}/camera_info"
 
 
 def use_camera_info(reader, typestore, matcher, image_topic: str, log) -> None:

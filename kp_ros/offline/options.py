@@ -6,62 +6,52 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kp_ros.core import params
+from kp_ros.core import models, params
 from kp_ros.core.package_files import PackageFileNotFound, package_file
+from kp_ros.core.topics import default_prefix  # noqa: F401 - part of the options' API
 from kp_ros.bags.reader import BagError
 from kp_ros.bags.writer import STORAGES
 
-SUPERPOINT_MODEL = params.spec("superpoint_node", "model").default
-ELOFTR_MODEL = params.spec("eloftr_node", "model").default
-LIGHTGLUE_MODEL = params.spec("lightglue_node", "model").default
-MAX_FRAME_GAP = params.spec("eloftr_node", "max_frame_gap").default
-# --matcher: which matcher node's parameters (and core class) process_bag runs.
-MATCHER_NODES = {"eloftr": "eloftr_node", "lightglue": "lightglue_node"}
+DETECTOR, MATCHER = models.model("superpoint"), models.model("eloftr")
+SUPERPOINT_MODEL = DETECTOR.default_model
+ELOFTR_MODEL = MATCHER.default_model
+MAX_FRAME_GAP = params.spec(MATCHER.node, "max_frame_gap").default
+MATCHERS = models.of_kind("matcher")  # --matcher chooses one (default: MATCHER)
 
-# The nodes' ROS parameters that map 1:1 to keywords of the core classes.
-DETECTOR_PARAMS = ("model", "device", "keypoint_threshold", "nms_radius", "max_keypoints",
-                   "resize", "fp16", "precision")
-MATCHER_PARAMS = ("model", "device", "match_threshold", "max_matches", "resize",
-                  "geometric_verification", "ransac_reproj_threshold", "fp16", "precision")
-SPARSE_MATCHER_PARAMS = ("model", "device", "filter_threshold", "depth_confidence",
-                         "width_confidence", "max_matches", "geometric_verification",
-                         "ransac_reproj_threshold", "precision")
+# The nodes' ROS parameters that map 1:1 to keywords of the core classes (the registry's).
+DETECTOR_PARAMS = DETECTOR.core_keywords
+MATCHER_PARAMS = MATCHER.core_keywords
+# Parameters that only make sense live (subscription, diagnostics): no flag.
+_LIVE_ONLY = {s.name for s in params.COMMON if s.node_only}
+
+
+def _model_flags() -> dict:
+    """flag -> (the nodes it sets, parameter): each model's ``model`` as --<name>-model, a
+    parameter the models share as one flag, the others as their own."""
+    flags = {}
+    for entry in (DETECTOR, *MATCHERS):
+        for spec in entry.specs:
+            if spec.name in _LIVE_ONLY:
+                continue
+            flag = f"{entry.name}_model" if spec.name == "model" else spec.name
+            nodes, _ = flags.get(flag, ((), None))
+            flags[flag] = (nodes + (entry.node,), spec.name)
+    return flags
+
+
 # Model flags (each a parameter of kp_ros/core/params.py) -> (the nodes it sets, parameter).
-_BOTH = ("superpoint_node", "eloftr_node")
-_ALL = _BOTH + ("lightglue_node",)
-_MATCHERS = ("eloftr_node", "lightglue_node")
-MODEL_FLAGS = {
-    "superpoint_model": (("superpoint_node",), "model"), "eloftr_model": (("eloftr_node",), "model"),
-    "lightglue_model": (("lightglue_node",), "model"),
-    "device": (_ALL, "device"), "precision": (_ALL, "precision"), "fp16": (_BOTH, "fp16"),
-    "resize": (_BOTH, "resize"),
-    **{name: (("superpoint_node",), name) for name in ("keypoint_threshold", "nms_radius",
-                                                        "max_keypoints")},
-    "match_threshold": (("eloftr_node",), "match_threshold"),
-    **{name: (_MATCHERS, name) for name in ("max_matches", "geometric_verification",
-                                            "ransac_reproj_threshold", "max_frame_gap")},
-    **{name: (("lightglue_node",), name) for name in ("filter_threshold", "depth_confidence",
-                                                      "width_confidence")},
-}
-
-
-def default_prefix(image_topic: str) -> str:
-    """The namespace of an image topic: /camera/image_raw[/compressed] -> /camera; /image -> ''."""
-    parts = image_topic.strip("/").split("/")
-    if len(parts) > 1 and parts[-1] == "compressed":
-        parts = parts[:-1]
-    return "/" + "/".join(parts[:-1]) if len(parts) > 1 else ""
+MODEL_FLAGS = _model_flags()
 
 
 def output_topics(prefix: str) -> dict[str, str]:
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     return {"keypoints": f"{prefix}/keypoints", "matches": f"{prefix}/matches",
             "tracks": f"{prefix}/tracks",
-            "keypoints_debug": f"{prefix}/superpoint_node/debug_image",
-            "matches_debug": f"{prefix}/eloftr_node/debug_image"}
+            "keypoints_debug": f"{prefix}/{DETECTOR.node}/debug_image",
+            "matches_debug": f"{prefix}/{MATCHER.node}/debug_image"}
 
 
-def load_params_file(path: str | Path, nodes=("superpoint_node", "eloftr_node")) -> tuple[dict, ...]:
+def load_params_file(path: str | Path, nodes=(DETECTOR.node, MATCHER.node)) -> tuple[dict, ...]:
     """The ros__parameters of ``nodes`` (default superpoint_node, eloftr_node) from a ROS 2
     params YAML.
 
@@ -94,25 +84,31 @@ def default_params_file() -> str | None:
 def resolve_options(args: argparse.Namespace) -> tuple[dict, dict, float]:
     """Detector kwargs, matcher kwargs and max_frame_gap: core defaults <- params file <- flags."""
     use_file = args.params_file and str(args.params_file).lower() != "none"
-    nodes = ("superpoint_node", "eloftr_node", "lightglue_node")
-    files = load_params_file(args.params_file, nodes) if use_file else ({}, {}, {})
-    models = (SUPERPOINT_MODEL, ELOFTR_MODEL, LIGHTGLUE_MODEL)
-    options = {node: {"model": model} | found for node, model, found in zip(nodes, models, files)}
+    matcher_entry = chosen_matcher(args)
+    nodes = (DETECTOR.node, matcher_entry.node)
+    files = load_params_file(args.params_file, nodes) if use_file else ({}, {})
+    options = {DETECTOR.node: {"model": SUPERPOINT_MODEL} | files[0],
+               matcher_entry.node: {"model": matcher_entry.default_model} | files[1]}
     for flag, (nodes, name) in MODEL_FLAGS.items():
         if getattr(args, flag, None) is not None:
             for node in nodes:
-                options[node][name] = getattr(args, flag)
-    detector = {k: v for k, v in options["superpoint_node"].items() if k in DETECTOR_PARAMS}
-    node = MATCHER_NODES.get(getattr(args, "matcher", None) or "eloftr", "eloftr_node")
-    names = MATCHER_PARAMS if node == "eloftr_node" else SPARSE_MATCHER_PARAMS
-    matcher = {k: v for k, v in options[node].items() if k in names}
-    return detector, matcher, float(options[node].get("max_frame_gap", MAX_FRAME_GAP))
+                if node in options:
+                    options[node][name] = getattr(args, flag)
+    detector = {k: v for k, v in options[DETECTOR.node].items() if k in DETECTOR_PARAMS}
+    found = options[matcher_entry.node]
+    matcher = {k: v for k, v in found.items() if k in matcher_entry.core_keywords}
+    return detector, matcher, float(found.get("max_frame_gap", MAX_FRAME_GAP))
+
+
+def chosen_matcher(args: argparse.Namespace):
+    """The registry entry --matcher names (``--matcher`` alone, or an old True: the default)."""
+    choice = getattr(args, "matcher", None)
+    return models.model(choice) if isinstance(choice, str) else MATCHER
 
 
 def add_model_flags(group) -> None:
     """One flag per MODEL_FLAGS entry: type, choices and text from the parameter spec."""
-    metavars = {"superpoint_model": "ID_OR_DIR", "eloftr_model": "ID_OR_DIR",
-                "lightglue_model": "ID_OR_DIR", "device": "DEVICE",
+    metavars = {**{f"{name}_model": "ID_OR_DIR" for name in models.MODELS}, "device": "DEVICE",
                 "max_frame_gap": "SECONDS", "ransac_reproj_threshold": "PX", "nms_radius": "PX"}
     for flag, (nodes, name) in MODEL_FLAGS.items():
         spec = params.spec(nodes[0], name)
@@ -121,8 +117,7 @@ def add_model_flags(group) -> None:
             default += f"; {spec.core_value} with --params-file none"
         text = f"{spec.description} ({default})".replace("%", "%%")
         if len(nodes) == 1 and name != "model":
-            text = {"superpoint_node": "SuperPoint: ", "eloftr_node": "EfficientLoFTR: ",
-                    "lightglue_node": "LightGlue: "}[nodes[0]] + text
+            text = f"{models.for_node(nodes[0]).title}: {text}"
         kwargs = {"help": text}
         if spec.type is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=None)
@@ -147,9 +142,9 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
     parser.add_argument("--detector", action=argparse.BooleanOptionalAction, default=True,
                         help="run SuperPoint -> <prefix>/keypoints (default: on)")
-    parser.add_argument("--matcher", nargs="?", const="eloftr", default="eloftr",
-                        choices=tuple(MATCHER_NODES),
-                        help="which matcher -> <prefix>/matches: eloftr (dense, on the images; "
+    parser.add_argument("--matcher", nargs="?", const=MATCHER.name, default=MATCHER.name,
+                        choices=tuple(entry.name for entry in MATCHERS),
+                        help="the matcher -> <prefix>/matches: eloftr (dense, on the images; "
                              "the default) or lightglue (sparse, on this run's SuperPoint "
                              "keypoints: needs the detector)")
     parser.add_argument("--no-matcher", dest="matcher", action="store_const", const=None,
@@ -164,6 +159,7 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
                              f"{association.default}; see track_node)")
     parser.add_argument("--association-radius", type=float, default=radius.default, metavar="PX",
                         help=f"with --tracks: link radius in pixels (default {radius.default})")
+    add_stereo_flags(parser.add_argument_group("stereo (a bag with left/right image_rect topics)"))
     parser.add_argument("--copy-input", action="store_true",
                         help="copy every input topic into the output bag too")
     parser.add_argument("--order", choices=("stamp", "receive"), default="stamp",
@@ -185,6 +181,27 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="tqdm progress bar on stderr (default: on)")
     return parser
+
+
+def add_stereo_flags(group) -> None:
+    """--stereo, the two image topics and one flag per stereo parameter (kp_ros/core/params.py)."""
+    group.add_argument("--stereo", action="store_true",
+                       help="stereo pairs: left/right Keypoints, left Matches, StereoMatches "
+                            "(disparity, depth) on <prefix>/stereo_matches; --tracks carry depth")
+    group.add_argument("--left-topic", help="left image topic (default: the image topic with a "
+                                            "'left' segment, e.g. /stereo/left/image_rect)")
+    group.add_argument("--right-topic", help="right image topic (default: the one with 'right')")
+    for spec in params.STEREO[1:]:
+        group.add_argument("--" + spec.name.replace("_", "-"), type=float, default=spec.default,
+                           metavar="S" if spec.name.endswith("tolerance") else "PX",
+                           help=f"{spec.description} (default {spec.default})".replace("%", "%%"))
+
+
+def stereo_params(args):
+    """StereoParams from the stereo flags (ValueError naming a bad one)."""
+    from kp_ros.core.stereo import StereoParams
+    return StereoParams(max_row_error=args.stereo_max_row_error, min_disparity=args.min_disparity,
+                        max_disparity=args.max_disparity).validated()
 
 
 def track_params(args):

@@ -10,7 +10,7 @@ import numpy as np
 
 from kp_ros.bags.messages import KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE, kp_ros_typestore
 from kp_ros.bags.reader import (BagError, detect_storage, image_connections, iter_frames,
-                                     open_bag, read_messages)
+                                open_bag, read_messages)
 from kp_ros.bags.writer import AtomicBagWriter, check_output_apart
 from kp_ros.offline.frame_processor import FrameProcessor, use_camera_info
 from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix, output_topics
@@ -66,49 +66,11 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
         summary = Summary(str(input_path), str(output_path), topic, msgtype, storage)
         processor = FrameProcessor(typestore, topics, detector, matcher, max_frame_gap,
                                    debug_images, detector_name, matcher_name, tracks)
-        total = sum(c.msgcount for c in connections)
-        logged = Counter()
         with AtomicBagWriter(output_path, storage, overwrite) as writer:
-            out_connections = {}
             image_copy = _copy_connection(writer, typestore, connections[0]) if copy_input else None
             started = time.perf_counter()
-            bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True,
-                       desc="process_bag", file=sys.stderr)
-            try:
-                for frame in iter_frames(reader, connections, order):
-                    summary.frames += 1
-                    summary.events.clear()
-                    outputs = processor.process(frame.data, msgtype, summary)
-                    for what, reason in summary.events:
-                        logged[what] += 1
-                        if logged[what] <= 5:  # the summary has them all, grouped
-                            log(f"{what} (frame stamped {frame.stamp_ns / 1e9:.6f}): {reason}")
-                    if image_copy is not None:
-                        writer.write(image_copy, frame.log_ns, frame.data)
-                        summary.copied += 1
-                    bar.update(1)
-                    if on_frame is not None:
-                        on_frame(summary.frames)
-                    if outputs is None:
-                        continue
-                    summary.processed += 1
-                    for out_topic, out_type, message in outputs:
-                        if out_topic not in out_connections:
-                            out_connections[out_topic] = writer.add_connection(out_topic, out_type, typestore)
-                        writer.write(out_connections[out_topic], frame.log_ns,
-                                     typestore.serialize_cdr(message, out_type))
-                        if out_type == KEYPOINTS_TYPE:
-                            summary.keypoints_msgs += 1
-                            summary.keypoints_total += len(message.x)
-                        elif out_type == MATCHES_TYPE:
-                            summary.matches_msgs += 1
-                            summary.matches_total += len(message.x0)
-                            summary.inliers_total += int(np.count_nonzero(message.inliers))
-                        elif out_type == TRACKS_TYPE:
-                            summary.tracks_msgs += 1
-                            summary.tracks_linked += int(np.count_nonzero(message.previous_index >= 0))
-            finally:
-                bar.close()
+            out_connections = _write_frames(reader, connections, msgtype, order, processor, writer,
+                                            typestore, summary, image_copy, log, progress, on_frame)
             summary.seconds = time.perf_counter() - started
             if copy_input:
                 summary.copied += _copy_other_topics(reader, writer, typestore, topic, log)
@@ -123,6 +85,57 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
     finally:
         reader.close()
     return summary
+
+
+def _write_frames(reader, connections, msgtype: str, order: str, processor: FrameProcessor,
+                  writer: AtomicBagWriter, typestore, summary: Summary, image_copy, log,
+                  progress: bool, on_frame) -> dict:
+    """Every frame through ``processor``, its outputs written; the output connections made."""
+    from tqdm import tqdm
+
+    out_connections, logged = {}, Counter()
+    bar = tqdm(total=sum(c.msgcount for c in connections), unit="frame", disable=not progress,
+               dynamic_ncols=True, desc="process_bag", file=sys.stderr)
+    try:
+        for frame in iter_frames(reader, connections, order):
+            summary.frames += 1
+            summary.events.clear()
+            outputs = processor.process(frame.data, msgtype, summary)
+            for what, reason in summary.events:
+                logged[what] += 1
+                if logged[what] <= 5:  # the summary has them all, grouped
+                    log(f"{what} (frame stamped {frame.stamp_ns / 1e9:.6f}): {reason}")
+            if image_copy is not None:
+                writer.write(image_copy, frame.log_ns, frame.data)
+                summary.copied += 1
+            bar.update(1)
+            if on_frame is not None:
+                on_frame(summary.frames)
+            if outputs is None:
+                continue
+            summary.processed += 1
+            for out_topic, out_type, message in outputs:
+                if out_topic not in out_connections:
+                    out_connections[out_topic] = writer.add_connection(out_topic, out_type, typestore)
+                writer.write(out_connections[out_topic], frame.log_ns,
+                             typestore.serialize_cdr(message, out_type))
+                _count(summary, out_type, message)
+    finally:
+        bar.close()
+    return out_connections
+
+
+def _count(summary: Summary, out_type: str, message) -> None:
+    if out_type == KEYPOINTS_TYPE:
+        summary.keypoints_msgs += 1
+        summary.keypoints_total += len(message.x)
+    elif out_type == MATCHES_TYPE:
+        summary.matches_msgs += 1
+        summary.matches_total += len(message.x0)
+        summary.inliers_total += int(np.count_nonzero(message.inliers))
+    elif out_type == TRACKS_TYPE:
+        summary.tracks_msgs += 1
+        summary.tracks_linked += int(np.count_nonzero(message.previous_index >= 0))
 
 
 def _copy_other_topics(reader, writer: AtomicBagWriter, typestore, image_topic: str, log) -> int:

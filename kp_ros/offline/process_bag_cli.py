@@ -25,17 +25,23 @@ Options default to the nodes' config/matcher.yaml (so a bag gives what the live 
 give); --params-file reads another ROS YAML (superpoint_node: ros__parameters: {...},
 eloftr_node: ...), --params-file none uses the core models' defaults; flags override.
 
+--stereo (a bag with left/right image topics and their camera_info, image_pipeline's
+<ns>/left/image_rect, <ns>/right/image_rect): pairs by stamp (exact; --stereo-sync-tolerance)
+and writes <ns>/keypoints (left), <ns>/right/keypoints, <ns>/matches (left camera),
+<ns>/stereo_matches (kp_ros/msg/StereoMatches: disparity, depth) and, with --tracks,
+<ns>/tracks with each keypoint's right observation and depth.
+
 Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 interrupted.
 
     process_bag tum.bag tum_features.bag --topic /camera/image_raw --max-keypoints 1024
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import tempfile
 import traceback
-import warnings
 from pathlib import Path
 
 try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceback
@@ -43,13 +49,14 @@ try:  # ~1.5 s of imports: a Ctrl-C here is one line and exit 130, not a traceba
     from kp_ros.offline.process_bag import process_bag
     from kp_ros.bags.reader import BagError, image_connections, open_bag
     from kp_ros.bags.writer import check_output_apart
-    from kp_ros.offline.model_setup import deterministic_torch, interrupts_held, load_models
+    from kp_ros.core.signals import interrupts_held, interrupts_raised
+    from kp_ros.offline.model_setup import deterministic_torch, load_models
     # Also the option names tests and process_bags read from here.
     from kp_ros.offline.options import (DETECTOR_PARAMS, ELOFTR_MODEL, MATCHER_PARAMS,
-                                        SPARSE_MATCHER_PARAMS,
-                                                  MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
-                                                  default_prefix, output_topics, resolve_options,
-                                                  track_params)
+                                        chosen_matcher,
+                                        MAX_FRAME_GAP, MODEL_FLAGS, SUPERPOINT_MODEL,
+                                        default_prefix, output_topics, resolve_options,
+                                        track_params)
     from kp_ros.offline.summary import Summary
 except KeyboardInterrupt:
     print("process_bag: interrupted; no output bag written", file=sys.stderr)
@@ -62,10 +69,6 @@ def build_parser(prog: str = "process_bag", description: str = __doc__,
                  positionals: bool = True):
     """process_bag's options; ``positionals=False`` leaves out input/output (process_bags adds its own)."""
     return options.build_parser(prog, description, positionals)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def fail(code: int, text: str) -> int:
@@ -88,10 +91,16 @@ def _main(argv) -> int:
     if args.matcher == "lightglue" and not args.detector:
         return fail(EXIT_INPUT, "--matcher lightglue matches this run's SuperPoint keypoints: "
                                 "it needs the detector")
+    if args.stereo and args.matcher not in (None, "eloftr"):
+        return fail(EXIT_INPUT, "--stereo runs with the dense matcher (eloftr) only")
     if args.tracks and not (args.detector and args.matcher):
         return fail(EXIT_INPUT, "--tracks needs both the detector and the matcher")
+    if args.stereo and not (args.detector and args.matcher):
+        return fail(EXIT_INPUT, "--stereo needs both the detector and the matcher")
     try:
         track_params(args)
+        if args.stereo:
+            options.stereo_params(args)
     except ValueError as err:
         return fail(EXIT_INPUT, str(err))
     try:
@@ -99,7 +108,12 @@ def _main(argv) -> int:
         # Check the input before spending time on the models.
         reader = open_bag(args.input)
         try:
-            image_connections(reader, args.topic)
+            if args.stereo:
+                from kp_ros.offline.stereo_bag import stereo_topics
+                for topic in stereo_topics(reader, args.left_topic, args.right_topic):
+                    image_connections(reader, topic)
+            else:
+                image_connections(reader, args.topic)
         finally:
             reader.close()
         check_output_apart(args.input, args.output)
@@ -109,15 +123,13 @@ def _main(argv) -> int:
         return fail(EXIT_INPUT, str(err))
 
     # SIGTERM ends the run like Ctrl-C: the partial output is removed, not left behind.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
-    except KeyboardInterrupt:
-        print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupts_raised((signal.SIGTERM,)):
+        try:
+            return _run(args, detector_kwargs, matcher_kwargs, max_frame_gap)
+        except KeyboardInterrupt:
+            print(f"process_bag: interrupted; no output bag written ({args.output} untouched)",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 class ModelLoadError(ValueError):
@@ -132,15 +144,25 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
     outputs are byte-identical. Raises ModelUnavailableError, ModelLoadError, BagError,
     ValueError, or the model's own error; never leaves a partial output."""
     with tempfile.TemporaryDirectory(prefix="kp_ros_random_init_") as workdir, \
-            deterministic_torch(args.threads), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deterministic.*")
+            deterministic_torch(args.threads):
         try:
             detector, matcher, detector_name, matcher_name = load_models(
                 detector_kwargs if args.detector else None, matcher_kwargs if args.matcher else None,
                 args.random_init_fallback, Path(workdir),
-                args.matcher if isinstance(args.matcher, str) else "eloftr")
+                matcher=chosen_matcher(args).name)
         except ValueError as err:
             raise ModelLoadError(str(err)) from err
+        if getattr(args, "stereo", False):
+            from kp_ros.offline.stereo_bag import process_stereo_bag
+            return process_stereo_bag(
+                input_path, output_path, detector, matcher, left_topic=args.left_topic,
+                right_topic=args.right_topic, storage=args.storage, prefix=args.prefix,
+                max_frame_gap=max_frame_gap, order=args.order,
+                stereo_params=options.stereo_params(args),
+                sync_tolerance=args.stereo_sync_tolerance, overwrite=args.overwrite,
+                progress=args.progress if progress is None else progress, log=log,
+                tracks=track_params(args), detector_name=detector_name,
+                matcher_name=matcher_name)
         return process_bag(
             input_path, output_path, detector, matcher, topic=args.topic, storage=args.storage,
             prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
@@ -148,6 +170,20 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
             overwrite=args.overwrite, progress=args.progress if progress is None else progress,
             detector_name=detector_name, matcher_name=matcher_name, log=log, on_frame=on_frame,
             tracks=track_params(args))
+
+
+def disk_full(err: BaseException) -> str | None:
+    """The disk-full error in ``err``'s chain (OSError ENOSPC from MCAP or the file system,
+    sqlite3's 'database or disk is full'), as text; None when it is another failure."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{errno.errorcode[err.errno]}: {err.strerror or err}"
+        if "disk is full" in str(err):
+            return f"{type(err).__name__}: {err}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float) -> int:
@@ -165,7 +201,11 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
         return fail(EXIT_INPUT, str(err))
     except (BagError, ValueError, PackageFileNotFound) as err:  # the last: an install without msg/
         return fail(EXIT_INPUT, f"{err}\nno output bag written ({args.output} untouched)")
-    except Exception:  # noqa: BLE001 - a model failure: say so, leave no output
+    except Exception as err:  # noqa: BLE001 - a model failure: say so, leave no output
+        full = disk_full(err)
+        if full:
+            return fail(EXIT_INPUT, f"no space left on the device while writing {args.output} "
+                                    f"({full}); no output bag written")
         traceback.print_exc()
         return fail(EXIT_INPUT, f"processing failed; no output bag written ({args.output} untouched)")
     print(summary.text())
@@ -173,7 +213,7 @@ def _run(args, detector_kwargs: dict, matcher_kwargs: dict, max_frame_gap: float
 
 
 __all__ = ["BagError", "DETECTOR_PARAMS", "ELOFTR_MODEL", "EXIT_INPUT", "EXIT_INTERRUPTED",
-           "EXIT_MODEL", "EXIT_OK", "MATCHER_PARAMS", "SPARSE_MATCHER_PARAMS", "MAX_FRAME_GAP", "MODEL_FLAGS",
+           "EXIT_MODEL", "EXIT_OK", "MATCHER_PARAMS", "MAX_FRAME_GAP", "MODEL_FLAGS",
            "ModelLoadError", "SUPERPOINT_MODEL", "Summary", "build_parser", "default_prefix",
            "main", "output_topics", "process_bag", "resolve_options", "run_one"]
 

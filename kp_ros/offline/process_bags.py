@@ -29,12 +29,13 @@ import signal
 import sys
 from pathlib import Path
 
+from kp_ros.core.signals import raise_interrupt
 from kp_ros.offline import process_bag_cli as process_bag
 from kp_ros.bags.finding import bag_name, count_frames, find_bags, remove_partials
 from kp_ros.bags.reader import BagError
 from kp_ros.offline.options import resolve_options
 from kp_ros.offline.ray_tasks import (Progress, available_memory_gb, bag_task, import_ray,
-                                           plan_resources, start_local_ray, wants_cuda)
+                                      plan_resources, start_local_ray, wants_cuda)
 from kp_ros.offline.batch_summary import summary_table, write_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -62,10 +63,6 @@ def build_parser():
 def fail(text: str, code: int = EXIT_FAILED) -> int:
     print(f"process_bags: error: {text}", file=sys.stderr)
     return code
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -97,8 +94,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    started_ray = False
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    started_ray = interrupted = False
     records = {}
     try:
         if todo:
@@ -121,15 +118,17 @@ def main(argv=None) -> int:
                 started_ray = True
             _run(ray, args, options, out_dir, todo, records)
     except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        interrupted = _shut_down(ray if started_ray else None, out_dir, todo) or interrupted
+        signal.signal(signal.SIGTERM, previous)
+    if interrupted and not all(name in records for _, name in todo):
         write_summary(out_dir, records, skipped)  # the bags finished so far
         print("process_bags: interrupted; bags not finished have no output", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if started_ray:
-            ray.shutdown()
-        if todo:
-            remove_partials(out_dir, [n for _, n in todo])  # a worker killed by the shutdown
-        signal.signal(signal.SIGTERM, previous)
+    if interrupted:  # every bag had finished: the run is complete, say so and go on
+        print("process_bags: interrupted after every bag had finished; results complete",
+              file=sys.stderr)
 
     summary = write_summary(out_dir, records, skipped)
     print(summary_table(summary))
@@ -139,6 +138,20 @@ def main(argv=None) -> int:
             f"{r['bag']} ({r['input']}): {r['error'].splitlines()[0] if r['error'] else '?'}"
             for r in failed))
     return EXIT_OK
+
+
+def _shut_down(ray, out_dir: Path, todo) -> bool:
+    """Stop the Ray instance this run started (``ray``, or None) and remove partial outputs;
+    True when a Ctrl-C / SIGTERM came meanwhile (the clean-up still completes)."""
+    interrupted = False
+    for step in (lambda: ray is not None and ray.shutdown(),
+                 lambda: todo and remove_partials(out_dir, [n for _, n in todo])):
+        try:
+            step()  # remove_partials: a worker killed by the shutdown
+        except KeyboardInterrupt:
+            interrupted = True
+            step()
+    return interrupted
 
 
 def _run(ray, args, options, out_dir: Path, todo, records: dict) -> None:

@@ -46,6 +46,7 @@ def bag_task(args, bag: str, output: str, options: tuple, progress=None, name: s
     def log(text: str) -> None:
         print(f"{name}: {text}", file=sys.stderr, flush=True)
 
+    options = on_assigned_gpus(options, _ray_gpu_ids(), log)
     started = time.perf_counter()
     try:
         summary = run_one(args, bag, output, *options, progress=False, on_frame=on_frame, log=log)
@@ -61,6 +62,33 @@ def bag_task(args, bag: str, output: str, options: tuple, progress=None, name: s
                       traceback=traceback.format_exc())
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def on_assigned_gpus(options: tuple, gpu_ids, log=None) -> tuple:
+    """process_bag options (detector kwargs, matcher kwargs, ...) with each ``device``
+    mapped to this task's GPU (model_loading.device_for_assigned_gpus): Ray makes the
+    GPU(s) it assigned the only visible ones, so ``--device cuda:N`` means ``cuda`` here."""
+    from kp_ros.core.model_loading import device_for_assigned_gpus
+
+    mapped, said = [], set()
+    for kwargs in options[:2]:
+        if kwargs and "device" in kwargs:
+            device = device_for_assigned_gpus(kwargs["device"], gpu_ids)
+            if device != kwargs["device"] and log is not None and kwargs["device"] not in said:
+                said.add(kwargs["device"])
+                log(f"--device {kwargs['device']} -> {device}: Ray assigned GPU "
+                    f"{', '.join(map(str, gpu_ids))}, visible here as {device}")
+            kwargs = {**kwargs, "device": device}
+        mapped.append(kwargs)
+    return (*mapped, *options[2:])
+
+
+def _ray_gpu_ids() -> list:
+    try:
+        import ray
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - not in a Ray worker (a direct call, a test)
+        return []
 
 
 class Progress:

@@ -28,6 +28,10 @@ class Summary:
     inliers_total: int = 0
     tracks_msgs: int = 0
     tracks_linked: int = 0      # keypoints linked to the previous frame's, over all frames
+    stereo_msgs: int = 0        # --stereo: StereoMatches written (one per pair)
+    stereo_total: int = 0       # left-right matches that passed the stereo checks
+    stereo_depths: int = 0      # of those, with a depth
+    stereo_unpaired: int = 0    # images without a partner of the other side (dropped)
     copied: int = 0             # input messages copied through
     seconds: float = 0.0
     rejected: Counter = field(default_factory=Counter)  # reason_key -> frames
@@ -49,14 +53,21 @@ class Summary:
             f"process_bag: {self.input} {self.topic} ({self.msgtype}) -> {self.output} ({self.storage})",
             f"  frames            {self.frames} read, {self.processed} processed "
             f"in {self.seconds:.1f} s ({rate:.2f} frames/s)",
-            f"  keypoints         {self.keypoints_msgs} messages, {per(self.keypoints_total, self.keypoints_msgs)} keypoints/frame",
-            f"  matches           {self.matches_msgs} messages, {per(self.matches_total, self.matches_msgs)} matches/frame"
+            f"  keypoints         {self.keypoints_msgs} messages, "
+            f"{per(self.keypoints_total, self.keypoints_msgs)} keypoints/frame",
+            f"  matches           {self.matches_msgs} messages, "
+            f"{per(self.matches_total, self.matches_msgs)} matches/frame"
             + (f", {per(self.inliers_total, self.matches_msgs)} inliers/frame" if self.inliers_total else ""),
             f"  rejected frames   {sum(self.rejected.values())}",
         ]
         if self.tracks_msgs:
             lines.insert(-1, f"  tracks            {self.tracks_msgs} messages, "
                              f"{per(self.tracks_linked, self.tracks_msgs)} linked keypoints/frame")
+        if self.stereo_msgs:
+            lines.insert(-1, f"  stereo            {self.stereo_msgs} pairs, "
+                             f"{per(self.stereo_total, self.stereo_msgs)} left-right matches/pair, "
+                             f"{per(self.stereo_depths, self.stereo_msgs)} with depth; "
+                             f"{self.stereo_unpaired} images unpaired")
         lines += [f"    {n} x {self.examples[k]}" for k, n in self.rejected.most_common()]
         lines.append(f"  stream resets     {sum(self.resets.values())}")
         lines += [f"    {n} x {self.examples[k]}" for k, n in self.resets.most_common()]

@@ -16,8 +16,9 @@ from sensor_msgs.msg import CompressedImage, Image
 from kp_ros.core.image_codec import (ImageDecodeError, check_compressed, decode_compressed,
                                      image_from_buffer, model_input_encoding, to_model_input)
 from kp_ros.core.messages import (keypoint_positions, keypoints_fields, keypoints_from_msg,
-                                  matches_fields, matches_from_msg, tracks_fields, tracks_from_msg)
-from kp_ros.msg import Keypoints, Matches, Tracks
+                                  matches_fields, matches_from_msg, stereo_matches_fields,
+                                  stereo_matches_from_msg, tracks_fields, tracks_from_msg)
+from kp_ros.msg import Keypoints, Matches, StereoMatches, Tracks
 
 # numpy dtype -> array.array typecode of the same item (Linux: I = 4, Q = 8 bytes).
 _TYPECODES = {np.dtype(np.float32): "f", np.dtype(np.uint8): "B", np.dtype(np.uint32): "I",
@@ -52,9 +53,23 @@ def matches_to_msg(header, stamp0, frame_id0: str, height: int, width: int, matc
     return Matches(header=header, stamp0=stamp0, **as_rclpy_arrays(fields))
 
 
-def tracks_to_msg(header, height: int, width: int, tracks) -> Tracks:
-    """kp_ros/Tracks from a kp_ros.core.tracks.FrameTracks."""
-    return Tracks(header=header, **as_rclpy_arrays(tracks_fields(height, width, tracks)))
+def tracks_to_msg(header, height: int, width: int, tracks, keypoints_right=None,
+                  depth=None) -> Tracks:
+    """kp_ros/Tracks from a kp_ros.core.tracks.FrameTracks (stereo: right keypoints, depths)."""
+    fields = tracks_fields(height, width, tracks, keypoints_right, depth)
+    return Tracks(header=header, **as_rclpy_arrays(fields))
+
+
+def stereo_matches_to_msg(header, stamp_right, frame_id_right: str, height: int, width: int,
+                          matcher: str, matches, rig) -> StereoMatches:
+    """kp_ros/StereoMatches: ``header`` of the left image; a StereoMatchSet and its StereoRig."""
+    fields = stereo_matches_fields(frame_id_right, height, width, matcher, matches, rig)
+    return StereoMatches(header=header, stamp_right=stamp_right, **as_rclpy_arrays(fields))
+
+
+# The one checked conversion (BadStamp, a ValueError, for a stamp that is not a time),
+# re-exported: inputs check with stamp_problem first, so a bad stamp is a counted reject.
+from kp_ros.core.stamps import stamp_ns  # noqa: E402,F401
 
 
 def image_msg_to_array(msg: Image) -> np.ndarray:
@@ -100,4 +115,5 @@ def array_to_image_msg(image: np.ndarray, encoding: str | None = None, header=No
 
 __all__ = ["array_to_image_msg", "as_rclpy_arrays", "image_msg_problem", "image_msg_to_array",
            "image_msg_to_model_input", "keypoint_positions", "keypoints_from_msg", "keypoints_to_msg",
-           "matches_from_msg", "matches_to_msg", "tracks_from_msg", "tracks_to_msg"]
+           "matches_from_msg", "matches_to_msg", "stereo_matches_from_msg",
+           "stereo_matches_to_msg", "tracks_from_msg", "tracks_to_msg"]

@@ -5,13 +5,20 @@ from __future__ import annotations
 import statistics
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.time import Time
 
 
-def latency_values(seconds) -> dict[str, float]:
+def latency_values(seconds, name: str = "latency") -> dict[str, float]:
     """Median and max of latencies in seconds, as the (ms) values the nodes report."""
     ordered = sorted(seconds)
-    return {"latency median (ms)": 1e3 * statistics.median(ordered) if ordered else 0.0,
-            "latency max (ms)": 1e3 * ordered[-1] if ordered else 0.0}
+    return {f"{name} median (ms)": 1e3 * statistics.median(ordered) if ordered else 0.0,
+            f"{name} max (ms)": 1e3 * ordered[-1] if ordered else 0.0}
+
+
+def stamp_age(node, stamp) -> float:
+    """Seconds from a header stamp to now on the node's clock: sim time (/clock) under
+    use_sim_time, so a replayed bag's frames are seconds old, not years."""
+    return (node.get_clock().now().nanoseconds - Time.from_msg(stamp).nanoseconds) / 1e9
 
 
 def diagnostic_array(node, what: str, hardware_id: str, values: dict,

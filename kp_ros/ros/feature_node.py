@@ -1,209 +1,171 @@
-"""What superpoint_node and eloftr_node share: parameters, image subscription,
-keep-latest worker, bad-input accounting, diagnostics and clean shutdown.
+"""FeatureNode: the node base of the model nodes (superpoint_node, eloftr_node).
 
-A subclass declares its model parameters, builds its core model, and implements
-``process(frame)``: decode -> core -> message -> publish, in that order.
+It builds the core model from the registry (kp_ros/core/models.py), subscribes through a
+frame input (``make_input``: one camera by default, kp_ros/ros/inputs.py), hands each
+FrameBundle to the keep-latest worker, decodes its images there and calls
+``process(bundle, images)``: core -> message -> publish, in that order. Runtime parameter
+changes are checked against the core's settings before any callback applies them.
 """
 from __future__ import annotations
 
-import signal
 import time
-from dataclasses import fields
+import traceback
+import warnings
+from collections import deque
+from dataclasses import fields, replace
 
-import numpy as np
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                SetParametersResult)
-from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
-from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CompressedImage, Image
+import rclpy.task
 
-from kp_ros.core import params
+from kp_ros.core.device_errors import EXIT_DEVICE_FAILED, device_still_works, is_sticky_device_error
 from kp_ros.core.image_codec import ImageDecodeError
-from kp_ros.core.params import ParamSpec
-from kp_ros.core.model_loading import ModelUnavailableError
-from kp_ros.ros.diagnostics import diagnostic_array, latency_values
-from kp_ros.ros.conversions import array_to_image_msg, image_msg_problem, image_msg_to_model_input
+from kp_ros.core.models import ModelEntry
+from kp_ros.core.precision import PrecisionWarning
+from kp_ros.core.warmup import describe_warm_up, warm_up
+from kp_ros.ros.conversions import image_msg_to_model_input
+from kp_ros.ros.diagnostics import latency_values, stamp_age
 from kp_ros.ros.frame_worker import FrameRejected, LatestFrameWorker
-from kp_ros.ros.image_input import ImageInput
-from kp_ros.ros.qos import output_qos
+from kp_ros.ros.inputs import MonoInput
+from kp_ros.ros.node_base import NodeBase, StartupError
 
 
-class Param(ParamSpec):
-    """A kp_ros.core.params.ParamSpec that can build its ROS ParameterDescriptor."""
+class FeatureNode(NodeBase):
+    """Subclasses set ``MODEL`` (a registry entry) and implement ``process``; they may
+    override ``core_extras``, ``apply_node_params``, ``on_arrival`` and ``make_input``."""
 
-    @classmethod
-    def of(cls, spec: ParamSpec) -> "Param":
-        return cls(**{f.name: getattr(spec, f.name) for f in fields(ParamSpec)})
+    MODEL: ModelEntry
 
-    def descriptor(self) -> ParameterDescriptor:
-        text = self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
-        desc = ParameterDescriptor(description=text, dynamic_typing=self.normalize is not None)
-        if self.low is not None and isinstance(self.default, bool) is False:
-            if isinstance(self.default, int):
-                desc.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
-            elif isinstance(self.default, float):
-                desc.floating_point_range = [FloatingPointRange(from_value=float(self.low),
-                                                                to_value=float(self.high), step=0.0)]
-        return desc
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.NODE_NAME, cls.SPECS = cls.MODEL.node, cls.MODEL.specs  # one name, from the registry
 
-
-def ros_params(specs) -> tuple[Param, ...]:
-    return tuple(Param.of(spec) for spec in specs)
-
-
-COMMON_PARAMS = ros_params(params.COMMON)
-
-
-def parameter_changes(specs: dict, values: dict, params) -> tuple[dict, str | None]:
-    """The changes a ``ros2 param set`` asks for, canonical (aliases normalized), or the
-    reason to reject them all: an unknown value, a choice not offered, or a parameter that
-    cannot change while running. Parameters not in ``specs`` are ignored."""
-    changes = {}
-    for param in params:
-        spec = specs.get(param.name)
-        if spec is None:
-            continue
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         try:
-            value = spec.normalize(param.value) if spec.normalize is not None else param.value
-        except ValueError as exc:
-            return {}, str(exc)
-        if not spec.runtime and value != values[param.name]:
-            return {}, (f"{param.name} cannot change while running: restart the node "
-                        f"(ros2 launch / ros2 run) with the new value")
-        if spec.choices and value not in spec.choices:
-            return {}, f"{param.name} must be one of {', '.join(spec.choices)}, got {value!r}"
-        changes[param.name] = value
-    return changes, None
-
-
-class FeatureNode(Node):
-    """Base class; see module docstring. Subclasses set ``MODEL_PARAMS`` and implement
-    ``build_core(values)``, ``apply_params(changes)`` and ``process(msg, image)``."""
-
-    NODE_NAME = "feature_node"
-    MODEL_PARAMS: tuple[Param, ...] = ()
-    COMMON: tuple[Param, ...] = COMMON_PARAMS  # a node without an image input declares fewer
-
-    def __init__(self, name: str, **kwargs):
-        super().__init__(name, **kwargs)
-        self._params = {p.name: p for p in self.MODEL_PARAMS + self.COMMON}
-        for p in self._params.values():
-            self.declare_parameter(p.name, p.default, p.descriptor())
-        self.values = {name: self._normalized(name, self.get_parameter(name).value)
-                       for name in self._params}
-        for name, value in self.values.items():
-            reason = self._choice_error(name, value)
-            if reason:
-                raise ValueError(reason)
-
-        self.core = self.build_core(self.values)  # may raise ModelUnavailableError / ValueError
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-
-        self._debug_pub = self.create_publisher(Image, "~/debug_image", output_qos())
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.worker = LatestFrameWorker(self._process_frame, self._log_rejected)
-        self._last_reject_log = 0.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PrecisionWarning)  # logged below, as ROS
+                self.core = self.MODEL.build(self.values, **self.core_extras())
+        except ValueError as exc:  # a setting the core refuses (e.g. an unknown device)
+            raise StartupError(str(exc)) from None
+        if self.core.precision.warning:
+            self.get_logger().warning(self.core.precision.warning)
+        # A sticky CUDA error ends the process (exit EXIT_DEVICE_FAILED) so respawn restarts it.
+        self.device_failed = rclpy.task.Future()  # run_node spins until it is done
+        self.worker = LatestFrameWorker(
+            self._process_frame, self._on_failed, is_fatal=lambda exc: is_sticky_device_error(
+                exc, lambda: device_still_works(self.core.device)),
+            on_fatal=self._on_device_failed)
+        self._stamp_ages = deque(maxlen=200)  # s, header stamp -> outputs published (node clock)
         self._diag_prev = (time.monotonic(), 0, 0)
-        self._started = time.monotonic()
-        self.input: ImageInput | None = None
+        self.input = None
+        self.warm_up_seconds: float | None = None
 
     def start(self) -> None:
         """Subscribe and start publishing diagnostics: called once the whole node (subclass
         publishers included) is built, so no frame reaches a half-built node."""
         if self.input is not None:
             return
-        if self.values["use_compressed"]:
-            topic, msg_type = "image/compressed", CompressedImage
-        else:
-            topic, msg_type = "image", Image
-        self.input = ImageInput(self, msg_type, topic, self.values["reliable_input"], self.on_image)
+        self.warm_up_seconds = warm_up(self.warm_up_step(), self.core.device)  # CUDA only
+        self.input = self.make_input()
         self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics)
 
     def announce(self) -> None:
-        """The start-up line: what runs on which topic. Logged once the whole node (subclass
-        included) is built, so a node stopped while starting still logs its counters."""
-        self.get_logger().info(f"{self.describe()} on {self.input.topic} ({self.input.describe_qos()})")
+        self.get_logger().info(f"{self.describe()} on {self.input.topic} "
+                               f"({self.input.describe_qos()}){describe_warm_up(self.warm_up_seconds)}")
 
     # --- for subclasses -------------------------------------------------------------
-    def build_core(self, values: dict):
-        raise NotImplementedError
+    def make_input(self):
+        return MonoInput(self, self.on_bundle, self.reject_on_arrival,
+                         use_compressed=self.values["use_compressed"],
+                         reliability=self.values["reliable_input"],
+                         on_camera_info=self.on_camera_info)
 
-    def apply_params(self, changes: dict) -> None:
-        """Pass runtime changes to the core; raise ValueError with the reason to reject."""
-        raise NotImplementedError
+    def core_extras(self) -> dict:
+        """Constructor keywords of the core model that are not parameters."""
+        return {}
 
-    def on_arrival(self, msg):
-        """Called in the subscription callback for every received frame, before the
-        keep-latest hand-off; what it returns reaches ``process`` with that frame. For
-        what must see every frame, even those dropped later (e.g. stamp gaps)."""
+    def apply_node_params(self, changes: dict) -> None:
+        """Runtime changes the node applies itself (those the core does not take)."""
+
+    def on_camera_info(self, msg) -> None:
+        """Every CameraInfo beside the image, in the subscription callback."""
+
+    def on_arrival(self, bundle):
+        """Called in the subscription callback for every received bundle, before the
+        keep-latest hand-off; what it returns reaches ``process`` as ``bundle.arrival``.
+        For what must see every frame, even those dropped later (e.g. stamp gaps)."""
         return None
 
-    def process(self, msg, image: np.ndarray, arrival) -> None:
+    def process(self, bundle, images: tuple) -> None:
         raise NotImplementedError
+
+    def extra_diagnostics(self) -> dict:
+        """Values a subclass adds to its /diagnostics status (e.g. stream resets)."""
+        return {}
 
     def describe(self) -> str:
-        return self.get_name()
+        return (f"{self.MODEL.title} {self.core.model_id} on {self.core.device}, "
+                f"precision {self.core.precision.note}")
 
-    # --- shared machinery -----------------------------------------------------------
-    def debug_wanted(self) -> bool:
-        return self.values["debug_image"] or self._debug_pub.get_subscription_count() > 0
+    def warm_up_step(self):
+        """One dummy frame through the core, for the warm-up at start (kp_ros/core/warmup.py)."""
+        core = self.core
+        return core.detect if hasattr(core, "detect") else (lambda image: core.match_pair(image, image))
 
-    def publish_debug(self, image_rgb: np.ndarray, header) -> None:
-        self._debug_pub.publish(array_to_image_msg(image_rgb, "rgb8", header))
+    # --- parameters -----------------------------------------------------------------
+    def _core_changes(self, changes: dict) -> dict:
+        return {k: v for k, v in changes.items() if k in self.MODEL.runtime_keywords}
 
-    def on_image(self, msg) -> None:
-        """The subscription callback: never waits for inference. What is cheap to check
-        (encoding, sizes, data length, empty compressed data) is checked here, so a frame
-        that will be rejected never displaces a good one from the keep-latest slot and never
-        counts in the stream's continuity."""
-        problem = image_msg_problem(msg)
-        if problem is not None:
-            self.worker.reject(problem)
-            self._log_rejected(msg, problem, FrameRejected(problem))
-            return
-        self.worker.submit((msg, self.on_arrival(msg)))
+    def check_params(self, changes: dict) -> None:
+        core = self._core_changes(changes)
+        if core:  # the core's own checks, on a copy: nothing changes here
+            replace(self.core.params, **core).validated()
 
-    def _process_frame(self, item) -> None:
-        msg, arrival = item
+    def apply_params(self, changes: dict) -> None:
+        core = self._core_changes(changes)
+        if core:
+            self.core.set_params(**core)
+        self.apply_node_params({k: v for k, v in changes.items() if k not in core})
+
+    # --- frames ---------------------------------------------------------------------
+    def on_bundle(self, bundle) -> None:
+        """The input's callback: never waits for inference. An exception here is counted
+        and logged (with its traceback), never the end of the spin."""
         try:
-            image = image_msg_to_model_input(msg)
+            bundle.arrival = self.on_arrival(bundle)
+        except Exception as exc:  # noqa: BLE001 - one frame's problem
+            reason = f"{type(exc).__name__} on arrival"
+            self.worker.reject(reason)
+            self._log_rejected(reason, exc)
+            return
+        self.worker.submit(bundle)
+
+    def reject_on_arrival(self, msg, reason: str) -> None:
+        """A frame refused by the input's cheap checks: counted, never in the slot."""
+        self.worker.reject(reason)
+        self._log_rejected(reason, FrameRejected(reason))
+
+    def _process_frame(self, bundle) -> None:
+        try:
+            images = tuple(image_msg_to_model_input(msg) for msg in bundle.msgs)
         except ImageDecodeError as exc:
             raise FrameRejected(str(exc)) from exc
-        self.process(msg, image, arrival)
+        self.process(bundle, images)
+        self._stamp_ages.append(stamp_age(self, bundle.msgs[0].header.stamp))
 
-    def _log_rejected(self, item, reason: str, exc: BaseException) -> None:
-        # Throttled by hand: rclpy's throttle_duration_sec needs a ROS clock tick.
-        now = time.monotonic()
-        if now - self._last_reject_log < 1.0:
-            return
-        self._last_reject_log = now
-        counts = self.worker.snapshot()
-        detail = "" if isinstance(exc, FrameRejected) else f": {exc!r}"
-        self.get_logger().error(f"frame rejected: {reason}{detail} (rejected so far: {counts.rejected})")
+    def _on_failed(self, bundle, reason: str, exc: BaseException) -> None:
+        self._log_rejected(reason, exc)
 
-    def _normalized(self, name: str, value):
-        normalize = self._params[name].normalize
-        return normalize(value) if normalize is not None else value
+    def _on_device_failed(self, exc: BaseException) -> None:
+        self.get_logger().fatal(f"the device failed and stays unusable in this process: {exc!r}; "
+                                f"exiting with code {EXIT_DEVICE_FAILED} (respawn:=true restarts it)")
+        self.device_failed.set_result(exc)  # wakes run_node's spin
 
-    def _choice_error(self, name: str, value) -> str | None:
-        choices = self._params[name].choices
-        if choices and value not in choices:
-            return f"{name} must be one of {', '.join(choices)}, got {value!r}"
-        return None
-
-    def _on_set_parameters(self, params) -> SetParametersResult:
-        changes, reason = parameter_changes(self._params, self.values, params)
-        if reason:
-            return SetParametersResult(successful=False, reason=reason)
-        try:
-            self.apply_params(changes)
-        except ValueError as exc:
-            return SetParametersResult(successful=False, reason=str(exc))
-        self.values.update(changes)
-        return SetParametersResult(successful=True)
+    def _log_rejected(self, reason: str, exc: BaseException) -> None:
+        failure = not isinstance(exc, FrameRejected)  # a failure inside processing: where
+        detail, trace = (f": {exc!r}", "\n" + "".join(traceback.format_exception(exc)).rstrip()) \
+            if failure else ("", "")
+        self.log_rejected(f"frame rejected: {reason}{detail} "
+                          f"(rejected so far: {self.worker.snapshot().rejected}){trace}")
 
     def _publish_diagnostics(self) -> None:
         counts = self.worker.snapshot()
@@ -211,66 +173,23 @@ class FeatureNode(Node):
         then, received0, processed0 = self._diag_prev
         self._diag_prev = (now, counts.received, counts.processed)
         elapsed = max(now - then, 1e-6)
-        warning = f"{counts.rejected} frames rejected" if counts.rejected else None
-        if self.input is not None and self.input.problem:
-            warning = self.input.problem
+        warning = self.input.problem or (f"{counts.rejected} frames rejected"
+                                         if counts.rejected else None)
         values = {
             "input rate (Hz)": (counts.received - received0) / elapsed,
             "processed rate (Hz)": (counts.processed - processed0) / elapsed,
-            "received": counts.received, "processed": counts.processed,
-            "dropped": counts.dropped, "rejected": counts.rejected,
+            **{f.name: getattr(counts, f.name) for f in fields(counts) if f.name != "reasons"},
+            **self.input.counters,  # e.g. lost: frames the middleware reported lost
+            **self.extra_diagnostics(),
             **latency_values(self.worker.latencies),
+            **latency_values(self._stamp_ages, "stamp latency"),
             "device": str(self.core.device), "model": self.core.model_id,
-            "input topic": self.input.topic if self.input else "",
-            "input QoS": self.input.describe_qos() if self.input else "",
-            "input publishers matched": self.input.matched_publishers() if self.input else 0,
+            "input topic": self.input.topic, "input QoS": self.input.describe_qos(),
+            "input publishers matched": self.input.matched_publishers(),
         }
-        self._diag_pub.publish(diagnostic_array(self, "feature pipeline", str(self.core.device),
-                                                values, warning))
+        self.publish_diagnostics("feature pipeline", str(self.core.device), values, warning)
 
     def shutdown(self) -> None:
         """Finish the frame in progress and log the counters."""
         self.worker.stop()
         self.get_logger().info(f"shutting down: {self.worker.snapshot().summary()}")
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def run_node(node_class, args=None) -> int:
-    """main() body shared by the node executables: init, spin, clean SIGINT shutdown.
-
-    A model that cannot be loaded or an invalid parameter ends the process with one
-    clear error line and exit code 1, not a traceback."""
-    # Our own SIGINT handling: rclpy's handler would invalidate the context before the
-    # shutdown log line (and its /rosout copy) is written. Installed explicitly, so a node
-    # started with SIGINT ignored (a `cmd &` from a script) still stops on it; SIGTERM
-    # (ros2 launch's second step, docker stop, systemd) shuts down the same clean way.
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    node = None
-    try:
-        node = node_class()
-        node.start()
-        node.announce()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ModelUnavailableError, ValueError) as exc:
-        name = node_class.NODE_NAME if node is None else node.get_name()
-        rclpy.logging.get_logger(name).fatal(f"cannot start: {exc}")
-        return 1
-    finally:
-        # A second signal (ros2 launch's SIGTERM after SIGINT) must not cut the shutdown
-        # short: it finishes the frame in progress, then logs the counters.
-        for signum in previous:
-            signal.signal(signum, signal.SIG_IGN)
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.try_shutdown()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 0

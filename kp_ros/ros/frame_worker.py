@@ -58,14 +58,22 @@ class LatestFrameWorker:
 
     ``handler`` returns normally (processed), raises FrameRejected (bad input) or any
     other exception (a failure inside processing, e.g. CUDA out of memory): both count
-    as rejected and go to ``on_reject(item, reason, exc)``; the worker lives on.
+    as rejected and go to ``on_reject(item, reason, exc)``; the worker lives on. An
+    exception for which ``is_fatal(exc)`` holds (a sticky CUDA error: every later frame
+    would fail too) is counted the same way, then the worker stops (later frames count
+    as dropped), keeps it in ``fatal`` and calls ``on_fatal(exc)`` so the process can exit.
     """
 
     def __init__(self, handler: Callable[[Any], None],
                  on_reject: Callable[[Any, str, BaseException], None] | None = None,
-                 latency_window: int = 200):
+                 latency_window: int = 200,
+                 is_fatal: Callable[[BaseException], bool] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         self._handler = handler
         self._on_reject = on_reject or (lambda item, reason, exc: None)
+        self._is_fatal = is_fatal or (lambda exc: False)
+        self._on_fatal = on_fatal or (lambda exc: None)
+        self.fatal: BaseException | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._slot: tuple[Any, float] | None = None
@@ -138,8 +146,15 @@ class LatestFrameWorker:
                 outcome, reason, error = "rejected", str(exc), exc
             except Exception as exc:  # noqa: BLE001 - one bad frame must not kill the node
                 outcome, reason, error = "rejected", f"{type(exc).__name__} during processing", exc
+            fatal = outcome == "rejected" and not isinstance(error, FrameRejected) \
+                and self._fatal(error)
             with self._lock:
                 self._busy = False
+                if fatal:
+                    self.fatal, self._running = error, False
+                    if self._slot is not None:  # never to be processed: counted as stop() does
+                        self._slot = None
+                        self.counts.dropped += 1
                 if outcome == "processed":
                     self.counts.processed += 1
                     self.latencies.append(time.monotonic() - submitted)
@@ -151,3 +166,15 @@ class LatestFrameWorker:
                     self._on_reject(item, reason, error)
                 except Exception:  # noqa: BLE001 - logging must not kill the worker either
                     pass
+            if fatal:
+                try:
+                    self._on_fatal(error)
+                except Exception:  # noqa: BLE001 - the worker ends here either way
+                    pass
+                return
+
+    def _fatal(self, error: BaseException) -> bool:
+        try:
+            return bool(self._is_fatal(error))
+        except Exception:  # noqa: BLE001 - a failing probe: keep the node running
+            return False

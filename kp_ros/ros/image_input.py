@@ -11,24 +11,36 @@ publisher set. ``reliable`` / ``best_effort`` fix the choice.
 When no publisher has matched for a few seconds, or a publisher with incompatible QoS
 appears, one warning names the topic, the expected type and the likely cause; it is
 repeated rarely and shown on /diagnostics (``problem``) until frames can flow.
+
+Frames the middleware reports lost (the subscription's message-lost event: Fast DDS
+raises it for sequence-number gaps, e.g. a best-effort frame missing a UDP fragment) are
+counted in ``lost`` (over every subscription this input had), which /diagnostics shows
+beside received / dropped / rejected.
 """
 from __future__ import annotations
 
 import time
 
-from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.qos import QoSPolicyKind, ReliabilityPolicy
 
 from kp_ros.core.params import normalize_reliability
 from kp_ros.ros.qos import image_input_qos
 
+# Over the default transports a best-effort stream of full frames loses many in transport
+# (one lost UDP fragment loses the frame); the camera-side profile keeps the transports
+# (discovery with every default participant intact) and sizes the buffers for frames.
+CAMERA_PROFILE_HINT = (
+    "; a best-effort camera of full frames loses many over the default transports: start the "
+    "camera with FASTDDS_DEFAULT_PROFILES_FILE=<kp_ros share>/config/fastdds/"
+    "camera_large_frames.xml (docs/qos.md)")
 POLL_PERIOD = 0.25     # s between looks at the ROS graph (a local cache: microseconds)
 WARN_AFTER = 5.0       # s without a matched publisher before the first warning
 WARN_REPEAT = 60.0     # s between repeats of an unchanged warning
 
 
 class ImageInput:
-    """Owns the subscription; ``callback(msg)`` gets every frame. Call ``close`` to stop."""
+    """Owns the subscription; ``callback(msg)`` gets every frame."""
 
     def __init__(self, node, msg_type, topic: str, reliability: str, callback,
                  warn_after: float = WARN_AFTER, warn_repeat: float = WARN_REPEAT):
@@ -42,6 +54,8 @@ class ImageInput:
         self._since = time.monotonic()  # start, or the last (re)subscription: a grace period
         self._warned: tuple[str | None, float] = (None, 0.0)  # (text, when)
         self._incompatible: str | None = None
+        self.lost = 0  # frames the middleware reported lost
+        self.lost_counted = True  # False where the RMW has no message-lost event
         if self.mode != "auto":
             self._subscribe(self.mode == "reliable", f"reliable_input: {self.mode}")
         self._timer = node.create_timer(POLL_PERIOD, self._poll)
@@ -59,25 +73,31 @@ class ImageInput:
     def matched_publishers(self) -> int:
         return self.subscription.get_publisher_count() if self.subscription is not None else 0
 
-    def close(self) -> None:
-        self._node.destroy_timer(self._timer)
-        if self.subscription is not None:
-            self._node.destroy_subscription(self.subscription)
-            self.subscription = None
-
     # --- internals ------------------------------------------------------------------
     def _subscribe(self, reliable: bool, why: str) -> None:
         if self.subscription is not None:
             self._node.destroy_subscription(self.subscription)
-        events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos)
-        self.subscription = self._node.create_subscription(
-            self._msg_type, self.topic, self._callback, image_input_qos(reliable),
-            event_callbacks=events)
+        self.subscription = self._create_subscription(reliable)
         self.reliable = reliable
         self._incompatible = None
         self._since = time.monotonic()
         self._node.get_logger().info(
-            f"subscribed to {self.topic} ({self.type_name}) with {self.describe_qos()}: {why}")
+            f"subscribed to {self.topic} ({self.type_name}) with {self.describe_qos()}: {why}"
+            + ("" if reliable or self._msg_type.__name__ != "Image" else CAMERA_PROFILE_HINT))
+
+    def _create_subscription(self, reliable: bool):
+        """With the message-lost event where the RMW offers it (rmw_fastrtps does; rclpy
+        raises UnsupportedEventTypeError where not: then ``lost`` stays 0)."""
+        for lost in (self._on_message_lost, None):
+            events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_qos,
+                                                message_lost=lost)
+            try:
+                return self._node.create_subscription(
+                    self._msg_type, self.topic, self._callback, image_input_qos(reliable),
+                    event_callbacks=events)
+            except UnsupportedEventTypeError:
+                self.lost_counted = False
+        raise AssertionError("unreachable")
 
     def _poll(self) -> None:
         found = self._node.get_publishers_info_by_topic(self.topic)
@@ -98,6 +118,9 @@ class ImageInput:
             return  # discovery takes time; a new subscription gets a grace period too
         self.problem = self._incompatible or self._diagnose(publishers, found)
         self._warn(self.problem)
+
+    def _on_message_lost(self, info) -> None:
+        self.lost += int(info.total_count_change)
 
     def _on_incompatible_qos(self, info) -> None:
         if self.mode == "auto":

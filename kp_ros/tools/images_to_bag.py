@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from kp_ros.bags.messages import (COMPRESSED_TYPE, IMAGE_TYPE, compressed_image_msg,
-                                       header_msg, image_msg, kp_ros_typestore)
+                                  header_msg, image_msg, kp_ros_typestore)
 from kp_ros.bags.reader import BagError
 from kp_ros.bags.writer import STORAGES, AtomicBagWriter, check_output_apart
 

@@ -11,8 +11,11 @@ The topic is the bag's topic name; rename it with --output-topic or a ROS remap
 once N subscribers are matched, and it waits for reliable subscribers to acknowledge
 the last messages before it exits, so every frame is delivered at the recorded rate.
 (--as-fast-as-possible can outrun a slow subscriber: its keep-last queue then drops.)
+With --clock [HZ] it also publishes /clock from the bag's receive times, as
+``ros2 bag play --clock`` does, for nodes run with use_sim_time:=true.
 
     replay_bag tum.bag --rate-scale 0.5 --loop
+    replay_bag tum.bag --clock   # + ros2 launch kp_ros matcher.launch.py use_sim_time:=true
     replay_bag tum.bag --as-fast-as-possible --wait-for-subscribers 2 \\
         --ros-args -r /camera/image_raw:=/camera/image
 """
@@ -21,10 +24,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
+
+from typing import Callable
 
 from kp_ros.bags.messages import COMPRESSED_TYPE
 from kp_ros.bags.reader import BagError, image_connections, iter_frames, open_bag
+from kp_ros.core.signals import raise_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="replay_bag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bag", help="rosbag2 bag (directory, or a .db3/.mcap file)")
     parser.add_argument("--topic", help="image topic in the bag (default: the bag's only image topic)")
-    parser.add_argument("--output-topic", metavar="TOPIC", help="publish under this name (default: the bag's topic name)")
+    parser.add_argument("--output-topic", metavar="TOPIC",
+                        help="publish under this name (default: the bag's topic name)")
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--rate-scale", type=float, default=1.0, metavar="X",
                       help="play X times the recorded speed (default %(default)s)")
@@ -53,7 +61,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="S",
                         help="at the end, wait up to S s for reliable subscribers to acknowledge "
                              "(default %(default)s)")
+    parser.add_argument("--clock", type=float, nargs="?", const=40.0, default=None, metavar="HZ",
+                        help="publish /clock (rosgraph_msgs/Clock) from the bag's receive times: "
+                             "at each frame and HZ times a second in between (default 40)")
     return parser
+
+
+class BagClock:
+    """Publishes /clock on the bag's time line: each frame's receive time as it goes out,
+    and in between, at ``hz``, that time advanced by the scaled wall time since (never
+    backwards, except when a --loop starts over)."""
+
+    def __init__(self, publish: Callable[[int], None], hz: float, rate_scale: float | None):
+        if not hz > 0:
+            raise ValueError(f"--clock must be > 0 Hz, got {hz}")
+        self._publish, self._period, self._scale = publish, 1.0 / hz, rate_scale or 0.0
+        self._lock = threading.Lock()
+        self._last: tuple[int, float] | None = None  # (bag ns, wall monotonic)
+        self._published = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replay_bag_clock", daemon=True)
+        self._thread.start()
+
+    def frame(self, log_ns: int, restart: bool = False) -> None:
+        with self._lock:
+            if restart:
+                self._published = 0
+            self._last = (log_ns, time.monotonic())
+            self._emit(log_ns)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+    def _emit(self, ns: int) -> None:
+        if ns >= self._published:
+            self._published = ns
+            self._publish(ns)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            with self._lock:
+                if self._last is not None:
+                    ns, wall = self._last
+                    self._emit(ns + int((time.monotonic() - wall) * self._scale * 1e9))
 
 
 class Pacer:
@@ -80,8 +131,16 @@ class Pacer:
             time.sleep(due - now)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _clock_publisher(node) -> Callable[[int], None]:
+    """publish(ns) on /clock, with the QoS ros2 bag play uses (keep last 1; reliable, which
+    the best-effort /clock subscription of every node's time source accepts)."""
+    from rclpy.time import Time
+    from rosgraph_msgs.msg import Clock
+    publisher = node.create_publisher(Clock, "/clock", 1)
+
+    def publish(ns: int) -> None:
+        publisher.publish(Clock(clock=Time(nanoseconds=ns).to_msg()))
+    return publish
 
 
 def main(argv=None) -> int:
@@ -108,7 +167,7 @@ def main(argv=None) -> int:
     # Ctrl-C and SIGTERM end the loop through KeyboardInterrupt; rclpy's own handler
     # would shut the context down under a publish.
     rclpy.init(args=["replay_bag"] + argv, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     node = rclpy.create_node("replay_bag")
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=args.qos_depth,
                      durability=DurabilityPolicy.VOLATILE,
@@ -116,6 +175,9 @@ def main(argv=None) -> int:
                      else ReliabilityPolicy.RELIABLE)
     publisher = node.create_publisher(message_class, args.output_topic or topic, qos)
     log = node.get_logger()
+    clock = None
+    if args.clock is not None:
+        clock = BagClock(_clock_publisher(node), args.clock, pacer.rate_scale)
     published, code, started = 0, 0, None
     try:
         if args.wait_for_subscribers > 0:
@@ -133,10 +195,14 @@ def main(argv=None) -> int:
         started = time.monotonic()
         while True:
             pacer.restart()
+            restart = True
             for frame in iter_frames(reader, connections, "receive"):
                 if args.limit is not None and published >= args.limit:
                     break
                 pacer.wait(frame.log_ns)
+                if clock is not None:
+                    clock.frame(frame.log_ns, restart)
+                restart = False
                 publisher.publish(bytes(frame.data))
                 published += 1
             if not args.loop or published == 0 or (args.limit is not None and published >= args.limit):
@@ -154,6 +220,8 @@ def main(argv=None) -> int:
         print(f"replay_bag: published {published} frames on {publisher.topic_name} in "
               f"{elapsed:.1f} s ({rate:.1f} Hz)", flush=True)
         reader.close()
+        if clock is not None:
+            clock.stop()
         node.destroy_node()
         rclpy.try_shutdown()
     return code
