@@ -103,6 +103,7 @@ def test_the_nodes_and_the_core_take_their_defaults_from_the_spec():
 
 def test_process_bag_model_flags_come_from_the_spec():
     from kp_ros.core import params
+    from kp_ros.core import models
     from kp_ros.offline import process_bag_cli as process_bag
 
     parser = process_bag.build_parser()
@@ -113,7 +114,8 @@ def test_process_bag_model_flags_come_from_the_spec():
         assert tuple(actions[flag].choices or ()) == spec.choices, flag
     # Every model parameter the nodes share with process_bag has a flag.
     shared = set(process_bag.DETECTOR_PARAMS) | set(process_bag.MATCHER_PARAMS) \
-        | set(process_bag.SPARSE_MATCHER_PARAMS) | {"max_frame_gap"}
+        | {name for entry in models.of_kind("matcher") for name in entry.core_keywords} \
+        | {"max_frame_gap"}
     assert shared == {name for _, name in process_bag.MODEL_FLAGS.values()}
 
 
