@@ -99,7 +99,10 @@ def test_stream_rules_and_settings(tiny_lightglue_dir, pair):
     _, frames = reference_run(tiny_lightglue_dir, pair, 0.95, 0.99)
     matcher = LightGlueStreamMatcher(str(tiny_lightglue_dir), device="cpu", filter_threshold=0.0,
                                      max_matches=2)
-    push = lambda f, size=SIZE: matcher.push(f["keypoints"], f["scores"], f["descriptors"], size)
+
+    def push(f, size=SIZE):
+        return matcher.push(f["keypoints"], f["scores"], f["descriptors"], size)
+
     assert push(frames[0]) is None  # first frame
     found = push(frames[1])
     assert 0 < len(found["scores"]) <= 2 and len(found["inliers"]) == 0
