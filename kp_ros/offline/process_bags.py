@@ -65,6 +65,42 @@ def fail(text: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def _plan(args, out_dir: Path) -> tuple[list, list, list]:
+    """(bags, [(bag, output name)] to do, names skipped); ValueError when there is nothing
+    to do or two bags would write one output."""
+    bags = find_bags(args.inputs, exclude=out_dir)
+    if not bags:
+        raise ValueError(f"no bags found in {', '.join(args.inputs)}")
+    names = [bag_name(b) for b in bags]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError("several bags would write the same output: " + ", ".join(
+            f"{n} ({', '.join(str(b) for b, m in zip(bags, names) if m == n)})" for n in clashes))
+    todo = [(b, n) for b, n in zip(bags, names) if args.overwrite or not (out_dir / n).exists()]
+    skipped = [n for b, n in zip(bags, names) if (b, n) not in todo]
+    for name in skipped:
+        print(f"process_bags: {name}: skipped, {out_dir / name} exists (--overwrite redoes it)",
+              file=sys.stderr)
+    return bags, todo, skipped
+
+
+def _start_ray(ray, args, options, bags: int) -> str | None:
+    """Join ``--address`` or start a local Ray sized for the bags; the problem, or None."""
+    if args.address:
+        try:
+            ray.init(address=args.address, log_to_driver=True)
+        except Exception as err:  # noqa: BLE001 - ConnectionError, AuthenticationError, ...
+            return (f"cannot join the Ray cluster at {args.address}: {err} (started with "
+                    f"`ray start --head` there? RAY_AUTH_MODE=token and the cluster's token here?)")
+        return None
+    import torch
+    gpus = torch.cuda.device_count()
+    workers, threads, per_task = plan_resources(args, wants_cuda(*options[:2], gpus), gpus,
+                                                os.cpu_count() or 1, bags, available_memory_gb())
+    start_local_ray(workers * threads, gpus if per_task else 0)
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ray = import_ray()
@@ -77,21 +113,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     try:
         options = resolve_options(args)
-        bags = find_bags(args.inputs, exclude=out_dir)
+        bags, todo, skipped = _plan(args, out_dir)
     except (BagError, ValueError) as err:
         return fail(str(err))
-    if not bags:
-        return fail(f"no bags found in {', '.join(args.inputs)}")
-    names = [bag_name(b) for b in bags]
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        return fail("several bags would write the same output: " + ", ".join(
-            f"{n} ({', '.join(str(b) for b, m in zip(bags, names) if m == n)})" for n in clashes))
-    todo = [(b, n) for b, n in zip(bags, names) if args.overwrite or not (out_dir / n).exists()]
-    skipped = [n for b, n in zip(bags, names) if (b, n) not in todo]
-    for name in skipped:
-        print(f"process_bags: {name}: skipped, {out_dir / name} exists (--overwrite redoes it)",
-              file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
@@ -101,20 +125,9 @@ def main(argv=None) -> int:
         if todo:
             remove_partials(out_dir, [n for _, n in todo])
             if not ray.is_initialized():
-                if args.address:
-                    try:
-                        ray.init(address=args.address, log_to_driver=True)
-                    except Exception as err:  # noqa: BLE001 - ConnectionError, AuthenticationError, ...
-                        return fail(f"cannot join the Ray cluster at {args.address}: {err} (started "
-                                    f"with `ray start --head` there? RAY_AUTH_MODE=token and the "
-                                    f"cluster's token here?)")
-                else:
-                    import torch
-                    gpus = torch.cuda.device_count()
-                    workers, threads, per_task = plan_resources(
-                        args, wants_cuda(*options[:2], gpus), gpus, os.cpu_count() or 1,
-                        len(todo), available_memory_gb())
-                    start_local_ray(workers * threads, gpus if per_task else 0)
+                problem = _start_ray(ray, args, options, len(todo))
+                if problem:
+                    return fail(problem)
                 started_ray = True
             _run(ray, args, options, out_dir, todo, records)
     except KeyboardInterrupt:

@@ -143,6 +143,41 @@ def _clock_publisher(node) -> Callable[[int], None]:
     return publish
 
 
+def _wait_for_subscribers(publisher, args, log) -> bool:
+    """Wait until ``args.wait_for_subscribers`` match (then ``settle_time``); False on timeout."""
+    log.info(f"waiting for {args.wait_for_subscribers} subscriber(s) on {publisher.topic_name}")
+    deadline = time.monotonic() + args.wait_timeout if args.wait_timeout > 0 else None
+    while publisher.get_subscription_count() < args.wait_for_subscribers:
+        if deadline is not None and time.monotonic() > deadline:
+            log.error(f"timed out: {publisher.get_subscription_count()} of "
+                      f"{args.wait_for_subscribers} subscriber(s) after {args.wait_timeout} s")
+            return False
+        time.sleep(0.02)
+    time.sleep(args.settle_time)
+    return True
+
+
+def _publish_frames(reader, connections, publisher, pacer, clock, args):
+    """Publish the bag's frames paced (looping when asked, up to ``args.limit``); yields
+    after each one so the caller's count is right even when interrupted."""
+    published = 0
+    while True:
+        pacer.restart()
+        restart = True
+        for frame in iter_frames(reader, connections, "receive"):
+            if args.limit is not None and published >= args.limit:
+                break
+            pacer.wait(frame.log_ns)
+            if clock is not None:
+                clock.frame(frame.log_ns, restart)
+            restart = False
+            publisher.publish(bytes(frame.data))
+            published += 1
+            yield published
+        if not args.loop or published == 0 or (args.limit is not None and published >= args.limit):
+            return
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import rclpy
@@ -180,33 +215,13 @@ def main(argv=None) -> int:
         clock = BagClock(_clock_publisher(node), args.clock, pacer.rate_scale)
     published, code, started = 0, 0, None
     try:
-        if args.wait_for_subscribers > 0:
-            log.info(f"waiting for {args.wait_for_subscribers} subscriber(s) on {publisher.topic_name}")
-            deadline = time.monotonic() + args.wait_timeout if args.wait_timeout > 0 else None
-            while publisher.get_subscription_count() < args.wait_for_subscribers:
-                if deadline is not None and time.monotonic() > deadline:
-                    log.error(f"timed out: {publisher.get_subscription_count()} of "
-                              f"{args.wait_for_subscribers} subscriber(s) after {args.wait_timeout} s")
-                    return 1
-                time.sleep(0.02)
-            time.sleep(args.settle_time)
+        if args.wait_for_subscribers > 0 and not _wait_for_subscribers(publisher, args, log):
+            return 1
         log.info(f"publishing {topic} ({msgtype}) from {args.bag} on {publisher.topic_name}, "
                  + ("as fast as possible" if pacer.rate_scale is None else f"x{pacer.rate_scale}"))
         started = time.monotonic()
-        while True:
-            pacer.restart()
-            restart = True
-            for frame in iter_frames(reader, connections, "receive"):
-                if args.limit is not None and published >= args.limit:
-                    break
-                pacer.wait(frame.log_ns)
-                if clock is not None:
-                    clock.frame(frame.log_ns, restart)
-                restart = False
-                publisher.publish(bytes(frame.data))
-                published += 1
-            if not args.loop or published == 0 or (args.limit is not None and published >= args.limit):
-                break
+        for _ in _publish_frames(reader, connections, publisher, pacer, clock, args):
+            published += 1
         if not args.best_effort and published:
             publisher.wait_for_all_acked(Duration(seconds=args.ack_timeout))
     except KeyboardInterrupt:
