@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kp_ros.core.geometry import CameraModel, undistort_points
+from kp_ros.core.params import VINS_LAYOUT_CHOICES
 
-VINS_LAYOUTS = ("none", "fusion", "mono")
+VINS_LAYOUTS = VINS_LAYOUT_CHOICES  # ("none", "fusion", "mono"); track_node's vins_layout
 
 # VINS-Fusion's feature_callback reads channels 0-5 and, whenever the cloud has more than
 # 5 channels (so always, as it needs 6), channels 6-8 too (a ground-truth point for
