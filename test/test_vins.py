@@ -226,6 +226,19 @@ def test_cloud_to_msg_keeps_every_value():
     assert np.array_equal(np.array([[p.x, p.y, p.z] for p in msg.points], np.float32), second.points)
     assert np.array_equal(np.array([c.values for c in msg.channels], np.float32), second.channels)
     check_fusion_second_frame(parse_vins_fusion(msg))
+    # The bytes are rclpy's serialization of the message built field by field (but for
+    # the padding, which rmw leaves uninitialised).
+    from geometry_msgs.msg import Point32
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import ChannelFloat32, PointCloud
+    from kp_ros.ros.vins_cloud import cloud_to_cdr
+    for frame_id in ("", "c", "camera", "left_optical"):  # every string padding
+        header.frame_id, header.stamp.sec, header.stamp.nanosec = frame_id, 12, 345
+        slow = PointCloud(header=header, points=[Point32(x=x, y=y, z=z) for x, y, z in second.points.tolist()],
+                          channels=[ChannelFloat32(name=n, values=v.tolist())
+                                    for n, v in zip(second.channel_names, second.channels)])
+        data = cloud_to_cdr(header, second)
+        assert len(data) == len(serialize_message(slow)) and deserialize_message(data, PointCloud) == slow
 
 
 def camera_info_msg(K_=K, D_=D, P=None):
