@@ -8,6 +8,8 @@
   built from kp_ros.core.messages' fields (the same fields the rclpy messages get);
   ``*_from_msg`` read them back (also kp_ros.core.messages').
 - ``image_msg`` / ``compressed_image_msg``: sensor_msgs images from arrays or encoded bytes.
+- ``point_cloud_msg``: sensor_msgs/PointCloud from a kp_ros.core.vins.VinsCloud (the VINS
+  feature cloud, as track_node's ~/feature).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ KEYPOINTS_TYPE = "kp_ros/msg/Keypoints"
 MATCHES_TYPE = "kp_ros/msg/Matches"
 TRACKS_TYPE = "kp_ros/msg/Tracks"
 STEREO_MATCHES_TYPE = "kp_ros/msg/StereoMatches"
+POINT_CLOUD_TYPE = "sensor_msgs/msg/PointCloud"  # a standard type: in every ROS 2 store
 # The newest ROS 2 store this rosbags has (Kilted in 0.11.9); bags written with it carry
 # full definitions, so older distros' readers decode them too.
 _STORE = getattr(Stores, "ROS2_KILTED", Stores.LATEST)
@@ -96,6 +99,18 @@ def stereo_matches_msg(typestore, header, stamp_right, frame_id_right: str, heig
     return typestore.types[STEREO_MATCHES_TYPE](header=header, stamp_right=stamp_right, **fields)
 
 
+def point_cloud_msg(typestore, header, cloud):
+    """sensor_msgs/msg/PointCloud from a VinsCloud: one Point32 per point, one
+    ChannelFloat32 per channel, in the cloud's order."""
+    types = typestore.types
+    point = types["geometry_msgs/msg/Point32"]
+    channel = types["sensor_msgs/msg/ChannelFloat32"]
+    return types[POINT_CLOUD_TYPE](
+        header=header, points=[point(x=x, y=y, z=z) for x, y, z in cloud.points.tolist()],
+        channels=[channel(name=name, values=np.ascontiguousarray(values, np.float32))
+                  for name, values in zip(cloud.channel_names, cloud.channels)])
+
+
 _IMAGE_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4}
 
 
@@ -119,9 +134,9 @@ def compressed_image_msg(typestore, data: bytes, fmt: str, header):
 
 
 __all__ = [
-    "COMPRESSED_TYPE", "IMAGE_TYPE", "IMAGE_TYPES", "KEYPOINTS_TYPE", "MATCHES_TYPE",
+    "COMPRESSED_TYPE", "IMAGE_TYPE", "IMAGE_TYPES", "KEYPOINTS_TYPE", "MATCHES_TYPE", "POINT_CLOUD_TYPE",
     "STEREO_MATCHES_TYPE", "TRACKS_TYPE", "compressed_image_msg", "header_msg", "image_msg", "keypoints_from_msg",
-    "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir",
+    "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir", "point_cloud_msg",
     "stamp_to_ns", "stereo_matches_from_msg", "stereo_matches_msg", "time_msg",
     "tracks_from_msg", "tracks_msg",
 ]

@@ -1,18 +1,65 @@
 """process_bag's frame step: one serialized image in, its output messages out (through
-kp_ros/core/pipeline.py, as in the nodes); and the camera calibration the matcher's
-essential-matrix verification takes from the bag's CameraInfo."""
+kp_ros/core/pipeline.py, as in the nodes); the camera calibration the matcher's
+essential-matrix verification and the VINS feature cloud take from the bag's CameraInfo;
+and the set-up every bag run starts with (``open_input``)."""
 from __future__ import annotations
 
-from kp_ros.core.geometry import CalibrationGate
+import sys
+
+from kp_ros.core.geometry import CalibrationGate, CameraModel
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stamps import stamp_problem
-from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE,
-                                  image_msg, keypoints_msg, matches_msg, stamp_to_ns,
-                                  tracks_msg)
-from kp_ros.bags.reader import decode_image_msg, image_encoding, read_messages
+from kp_ros.bags.messages import (IMAGE_TYPE, KEYPOINTS_TYPE, MATCHES_TYPE, POINT_CLOUD_TYPE,
+                                  TRACKS_TYPE, image_msg, keypoints_msg, kp_ros_typestore,
+                                  matches_msg, point_cloud_msg, stamp_to_ns, tracks_msg)
+from kp_ros.bags.reader import (BagError, decode_image_msg, detect_storage, image_encoding,
+                                open_bag, read_messages)
+from kp_ros.bags.writer import check_output_apart
 from kp_ros.core.topics import camera_info_topic
 from kp_ros.offline.options import MAX_FRAME_GAP
 from kp_ros.offline.summary import Summary
+
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+
+
+def open_input(input_path, output_path, storage: str | None, log):
+    """(log, typestore, storage, reader): the output checked apart from the input, the
+    output storage (default: the input's), the input opened; ``log`` defaults to tqdm's."""
+    if log is None:
+        from tqdm import tqdm
+
+        def log(text):
+            tqdm.write(text, file=sys.stderr)
+    check_output_apart(input_path, output_path)
+    typestore = kp_ros_typestore()
+    storage = storage or detect_storage(input_path)
+    return log, typestore, storage, open_bag(input_path)
+
+
+def first_camera_info(reader, typestore, image_topic: str):
+    """The first sensor_msgs/CameraInfo beside ``image_topic`` (its camera_info sibling),
+    or None when the bag has none there."""
+    topic = camera_info_topic(image_topic)
+    connections = [c for c in reader.connections if c.topic == topic and c.msgtype == CAMERA_INFO_TYPE]
+    # An empty connection list would make the reader return every topic.
+    for _, _, data in read_messages(reader, connections) if connections else ():
+        return typestore.deserialize_cdr(data, CAMERA_INFO_TYPE)
+    return None
+
+
+def read_camera(reader, typestore, image_topic: str, why: str) -> CameraModel:
+    """The calibration of the first CameraInfo beside ``image_topic`` (taken as fixed for
+    the bag); BagError saying ``why`` it is needed when it is missing or unusable."""
+    from kp_ros.core.geometry import camera_from_info
+    info = first_camera_info(reader, typestore, image_topic)
+    topic = camera_info_topic(image_topic)
+    if info is None:
+        raise BagError(f"{why} needs a {CAMERA_INFO_TYPE} on {topic} (beside {image_topic}); "
+                       f"the bag has none there")
+    try:
+        return camera_from_info(info.k, info.d, info.distortion_model, info.width, info.height)
+    except ValueError as err:
+        raise BagError(f"{why}: {topic}: {err}") from None
 
 
 class FrameProcessor:
@@ -26,8 +73,16 @@ class FrameProcessor:
     def __init__(self, typestore, topics: dict, detector=None, matcher=None,
                  max_frame_gap: float = MAX_FRAME_GAP, debug_images: bool = False,
                  detector_name: str | None = None, matcher_name: str | None = None,
-                 tracks=None):
+                 tracks=None, vins: str | None = None, cameras: tuple = (None, None)):
         self.typestore, self.topics = typestore, topics
+        # --vins: the feature cloud of every Tracks; ``cameras`` (left, right CameraModel).
+        self.vins, self.cameras = None, cameras
+        if vins is not None:
+            from kp_ros.core.vins import VinsFeatures
+            if tracks is None:
+                raise ValueError("the VINS feature cloud needs tracks")
+            # VINS-Mono's NUM_OF_CAM is a constant 1 (as in track_node).
+            self.vins = VinsFeatures(vins, num_cameras=2 if vins == "fusion" else 1)
         self.book = None  # tracks: a TrackBook when ``tracks`` (TrackParams) is given
         if tracks is not None:
             from kp_ros.core.tracks import TrackBook
@@ -77,13 +132,31 @@ class FrameProcessor:
                 summary.note(summary.rejected, f"matcher: {err}")
                 return None
         if self.book is not None:
-            outputs += self._track(msg, image)
+            outputs += self._track(msg, image, summary)
         return outputs
 
-    def _track(self, msg, image) -> list:
+    def _track(self, msg, image, summary: Summary) -> list:
         tracks = self.book.add(stamp_to_ns(msg.header.stamp), self._frame_keypoints, self._frame_matches)
         height, width = image.shape[:2]
-        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))]
+        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))] \
+            + self._vins_cloud(msg.header, tracks, (width, height), summary)
+
+    def _vins_cloud(self, header, tracks, size: tuple, summary: Summary, keypoints_right=None) -> list:
+        """[(feature topic, PointCloud type, message)] for one Tracks frame, or [] without
+        --vins or when the calibration is for another image size (an event of the frame)."""
+        if self.vins is None:
+            return []
+        left, right = self.cameras
+        if (left.width, left.height) not in ((0, 0), size):
+            # Not scaled: binning, cropping and a driver's resize change K differently.
+            summary.vins_skipped += 1
+            summary.events.append(("no VINS cloud", f"camera_info is for {left.width}x{left.height} images, "
+                                                    f"the frames are {size[0]}x{size[1]}"))
+            return []
+        cloud = self.vins.frame(tracks.stamp_ns, tracks.ids, tracks.keypoints, left,
+                                keypoints_right if right is not None else None, right)
+        summary.vins_msgs += 1
+        return [(self.topics["feature"], POINT_CLOUD_TYPE, point_cloud_msg(self.typestore, header, cloud))]
 
     def _detect(self, msg, image) -> list:
         found = self.pipeline.detect(image, overlay=self.debug_images)
@@ -141,11 +214,8 @@ def use_camera_info(reader, typestore, matcher, image_topic: str, log) -> None:
     from kp_ros.core.geometry import camera_from_info
     topic = camera_info_topic(image_topic)
     matcher.camera = None
-    connections = [c for c in reader.connections if c.topic == topic
-                   and c.msgtype == "sensor_msgs/msg/CameraInfo"]
-    # An empty connection list would make the reader return every topic.
-    for _, _, data in read_messages(reader, connections) if connections else ():
-        info = typestore.deserialize_cdr(data, "sensor_msgs/msg/CameraInfo")
+    info = first_camera_info(reader, typestore, image_topic)
+    if info is not None:
         try:
             matcher.camera = camera_from_info(info.k, info.d, info.distortion_model, info.width, info.height)
         except ValueError as err:

@@ -46,7 +46,7 @@ MODEL_FLAGS = _model_flags()
 def output_topics(prefix: str) -> dict[str, str]:
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     return {"keypoints": f"{prefix}/keypoints", "matches": f"{prefix}/matches",
-            "tracks": f"{prefix}/tracks",
+            "tracks": f"{prefix}/tracks", "feature": f"{prefix}/feature",
             "keypoints_debug": f"{prefix}/{DETECTOR.node}/debug_image",
             "matches_debug": f"{prefix}/{MATCHER.node}/debug_image"}
 
@@ -152,6 +152,11 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
     parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")
     parser.add_argument("--tracks", action="store_true",
                         help="also write kp_ros/Tracks (track ids over frames, as track_node) on <prefix>/tracks")
+    parser.add_argument("--vins", choices=params.VINS_LAYOUT_CHOICES[1:], default=None,
+                        help="also write each Tracks as the sensor_msgs/PointCloud VINS-Fusion "
+                             "('fusion') or VINS-Mono ('mono') reads, on <prefix>/feature (implies "
+                             "--tracks; needs a CameraInfo beside the image topic; --stereo: "
+                             "fusion adds the right camera's points from its CameraInfo)")
     association = params.spec("track_node", "association")
     radius = params.spec("track_node", "association_radius")
     parser.add_argument("--association", choices=association.choices, default=association.default,
@@ -205,8 +210,8 @@ def stereo_params(args):
 
 
 def track_params(args):
-    """TrackParams from --tracks / --association / --association-radius, or None."""
-    if not getattr(args, "tracks", False):
+    """TrackParams from --tracks (or --vins) / --association / --association-radius, or None."""
+    if not (getattr(args, "tracks", False) or getattr(args, "vins", None)):
         return None
     from kp_ros.core.tracks import TrackParams
     return TrackParams(association=args.association,

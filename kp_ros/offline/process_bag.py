@@ -8,11 +8,10 @@ from collections import Counter
 
 import numpy as np
 
-from kp_ros.bags.messages import KEYPOINTS_TYPE, MATCHES_TYPE, TRACKS_TYPE, kp_ros_typestore
-from kp_ros.bags.reader import (BagError, detect_storage, image_connections, iter_frames,
-                                open_bag, read_messages)
-from kp_ros.bags.writer import AtomicBagWriter, check_output_apart
-from kp_ros.offline.frame_processor import FrameProcessor, use_camera_info
+from kp_ros.bags.messages import KEYPOINTS_TYPE, MATCHES_TYPE, POINT_CLOUD_TYPE, TRACKS_TYPE
+from kp_ros.bags.reader import BagError, image_connections, iter_frames, read_messages
+from kp_ros.bags.writer import AtomicBagWriter
+from kp_ros.offline.frame_processor import FrameProcessor, open_input, read_camera, use_camera_info
 from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix, output_topics
 from kp_ros.offline.summary import Summary
 
@@ -35,27 +34,25 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                 max_frame_gap: float = MAX_FRAME_GAP, order: str = "stamp",
                 debug_images: bool = False, copy_input: bool = False, overwrite: bool = False,
                 progress: bool = False, detector_name: str | None = None,
-                matcher_name: str | None = None, log=None, on_frame=None, tracks=None) -> Summary:
+                matcher_name: str | None = None, log=None, on_frame=None, tracks=None,
+                vins: str | None = None) -> Summary:
     """Run ``detector`` (SuperPointDetector) and/or ``matcher`` (EfficientLoFTRStreamMatcher)
     on every frame of ``topic`` and write the output bag; returns the counts.
     ``on_frame(frames_read)`` is called after each frame (progress for process_bags).
-    ``tracks`` (kp_ros.core.tracks.TrackParams) also writes kp_ros/Tracks on <prefix>/tracks.
+    ``tracks`` (kp_ros.core.tracks.TrackParams) also writes kp_ros/Tracks on <prefix>/tracks;
+    ``vins`` ('fusion' | 'mono', with ``tracks``) their VINS feature clouds on <prefix>/feature
+    (sensor_msgs/PointCloud; the calibration from the bag's CameraInfo beside the images).
 
     Raises BagError for unusable input (missing, corrupt, wrong topic) or output (exists
     and not ``overwrite``); on any error no output bag is left behind.
     """
-    from tqdm import tqdm
-
     if detector is None and matcher is None:
         raise ValueError("nothing to do: enable the detector, the matcher or both")
-    log = log or (lambda text: tqdm.write(text, file=sys.stderr))
-    check_output_apart(input_path, output_path)
-    typestore = kp_ros_typestore()
-    storage = storage or detect_storage(input_path)
-    reader = open_bag(input_path)
+    log, typestore, storage, reader = open_input(input_path, output_path, storage, log)
     try:
         topic, msgtype, connections = image_connections(reader, topic)
         topics = output_topics(default_prefix(topic) if prefix is None else prefix)
+        cameras = (read_camera(reader, typestore, topic, f"--vins {vins}"), None) if vins else (None, None)
         if matcher is not None and matcher.params.geometric_verification == "essential":
             use_camera_info(reader, typestore, matcher, topic, log)
         if copy_input:
@@ -65,7 +62,7 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
                                f"the outputs; choose another --output-prefix")
         summary = Summary(str(input_path), str(output_path), topic, msgtype, storage)
         processor = FrameProcessor(typestore, topics, detector, matcher, max_frame_gap,
-                                   debug_images, detector_name, matcher_name, tracks)
+                                   debug_images, detector_name, matcher_name, tracks, vins, cameras)
         with AtomicBagWriter(output_path, storage, overwrite) as writer:
             image_copy = _copy_connection(writer, typestore, connections[0]) if copy_input else None
             started = time.perf_counter()
@@ -79,6 +76,7 @@ def process_bag(input_path, output_path, detector=None, matcher=None, *, topic: 
             wanted = [("keypoints", KEYPOINTS_TYPE)] if detector is not None else []
             wanted += [("matches", MATCHES_TYPE)] if matcher is not None else []
             wanted += [("tracks", TRACKS_TYPE)] if tracks is not None else []
+            wanted += [("feature", POINT_CLOUD_TYPE)] if vins else []
             for key, out_type in wanted:
                 if topics[key] not in out_connections:
                     writer.add_connection(topics[key], out_type, typestore)

@@ -31,6 +31,10 @@ and writes <ns>/keypoints (left), <ns>/right/keypoints, <ns>/matches (left camer
 <ns>/stereo_matches (kp_ros/msg/StereoMatches: disparity, depth) and, with --tracks,
 <ns>/tracks with each keypoint's right observation and depth.
 
+--vins fusion|mono (implies --tracks): <prefix>/feature, sensor_msgs/PointCloud per Tracks
+as VINS-Fusion's / VINS-Mono's estimator reads /feature_tracker/feature (docs/vins.md);
+needs the CameraInfo beside the image topic (--stereo fusion: both cameras').
+
 Exit codes: 0 done, 1 bad input or option, 2 model weights unavailable, 130 interrupted.
 
     process_bag tum.bag tum_features.bag --topic /camera/image_raw --max-keypoints 1024
@@ -93,8 +97,9 @@ def _main(argv) -> int:
                                 "it needs the detector")
     if args.stereo and args.matcher not in (None, "eloftr"):
         return fail(EXIT_INPUT, "--stereo runs with the dense matcher (eloftr) only")
-    if args.tracks and not (args.detector and args.matcher):
-        return fail(EXIT_INPUT, "--tracks needs both the detector and the matcher")
+    if (args.tracks or args.vins) and not (args.detector and args.matcher):
+        return fail(EXIT_INPUT, f"{'--tracks' if args.tracks else '--vins'} needs both the detector "
+                                f"and the matcher")
     if args.stereo and not (args.detector and args.matcher):
         return fail(EXIT_INPUT, "--stereo needs both the detector and the matcher")
     try:
@@ -162,14 +167,14 @@ def run_one(args, input_path, output_path, detector_kwargs: dict, matcher_kwargs
                 sync_tolerance=args.stereo_sync_tolerance, overwrite=args.overwrite,
                 progress=args.progress if progress is None else progress, log=log,
                 tracks=track_params(args), detector_name=detector_name,
-                matcher_name=matcher_name)
+                matcher_name=matcher_name, vins=getattr(args, "vins", None))
         return process_bag(
             input_path, output_path, detector, matcher, topic=args.topic, storage=args.storage,
             prefix=args.prefix, max_frame_gap=max_frame_gap, order=args.order,
             debug_images=args.debug_images, copy_input=args.copy_input,
             overwrite=args.overwrite, progress=args.progress if progress is None else progress,
             detector_name=detector_name, matcher_name=matcher_name, log=log, on_frame=on_frame,
-            tracks=track_params(args))
+            tracks=track_params(args), vins=getattr(args, "vins", None))
 
 
 def disk_full(err: BaseException) -> str | None:

@@ -10,21 +10,20 @@ import time
 
 import numpy as np
 
-from kp_ros.bags.messages import (KEYPOINTS_TYPE, MATCHES_TYPE, STEREO_MATCHES_TYPE, TRACKS_TYPE,
-                                  IMAGE_TYPES, keypoints_msg, kp_ros_typestore, stamp_to_ns,
-                                  stereo_matches_msg, tracks_msg)
-from kp_ros.bags.reader import (BagError, decode_image_msg, describe_image_topics, detect_storage,
-                                image_connections, iter_frames, open_bag, read_messages)
-from kp_ros.bags.writer import AtomicBagWriter, check_output_apart
+from kp_ros.bags.messages import (KEYPOINTS_TYPE, MATCHES_TYPE, POINT_CLOUD_TYPE,
+                                  STEREO_MATCHES_TYPE, TRACKS_TYPE, IMAGE_TYPES, keypoints_msg,
+                                  stamp_to_ns, stereo_matches_msg, tracks_msg)
+from kp_ros.bags.reader import (BagError, decode_image_msg, describe_image_topics,
+                                image_connections, iter_frames)
+from kp_ros.bags.writer import AtomicBagWriter
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stereo import StereoParams, StereoRig, rig_from_infos
 from kp_ros.core.stereo_matching import StereoMatcher
 from kp_ros.core.stereo_sync import StereoSync
-from kp_ros.offline.frame_processor import FrameProcessor, camera_info_topic
+from kp_ros.offline.frame_processor import (CAMERA_INFO_TYPE, FrameProcessor, camera_info_topic,
+                                            first_camera_info, open_input, read_camera)
 from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix
 from kp_ros.offline.summary import Summary
-
-CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 
 
 def stereo_topics(reader, left: str | None, right: str | None) -> tuple[str, str]:
@@ -58,22 +57,19 @@ def stereo_output_topics(prefix: str) -> dict[str, str]:
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     return {"keypoints": f"{prefix}/keypoints", "right_keypoints": f"{prefix}/right/keypoints",
             "matches": f"{prefix}/matches", "stereo_matches": f"{prefix}/stereo_matches",
-            "tracks": f"{prefix}/tracks", "keypoints_debug": f"{prefix}/frontend_node/debug_image",
+            "tracks": f"{prefix}/tracks", "feature": f"{prefix}/feature",
+            "keypoints_debug": f"{prefix}/frontend_node/debug_image",
             "matches_debug": f"{prefix}/frontend_node/matches_debug_image"}
 
 
 def read_rig(reader, typestore, left_topic: str, right_topic: str) -> StereoRig:
     """The rig from the first CameraInfo beside each image topic (fixed for the bag)."""
     infos = []
-    for topic in (camera_info_topic(left_topic), camera_info_topic(right_topic)):
-        connections = [c for c in reader.connections
-                       if c.topic == topic and c.msgtype == CAMERA_INFO_TYPE]
-        info = None
-        for _, _, data in read_messages(reader, connections) if connections else ():
-            info = typestore.deserialize_cdr(data, CAMERA_INFO_TYPE)
-            break
+    for image_topic in (left_topic, right_topic):
+        info = first_camera_info(reader, typestore, image_topic)
         if info is None:
-            return StereoRig(problem=f"no {CAMERA_INFO_TYPE} on {topic} in the bag: no depth")
+            return StereoRig(problem=f"no {CAMERA_INFO_TYPE} on {camera_info_topic(image_topic)} "
+                                     f"in the bag: no depth")
         infos.append(info)
     return rig_from_infos(*infos)
 
@@ -83,9 +79,11 @@ class StereoFrameProcessor(FrameProcessor):
 
     def __init__(self, typestore, topics: dict, detector, matcher, rig: StereoRig,
                  stereo_params: StereoParams, max_frame_gap: float = MAX_FRAME_GAP,
-                 tracks=None, log=print, detector_name=None, matcher_name=None):
+                 tracks=None, log=print, detector_name=None, matcher_name=None, vins=None,
+                 cameras=(None, None)):
         super().__init__(typestore, topics, detector, matcher, max_frame_gap,
-                         detector_name=detector_name, matcher_name=matcher_name, tracks=tracks)
+                         detector_name=detector_name, matcher_name=matcher_name, tracks=tracks,
+                         vins=vins, cameras=cameras)
         self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap,
                                         stereo=StereoMatcher(matcher, stereo_params))
         self.rig, self.log = rig, log
@@ -128,6 +126,8 @@ class StereoFrameProcessor(FrameProcessor):
             out.append((self.topics["tracks"], TRACKS_TYPE, tracks_msg(
                 self.typestore, left_msg.header, height, width, tracks, step.keypoints_right,
                 step.depth)))
+            out += self._vins_cloud(left_msg.header, tracks, (width, height), summary,
+                                    step.keypoints_right)
         return out
 
     def _keypoints(self, key: str, msg, image, found) -> tuple:
@@ -158,18 +158,17 @@ def process_stereo_bag(input_path, output_path, detector, matcher, *, left_topic
                        max_frame_gap: float = MAX_FRAME_GAP, order: str = "stamp",
                        stereo_params: StereoParams | None = None, sync_tolerance: float = 0.0,
                        overwrite: bool = False, progress: bool = False, log=None,
-                       tracks=None, detector_name=None, matcher_name=None) -> Summary:
+                       tracks=None, detector_name=None, matcher_name=None,
+                       vins: str | None = None) -> Summary:
     """Every stereo pair of the bag through SuperPoint (both images) and EfficientLoFTR
-    (temporal on the left, left-right); BagError for unusable input, no partial output."""
+    (temporal on the left, left-right); BagError for unusable input, no partial output.
+    ``vins`` ('fusion' | 'mono', with ``tracks``): <prefix>/feature clouds, camera-1 points
+    (fusion) from the right CameraInfo."""
     from tqdm import tqdm
 
     if detector is None or matcher is None:
         raise ValueError("--stereo needs both the detector and the matcher")
-    log = log or (lambda text: tqdm.write(text, file=sys.stderr))
-    check_output_apart(input_path, output_path)
-    typestore = kp_ros_typestore()
-    storage = storage or detect_storage(input_path)
-    reader = open_bag(input_path)
+    log, typestore, storage, reader = open_input(input_path, output_path, storage, log)
     try:
         left_topic, right_topic = stereo_topics(reader, left_topic, right_topic)
         (_, left_type, left_conns), (_, right_type, right_conns) = (
@@ -177,12 +176,18 @@ def process_stereo_bag(input_path, output_path, detector, matcher, *, left_topic
         topics = stereo_output_topics(output_prefix(left_topic, right_topic)
                                       if prefix is None else prefix)
         rig = read_rig(reader, typestore, left_topic, right_topic)
+        cameras = (None, None)
+        if vins:
+            # VINS-Mono reads one camera: the right points would have no encoding.
+            cameras = (read_camera(reader, typestore, left_topic, f"--vins {vins}"),
+                       read_camera(reader, typestore, right_topic, f"--vins {vins} (right camera)")
+                       if vins == "fusion" else None)
         summary = Summary(str(input_path), str(output_path), f"{left_topic} + {right_topic}",
                           left_type, storage)
         processor = StereoFrameProcessor(typestore, topics, detector, matcher, rig,
                                          (stereo_params or StereoParams()).validated(),
                                          max_frame_gap, tracks, log, detector_name,
-                                         matcher_name)
+                                         matcher_name, vins, cameras)
         sync = StereoSync(sync_tolerance)
         side_of = {c.id: "left" for c in left_conns} | {c.id: "right" for c in right_conns}
         with AtomicBagWriter(output_path, storage, overwrite) as writer:
@@ -212,6 +217,7 @@ def process_stereo_bag(input_path, output_path, detector, matcher, *, left_topic
             wanted = [("keypoints", KEYPOINTS_TYPE), ("right_keypoints", KEYPOINTS_TYPE),
                       ("matches", MATCHES_TYPE), ("stereo_matches", STEREO_MATCHES_TYPE)]
             wanted += [("tracks", TRACKS_TYPE)] if tracks is not None else []
+            wanted += [("feature", POINT_CLOUD_TYPE)] if vins else []
             for key, out_type in wanted:
                 if topics[key] not in connections:
                     writer.add_connection(topics[key], out_type, typestore)

@@ -32,6 +32,8 @@ class Summary:
     stereo_total: int = 0       # left-right matches that passed the stereo checks
     stereo_depths: int = 0      # of those, with a depth
     stereo_unpaired: int = 0    # images without a partner of the other side (dropped)
+    vins_msgs: int = 0          # --vins: feature clouds written (one per Tracks)
+    vins_skipped: int = 0       # Tracks without a cloud (camera_info for another image size)
     copied: int = 0             # input messages copied through
     seconds: float = 0.0
     rejected: Counter = field(default_factory=Counter)  # reason_key -> frames
@@ -68,6 +70,10 @@ class Summary:
                              f"{per(self.stereo_total, self.stereo_msgs)} left-right matches/pair, "
                              f"{per(self.stereo_depths, self.stereo_msgs)} with depth; "
                              f"{self.stereo_unpaired} images unpaired")
+        if self.vins_msgs or self.vins_skipped:
+            lines.insert(-1, f"  vins feature      {self.vins_msgs} clouds"
+                             + (f", {self.vins_skipped} Tracks without (camera_info for another "
+                                f"image size)" if self.vins_skipped else ""))
         lines += [f"    {n} x {self.examples[k]}" for k, n in self.rejected.most_common()]
         lines.append(f"  stream resets     {sum(self.resets.values())}")
         lines += [f"    {n} x {self.examples[k]}" for k, n in self.resets.most_common()]
