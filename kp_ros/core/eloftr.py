@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
 from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
 from kp_ros.core.geometry import verify_matches
@@ -101,6 +102,11 @@ class EfficientLoFTRStreamMatcher:
         self._model_id = str(model)
         self.model = load_pretrained(EfficientLoFTRForKeypointMatching, model).to(self._device).eval()
         self.config = self.model.config
+        # CUDA under fp16 / bf16 only (kp_ros/core/device_placement.py): low-precision weights
+        # cast once here, not by autocast every frame (same results), and an NHWC backbone.
+        self.placement = placement(self._device, self.precision.name)
+        apply_weights_dtype(self.model, self.placement.weights_dtype)
+        apply_memory_format(self.model.efficientloftr.backbone, self.placement.memory_format)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -199,7 +205,8 @@ class EfficientLoFTRStreamMatcher:
         """Step 1, per image: the RepVGG backbone."""
         pixels, source_size = preprocessed
         with self._autocast():
-            maps = self.model.efficientloftr.backbone(pixels)  # [1/2, 1/4, 1/8]
+            maps = self.model.efficientloftr.backbone(
+                pixels.contiguous(memory_format=self.placement.memory_format))  # [1/2, 1/4, 1/8]
         return FrameFeatures(coarse=maps[-1], residuals=tuple(maps[:-1]),
                              model_size=tuple(pixels.shape[-2:]), source_size=tuple(source_size))
 
