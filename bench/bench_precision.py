@@ -7,7 +7,7 @@
 For SuperPoint (one frame) and EfficientLoFTR (one stream step: backbone on the new frame,
 attention and matching on the pair) in each precision, and for the seed pipelines
 (transformers' processor -> model -> post-process, float32; EfficientLoFTR per pair):
-  - median wall time per call at 640x480 and the ratio to the seed pipeline,
+  - median wall time per call at 640x480 (or --frame-size) and the ratio to the seed pipeline,
   - GFLOP per call (torch.utils.flop_counter; the same ops in every precision), achieved
     GFLOP/s, and the machine's measured ceiling for that dtype (the faster of a 1024^3
     matmul and a 3x3 64->64 convolution at 640x480), so "% of ceiling" says how much is left,
@@ -235,6 +235,10 @@ def main(argv=None) -> str:
                         help="comma list (default: fp32,bf16 on CPU; fp32,bf16,fp16 on CUDA)")
     parser.add_argument("--resolutions", default="480x640,720x1280,1080x1920",
                         help="HxW list for the scaling table and plot ('' to skip)")
+    parser.add_argument("--frame-size", default="480x640",
+                        help="HxW of the frames of the main table (a smaller one for a quick check)")
+    parser.add_argument("--resize", choices=("model", "native"), default="model",
+                        help="the kp_ros paths' resize in the main table (model: 640x480 whatever the frames)")
     parser.add_argument("--scaling-models", default="superpoint,eloftr",
                         help="models in the resolution table (e.g. 'eloftr' for the 1080p step only)")
     parser.add_argument("--max-call-seconds", type=float, default=60.0,
@@ -252,11 +256,14 @@ def main(argv=None) -> str:
     if device.type == "cpu":
         precisions = [p for p in precisions if p != "fp16"]  # fp16 is CUDA-only in kp_ros
     frames, source = load_frames()
+    frame_size = tuple(int(v) for v in args.frame_size.split("x"))
+    frames = resized(frames, frame_size)
     native, what = cpu_bf16_support() if device.type == "cpu" else (True, str(device))
     lines = [f"Device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
              f"{what}. Frames: {source}; {args.size} random-init models; median of {args.runs} "
              f"calls after a warm-up. Load average at start: {load_average()}.", ""]
-    results = {"device": str(device), "native_bf16": native, "bf16": what, "size": args.size,
+    results = {"device": str(device), "frame_size": args.frame_size, "native_bf16": native, "bf16": what,
+               "size": args.size,
                "threads": torch.get_num_threads(), "paths": {}, "scaling": {}}
 
     peak = ceilings(device, precisions, args.ceiling_seconds)
@@ -285,7 +292,7 @@ def main(argv=None) -> str:
                 del seed
             outputs, gflop = {}, None
             for name in precisions:
-                model = build(kind, dirs[kind], device, name,
+                model = build(kind, dirs[kind], device, name, resize=args.resize,
                               **({"max_keypoints": 1024} if kind == "superpoint" else {"match_threshold": 0.0}))
                 if gflop is None:
                     gflop = step_gflop(kind, model, frames)
@@ -312,7 +319,7 @@ def main(argv=None) -> str:
                                 peak.get(name, {}), slow, agree))
                 print(rows[-1], file=sys.stderr, flush=True)  # progress: emulated bf16 takes minutes
                 del model
-        lines += ["| path, 640x480 | ms per call | vs seed | GFLOP per call | GFLOP/s | "
+        lines += [f"| path, {frame_size[1]}x{frame_size[0]} | ms per call | vs seed | GFLOP per call | GFLOP/s | "
                   "ceiling GFLOP/s (best of matmul, conv) | % of ceiling | agreement with fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
 

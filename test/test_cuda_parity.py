@@ -17,7 +17,7 @@ from conftest import TUM_DIR, synthetic_frame
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)")
 
 from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher, FrameFeatures  # noqa: E402
-from kp_ros.core.precision import (PrecisionWarning, keypoint_agreement, match_agreement,  # noqa: E402
+from kp_ros.core.precision import (DTYPES, PrecisionWarning, keypoint_agreement, match_agreement,  # noqa: E402
                                    resolve_precision)
 from kp_ros.core.superpoint import SuperPointDetector  # noqa: E402
 
@@ -230,7 +230,7 @@ def test_eloftr_reduced_precision_features_on_cuda_within_the_oracle_bounds(name
     image0, image1 = moved_pair(frames[0], affine)
     reference = oracle_class(None)(str(tiny_eloftr_dir), device="cuda", match_threshold=THRESHOLD,
                                    resize="native").match_pair(image0, image1)
-    low_matcher = quiet(oracle_class(resolve_precision(name, CUDA).dtype), str(tiny_eloftr_dir), device="cuda",
+    low_matcher = quiet(oracle_class(DTYPES[name]), str(tiny_eloftr_dir), device="cuda",
                         match_threshold=THRESHOLD, resize="native", precision=name)
     low = low_matcher.match_pair(image0, image1)
     agreement = match_agreement(reference, low)

@@ -298,14 +298,18 @@ class EfficientLoFTRStreamMatcher:
         """Model pixels -> source pixels, to numpy (the core's boundary: float32
         coordinates and scores), then optional geometric verification (numpy, uint8)."""
         params = params or self.params
-        keypoints0 = scale_to_source(points0, features0.model_size, features0.source_size).cpu().numpy()
-        keypoints1 = scale_to_source(points1, features1.model_size, features1.source_size).cpu().numpy()
+        # One device-to-host copy (a synchronisation on CUDA) for all three, not one each:
+        # flat float32 [keypoints0 (M*2), keypoints1 (M*2), scores (M)], each a view of it.
+        count = len(scores)
+        flat = torch.cat([scale_to_source(points0, features0.model_size, features0.source_size).float().flatten(),
+                          scale_to_source(points1, features1.model_size, features1.source_size).float().flatten(),
+                          scores.float()]).cpu().numpy()
+        keypoints0, keypoints1 = flat[:2 * count].reshape(count, 2), flat[2 * count:4 * count].reshape(count, 2)
         inliers = np.zeros(0, np.uint8)
         if params.geometric_verification != "none":
             inliers = verify_matches(keypoints0, keypoints1, params.geometric_verification,
                                      params.ransac_reproj_threshold, self.camera)
-        return {"keypoints0": keypoints0, "keypoints1": keypoints1,
-                "scores": scores.float().cpu().numpy(), "inliers": inliers}
+        return {"keypoints0": keypoints0, "keypoints1": keypoints1, "scores": flat[4 * count:], "inliers": inliers}
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -131,6 +131,11 @@ def device_summary(device: str, dry_run: bool) -> dict:
     import torch
     info = {"requested": device, "dry_run": dry_run, "torch": torch.__version__, "python": platform.python_version(),
             "host": platform.node(), "cpus": os.cpu_count()}
+    for module in ("transformers", "rclpy", "cv2"):  # what the parts need besides torch
+        try:
+            info[module] = getattr(__import__(module), "__version__", "present")
+        except ImportError as exc:
+            info[module] = f"missing ({exc})"
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
@@ -242,8 +247,9 @@ def bench_part(args, size, out: Path, env: dict, timeout: float) -> dict:
     if not script.exists():
         return part_result("fail", 0.0, "no bench/bench_precision.py (run from a source checkout)", log)
     if args.dry_run:
-        options = ["--size", "tiny", "--runs", "1", "--precisions", "fp32,bf16", "--resolutions", "96x128,192x256",
-                   "--no-seed", "--ceiling-seconds", "0.05", "--max-call-seconds", "20"]
+        options = ["--size", "tiny", "--runs", "1", "--precisions", "fp32", "--frame-size", "96x128",
+                   "--resize", "native", "--resolutions", "64x96,96x128", "--no-seed", "--ceiling-seconds", "0.05",
+                   "--max-call-seconds", "20"]
     else:
         options = ["--size", size, "--runs", "3", "--resolutions", "480x640,1080x1920"]
     command = [sys.executable, str(script), "--device", args.device, "--scaling-models", "eloftr",
@@ -268,7 +274,7 @@ def bench_part(args, size, out: Path, env: dict, timeout: float) -> dict:
                         if not key.endswith("/seed"))
     summary += "".join(f"; {key} at {value['size']} {value['ms']:.1f} ms" + peak(value.get("peak_mib"))
                        for key, value in largest.items())
-    return part_result("pass", seconds, summary, log, paths=paths, largest=largest,
+    return part_result("pass", seconds, summary, log, paths=paths, largest=largest, frame_size=results["frame_size"],
                        table=str(bench_out / "precision.md"))
 
 
@@ -283,7 +289,8 @@ def markdown(report: dict) -> str:
             f"{device['requested']} (dry run: tiny models, small frames; the CUDA tests skip)")
     lines = [f"# gpu_check: {report['status'].upper()} in {report['seconds']:.0f} s", "",
              f"Device: {what}; torch {device['torch']}, Python {device['python']}, {device['cpus']} CPUs, "
-             f"host {device['host']}. Models: {report['size']} random-init.", "",
+             f"host {device['host']}; transformers {device.get('transformers')}, rclpy {device.get('rclpy')}, "
+             f"OpenCV {device.get('cv2')}. Models: {report['size']} random-init.", "",
              "| part | result | seconds | summary |", "|---|---|---:|---|"]
     for name, part in report["parts"].items():
         lines.append(f"| {name} | {part['status']} | {part['seconds']:.1f} | {part['summary']} |")
@@ -303,7 +310,9 @@ def markdown(report: dict) -> str:
                 lines += ["", "Lockstep latency, publish -> output (ms, median / max): " + "; ".join(
                     f"{k} {v['median']:.1f} / {v['max']:.1f}" for k, v in part["latency_ms"].items() if v)]
         if name == "bench" and "paths" in part:
-            lines += ["", "| path (640x480) | ms per call | peak MiB | agreement with fp32 |", "|---|---:|---:|---|"]
+            height, width = part["frame_size"].split("x")
+            lines += ["", f"| path ({width}x{height}) | ms per call | peak MiB | agreement with fp32 |",
+                      "|---|---:|---:|---|"]
             for key, value in part["paths"].items():
                 lines.append(f"| {key} | {value['ms']:.1f} | {fmt(value.get('peak_mib'))} | "
                              f"{agreement_text(value.get('agreement'))} |")
@@ -367,7 +376,8 @@ def live_part(device: str, size: str, count: int, out: Path) -> dict:
         "superpoint_node": {"model": models["superpoint_node"], "device": device, "reliable_input": "reliable"},
         "eloftr_node": {"model": models["eloftr_node"], "device": device, "reliable_input": "reliable",
                         "match_threshold": 0.0},
-        "track_node": {},
+        # Matches wait for their Keypoints' frame: room for a slow first step (the dry run's CPU).
+        "track_node": {"match_timeout": 10.0},
     }
     params_file = SOURCE_ROOT / "config" / "matcher.yaml"
     if not params_file.exists():
