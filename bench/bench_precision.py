@@ -2,18 +2,21 @@
 
     python bench/bench_precision.py [--size full|tiny] [--runs N] [--device cpu]
         [--precisions fp32,bf16] [--resolutions 480x640,720x1280,1080x1920]
-        [--max-call-seconds S] [--out DIR]
+        [--scaling-models superpoint,eloftr] [--max-call-seconds S] [--out DIR]
 
 For SuperPoint (one frame) and EfficientLoFTR (one stream step: backbone on the new frame,
 attention and matching on the pair) in each precision, and for the seed pipelines
 (transformers' processor -> model -> post-process, float32; EfficientLoFTR per pair):
-  - median wall time per call at 640x480 and the ratio to the seed pipeline,
+  - median wall time per call at 640x480 (or --frame-size) and the ratio to the seed pipeline,
   - GFLOP per call (torch.utils.flop_counter; the same ops in every precision), achieved
     GFLOP/s, and the machine's measured ceiling for that dtype (the faster of a 1024^3
     matmul and a 3x3 64->64 convolution at 640x480), so "% of ceiling" says how much is left,
   - bf16 vs fp32 agreement (SuperPoint: keypoints within 1 px, descriptor cosine;
     EfficientLoFTR: mutual-NN set IoU and position changes at threshold 0),
-  - time vs resolution (480p, 720p, 1080p) for both models and precisions, as a plot.
+  - time vs resolution (480p, 720p, 1080p) for both models (or --scaling-models) and
+    precisions, as a plot,
+  - on CUDA, the peak GPU memory of each path and size (torch.cuda.max_memory_allocated
+    during its timed calls, the model's weights included).
 A path whose call takes longer than --max-call-seconds (bf16 emulated on a CPU without
 AVX512-BF16 / AMX: ~40x slower than fp32) is timed once and skipped at larger sizes.
 Random-init weights of the real sizes (no hub here): timings and FLOPs are the real
@@ -86,6 +89,30 @@ def timed_calls(call, args_list, runs: int, device, max_seconds: float) -> tuple
         sync(device)
         times.append(time.perf_counter() - start)
     return times, False
+
+
+class PeakMemory:
+    """torch.cuda.max_memory_allocated over the ``with`` block, in MiB (``mib``; None on CPU:
+    the process RSS there mixes every model and frame of the run)."""
+
+    def __init__(self, device):
+        self.device, self.mib = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        return False
+
+
+def peak_text(mib) -> str:
+    return "" if mib is None else f", peak {mib:.0f} MiB"
 
 
 def count_gflop(call, *args) -> float:
@@ -208,9 +235,17 @@ def main(argv=None) -> str:
                         help="comma list (default: fp32,bf16 on CPU; fp32,bf16,fp16 on CUDA)")
     parser.add_argument("--resolutions", default="480x640,720x1280,1080x1920",
                         help="HxW list for the scaling table and plot ('' to skip)")
+    parser.add_argument("--frame-size", default="480x640",
+                        help="HxW of the frames of the main table (a smaller one for a quick check)")
+    parser.add_argument("--resize", choices=("model", "native"), default="model",
+                        help="the kp_ros paths' resize in the main table (model: 640x480 whatever the frames)")
+    parser.add_argument("--scaling-models", default="superpoint,eloftr",
+                        help="models in the resolution table (e.g. 'eloftr' for the 1080p step only)")
     parser.add_argument("--max-call-seconds", type=float, default=60.0,
                         help="a call slower than this is timed once and not run at larger sizes "
                              "(60: fp32 EfficientLoFTR at 1080p on 2 CPU cores still runs, ~1 min)")
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0,
+                        help="time budget per kernel of the machine-ceiling measurement")
     parser.add_argument("--no-seed", action="store_true", help="skip the seed pipelines")
     parser.add_argument("--out", type=Path, help="also write DIR/precision.{md,json} and DIR/precision_scaling.png")
     args = parser.parse_args(argv)
@@ -221,14 +256,17 @@ def main(argv=None) -> str:
     if device.type == "cpu":
         precisions = [p for p in precisions if p != "fp16"]  # fp16 is CUDA-only in kp_ros
     frames, source = load_frames()
+    frame_size = tuple(int(v) for v in args.frame_size.split("x"))
+    frames = resized(frames, frame_size)
     native, what = cpu_bf16_support() if device.type == "cpu" else (True, str(device))
     lines = [f"Device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
              f"{what}. Frames: {source}; {args.size} random-init models; median of {args.runs} "
              f"calls after a warm-up. Load average at start: {load_average()}.", ""]
-    results = {"device": str(device), "native_bf16": native, "bf16": what, "size": args.size,
+    results = {"device": str(device), "frame_size": args.frame_size, "native_bf16": native, "bf16": what,
+               "size": args.size,
                "threads": torch.get_num_threads(), "paths": {}, "scaling": {}}
 
-    peak = ceilings(device, precisions)
+    peak = ceilings(device, precisions, args.ceiling_seconds)
     results["ceilings"] = peak
     lines += ["Machine ceilings (best of short runs): " + "; ".join(
         f"{name} matmul {v['matmul']:.3g} GFLOP/s, 3x3 conv {v['conv3x3']:.3g} GFLOP/s"
@@ -254,11 +292,12 @@ def main(argv=None) -> str:
                 del seed
             outputs, gflop = {}, None
             for name in precisions:
-                model = build(kind, dirs[kind], device, name,
+                model = build(kind, dirs[kind], device, name, resize=args.resize,
                               **({"max_keypoints": 1024} if kind == "superpoint" else {"match_threshold": 0.0}))
                 if gflop is None:
                     gflop = step_gflop(kind, model, frames)
-                times, slow = time_path(kind, model, frames, args.runs, device, args.max_call_seconds)
+                with PeakMemory(device) as peak_memory:
+                    times, slow = time_path(kind, model, frames, args.runs, device, args.max_call_seconds)
                 ms = 1e3 * float(np.median(times))
                 outputs[name] = model.detect(frames[0]) if kind == "superpoint" else \
                     model.match_pair(frames[0], frames[1])
@@ -274,12 +313,13 @@ def main(argv=None) -> str:
                                  f"matches), shared moved median {a['position_median']:.2f} px")
                     results["paths"].setdefault(f"{kind}/{name}", {})["agreement"] = a
                 results["paths"].setdefault(f"{kind}/{name}", {}).update(
-                    {"ms": ms, "gflop": gflop, "runs": len(times), "slow": slow})
-                rows.append(row(f"{label} kp_ros {name} (per {unit})", ms, seed_ms, gflop,
+                    {"ms": ms, "gflop": gflop, "runs": len(times), "slow": slow, "peak_mib": peak_memory.mib})
+                rows.append(row(f"{label} kp_ros {name} (per {unit}){peak_text(peak_memory.mib)}",
+                                ms, seed_ms, gflop,
                                 peak.get(name, {}), slow, agree))
                 print(rows[-1], file=sys.stderr, flush=True)  # progress: emulated bf16 takes minutes
                 del model
-        lines += ["| path, 640x480 | ms per call | vs seed | GFLOP per call | GFLOP/s | "
+        lines += [f"| path, {frame_size[1]}x{frame_size[0]} | ms per call | vs seed | GFLOP per call | GFLOP/s | "
                   "ceiling GFLOP/s (best of matmul, conv) | % of ceiling | agreement with fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
 
@@ -289,7 +329,10 @@ def main(argv=None) -> str:
             lines += ["Time per call vs resolution (`resize: native`; ms, GFLOP per call):", "",
                       "| path | " + " | ".join(f"{w}x{h}" for h, w in sizes) + " |",
                       "|---|" + "---:|" * len(sizes)]
+            scaling_models = args.scaling_models.split(",")
             for kind, label in (("superpoint", "SuperPoint"), ("eloftr", "EfficientLoFTR step")):
+                if kind not in scaling_models:
+                    continue
                 for name in precisions:
                     model = build(kind, dirs[kind], device, name, resize="native",
                                   **({"max_keypoints": 1024} if kind == "superpoint" else {"match_threshold": 0.0}))
@@ -302,15 +345,16 @@ def main(argv=None) -> str:
                         gflop = step_gflop(kind, model, scaled) if name == precisions[0] else \
                             results["scaling"].get(f"{kind}/{precisions[0]}", {}
                                                    ).get(f"{size[0]}x{size[1]}", {}).get("gflop", float("nan"))
-                        times, slow = time_path(kind, model, scaled, max(
-                            1, args.runs - 1), device, args.max_call_seconds)
+                        with PeakMemory(device) as peak_memory:
+                            times, slow = time_path(kind, model, scaled, max(
+                                1, args.runs - 1), device, args.max_call_seconds)
                         ms = 1e3 * float(np.median(times))
                         skip = slow
                         results["scaling"].setdefault(f"{kind}/{name}", {})[f"{size[0]}x{size[1]}"] = \
-                            {"ms": ms, "gflop": gflop, "slow": slow}
+                            {"ms": ms, "gflop": gflop, "slow": slow, "peak_mib": peak_memory.mib}
                         series.append((size[0] * size[1] / 1e6, ms))
                         cells.append(f"{ms:.0f} ms, {gflop:.3g} GFLOP ({gflop / ms * 1e3:.3g} GFLOP/s)"
-                                     + (" (1 run)" if slow else ""))
+                                     + peak_text(peak_memory.mib) + (" (1 run)" if slow else ""))
                     lines.append(f"| {label} {name} | " + " | ".join(cells) + " |")
                     print(lines[-1], file=sys.stderr, flush=True)
                     del model

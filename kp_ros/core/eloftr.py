@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
 from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
 from kp_ros.core.geometry import verify_matches
@@ -101,6 +102,11 @@ class EfficientLoFTRStreamMatcher:
         self._model_id = str(model)
         self.model = load_pretrained(EfficientLoFTRForKeypointMatching, model).to(self._device).eval()
         self.config = self.model.config
+        # CUDA under fp16 / bf16 only (kp_ros/core/device_placement.py): low-precision weights
+        # cast once here, not by autocast every frame (same results), and an NHWC backbone.
+        self.placement = placement(self._device, self.precision.name)
+        apply_weights_dtype(self.model, self.placement.weights_dtype)
+        apply_memory_format(self.model.efficientloftr.backbone, self.placement.memory_format)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -199,7 +205,8 @@ class EfficientLoFTRStreamMatcher:
         """Step 1, per image: the RepVGG backbone."""
         pixels, source_size = preprocessed
         with self._autocast():
-            maps = self.model.efficientloftr.backbone(pixels)  # [1/2, 1/4, 1/8]
+            maps = self.model.efficientloftr.backbone(
+                pixels.contiguous(memory_format=self.placement.memory_format))  # [1/2, 1/4, 1/8]
         return FrameFeatures(coarse=maps[-1], residuals=tuple(maps[:-1]),
                              model_size=tuple(pixels.shape[-2:]), source_size=tuple(source_size))
 
@@ -291,14 +298,18 @@ class EfficientLoFTRStreamMatcher:
         """Model pixels -> source pixels, to numpy (the core's boundary: float32
         coordinates and scores), then optional geometric verification (numpy, uint8)."""
         params = params or self.params
-        keypoints0 = scale_to_source(points0, features0.model_size, features0.source_size).cpu().numpy()
-        keypoints1 = scale_to_source(points1, features1.model_size, features1.source_size).cpu().numpy()
+        # One device-to-host copy (a synchronisation on CUDA) for all three, not one each:
+        # flat float32 [keypoints0 (M*2), keypoints1 (M*2), scores (M)], each a view of it.
+        count = len(scores)
+        flat = torch.cat([scale_to_source(points0, features0.model_size, features0.source_size).float().flatten(),
+                          scale_to_source(points1, features1.model_size, features1.source_size).float().flatten(),
+                          scores.float()]).cpu().numpy()
+        keypoints0, keypoints1 = flat[:2 * count].reshape(count, 2), flat[2 * count:4 * count].reshape(count, 2)
         inliers = np.zeros(0, np.uint8)
         if params.geometric_verification != "none":
             inliers = verify_matches(keypoints0, keypoints1, params.geometric_verification,
                                      params.ransac_reproj_threshold, self.camera)
-        return {"keypoints0": keypoints0, "keypoints1": keypoints1,
-                "scores": scores.float().cpu().numpy(), "inliers": inliers}
+        return {"keypoints0": keypoints0, "keypoints1": keypoints1, "scores": flat[4 * count:], "inliers": inliers}
 
     # -- helpers ----------------------------------------------------------------------
 

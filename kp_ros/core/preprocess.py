@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 
+from kp_ros.core.device_placement import to_device
 from kp_ros.core.params import RESIZE_CHOICES
 
 MODEL_SIZE = (480, 640)  # (height, width) of the reference processors' resize
@@ -196,14 +197,9 @@ def _uint8_to_device(image: np.ndarray, device) -> torch.Tensor:
         raise ValueError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
     if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only memory
         image = image.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(image))
-    if torch.device(device).type == "cuda":
-        # Through pinned memory, asynchronously: a pageable copy blocks the host until
-        # the device has caught up (a synchronisation per frame); the caching host
-        # allocator keeps the pinned buffer until the copy has run.
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    else:
-        tensor = tensor.to(device)
+    # On CUDA through pinned memory, asynchronously (a pageable copy would block the host
+    # until the device caught up: a synchronisation per frame); see device_placement.
+    tensor = to_device(torch.from_numpy(np.ascontiguousarray(image)), device)
     return tensor.permute(2, 0, 1).contiguous()[None]  # planar: later per-channel ops run contiguous
 
 
