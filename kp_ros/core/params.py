@@ -22,6 +22,7 @@ PRECISION_CHOICES = ("fp32", "bf16", "fp16", "auto")
 VERIFICATION_CHOICES = ("none", "fundamental", "homography", "essential")
 ASSOCIATION_CHOICES = ("flow", "points")
 RELIABILITY_CHOICES = ("auto", "reliable", "best_effort")
+VINS_LAYOUT_CHOICES = ("none", "fusion", "mono")
 
 
 def normalize_reliability(value) -> str:
@@ -157,6 +158,12 @@ TRACK = (
     ParamSpec("max_pending", 32, "Frames waiting for their Matches (and Matches waiting for their "
               "Keypoints) at most; the oldest goes out unlinked beyond.", 1, 1000, runtime=False),
     ParamSpec("trail_length", 10, "Frames of trail drawn per track on ~/debug_image.", 1, 100),
+    ParamSpec("vins_layout", "none", "Also publish each Tracks as a sensor_msgs/PointCloud on "
+              "~/feature for a VINS estimator (undistorted normalised points from camera_info, "
+              "velocities): 'fusion' = VINS-Fusion's feature_callback (id, camera, u, v, "
+              "velocity x/y, 3 zero channels; stereo tracks add camera-1 points from "
+              "right/camera_info), 'mono' = VINS-Mono's estimator_node (id, u, v, velocity x/y; "
+              "left camera only); 'none' = off.", choices=VINS_LAYOUT_CHOICES, runtime=False),
     _COMMON["debug_image"],
     _COMMON["diagnostics_period"],
 )

@@ -1,7 +1,9 @@
 """track_node: persistent feature tracks from SuperPoint Keypoints and EfficientLoFTR Matches.
 
 Subscribes ``keypoints`` (kp_ros/Keypoints) and ``matches`` (kp_ros/Matches), publishes
-``tracks`` (kp_ros/Tracks, one per Keypoints frame, in stamp order) and, when someone
+``tracks`` (kp_ros/Tracks, one per Keypoints frame, in stamp order), with ``vins_layout``
+set ``~/feature`` (sensor_msgs/PointCloud for VINS-Fusion / VINS-Mono, from ``camera_info``;
+kp_ros/ros/vins_cloud.py) and, when someone
 subscribes to it or ``debug_image`` is set, ``~/debug_image`` (track trails coloured by
 id over the frame; the node then also subscribes ``image``). A frame is linked to the
 older frame its Matches name (header = this frame, stamp0 = the older one); Keypoints
@@ -35,6 +37,7 @@ from kp_ros.ros.conversions import (image_msg_to_model_input, keypoint_positions
 from kp_ros.ros.diagnostics import latency_values
 from kp_ros.ros.node_base import NodeBase, StartupError, run_node
 from kp_ros.ros.qos import image_input_qos, output_qos
+from kp_ros.ros.vins_cloud import VinsOutput
 
 # Inputs are small and each one matters (a lost Matches costs a frame its links):
 # reliable, with room for a burst while the executor is busy.
@@ -71,6 +74,7 @@ class TrackNode(NodeBase):
         self.sync = TrackSynchronizer(book, timeout=self.values["match_timeout"],
                                       max_pending=self.values["max_pending"])
         self._pub = self.create_publisher(Tracks, "tracks", output_qos())
+        self._vins = None if self.values["vins_layout"] == "none" else VinsOutput(self, self.values["vins_layout"])
         self._kp_sub = self._match_sub = None  # start() subscribes
         self._image_sub = None  # created while the debug image is wanted
         self._images: dict[int, Image] = {}
@@ -181,8 +185,10 @@ class TrackNode(NodeBase):
         for tracks in ready:
             keypoints_msg = tracks.payload
             tracks.payload = None  # the history keeps arrays, not messages
-            self._pub.publish(tracks_to_msg(keypoints_msg.header, keypoints_msg.height,
-                                            keypoints_msg.width, tracks))
+            msg = tracks_to_msg(keypoints_msg.header, keypoints_msg.height, keypoints_msg.width, tracks)
+            self._pub.publish(msg)
+            if self._vins is not None:
+                self._vins.publish(msg, tracks.keypoints)
             self.counts["published"] += 1
             linked = int((tracks.previous_index >= 0).sum())
             self.counts["linked tracks"] += linked
@@ -239,6 +245,7 @@ class TrackNode(NodeBase):
             **self.counts, **dict(self.sync.counters),
             **{f"book {k}": v for k, v in self.sync.book.counters.items()},
             "pending": self.sync.pending,
+            **(self._vins.values() if self._vins is not None else {}),
             **latency_values(self._latencies),
         }
         self.publish_diagnostics("feature tracks", "cpu", values, warning)
