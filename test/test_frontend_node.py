@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud  # noqa: E402
 
 from conftest import synthetic_frame  # noqa: E402
 from kp_ros.msg import Keypoints, Matches, StereoMatches, Tracks  # noqa: E402
 from kp_ros.ros.conversions import (array_to_image_msg, matches_from_msg,  # noqa: E402
-                                   stereo_matches_from_msg, tracks_from_msg)
+                                    stereo_matches_from_msg, tracks_from_msg)
 from kp_ros.ros.qos import output_qos  # noqa: E402
 from ros_helpers import (parse_counters, ros_node, spin_until, start_node, stop_node,  # noqa: E402
                          to_time)
@@ -48,7 +48,7 @@ def frame_msg(image, stamp, frame_id="camera") -> Image:
 class Driver:
     """The test's side: publishes frames, collects every output by topic."""
 
-    def __init__(self, node, executor, namespace: str, stereo: bool):
+    def __init__(self, node, executor, namespace: str, stereo: bool, vins: bool):
         self.node, self.executor, self.ns = node, executor, namespace
         qos = output_qos()
         if stereo:
@@ -58,8 +58,11 @@ class Driver:
                               for side in ("left", "right")}
         else:
             self.image_pubs = {"mono": node.create_publisher(Image, f"{namespace}/image", qos)}
+            self.info_pubs = {"mono": node.create_publisher(CameraInfo, f"{namespace}/camera_info", 10)}
         self.out = {}
         topics = {"keypoints": Keypoints, "matches": Matches, "tracks": Tracks}
+        if vins:
+            topics["frontend_node/feature"] = PointCloud
         if stereo:
             topics.update({"right/keypoints": Keypoints, "stereo_matches": StereoMatches})
         self.subs = [node.create_subscription(kind, f"{namespace}/{topic}",
@@ -96,6 +99,8 @@ class Driver:
         """One frame (or pair), then its Tracks."""
         stamp = to_time(seconds)
         if right is None:
+            self.info_pubs["mono"].publish(camera_info(stamp, "camera", 0.0))
+            spin_until(self.executor, lambda: False, 0.05)
             self.image_pubs["mono"].publish(frame_msg(image, stamp))
         else:
             self.info_pubs["left"].publish(camera_info(stamp, "left", 0.0))
@@ -118,7 +123,8 @@ def frontend(namespace, log, models: dict, stereo=False, **params):
                                  "stereo": stereo, **params})
     try:
         with ros_node(f"{namespace.strip('/')}_driver") as (node, executor):
-            driver = Driver(node, executor, namespace, stereo)
+            driver = Driver(node, executor, namespace, stereo,
+                            params.get("vins_layout", "none") != "none")
             assert driver.wait_ready(), f"node never came up:\n{log.read_text()}"
             yield driver, process
     finally:
@@ -140,11 +146,34 @@ def check_tracks_follow(older, newer) -> int:
     return len(linked)
 
 
+def check_vins_cloud(cloud, tracks, layout: str) -> None:
+    """The cloud parses as the estimator reads it (test_vins' ports of its callback): one
+    left point per track at its pixel, normalised by the (undistorted) camera, velocity 0
+    for a new track; fusion: a camera-1 point per track with a right observation."""
+    from test_vins import parse_vins_fusion, parse_vins_mono
+    assert cloud is not None and cloud.header == tracks.header
+    parsed = parse_vins_fusion(cloud) if layout == "fusion" else parse_vins_mono(cloud, 1)
+    fields = tracks_from_msg(tracks)
+    assert sorted(parsed) == sorted(int(i) for i in fields["ids"])
+    for i, track_id in enumerate(fields["ids"].tolist()):
+        observations = dict(parsed[track_id])
+        x, y, z, u, v, vx, vy = observations[0]
+        assert (u, v) == tuple(fields["keypoints"][i].tolist())
+        np.testing.assert_allclose([x, y], [(u - WIDTH / 2) / FX, (v - HEIGHT / 2) / FX], atol=1e-5)
+        if fields["previous_index"][i] < 0:
+            assert vx == vy == 0.0
+        right = fields["keypoints_right"][i] if len(fields["keypoints_right"]) else None
+        if right is not None and np.isfinite(right).all():
+            assert tuple(observations[1][3:5]) == tuple(right.tolist())
+        else:
+            assert 1 not in observations
+
+
 def test_mono_eloftr_outputs_per_frame_tracks_link_bad_input_counted(
         tiny_superpoint_dir, tiny_eloftr_dir, tmp_path):
     log = tmp_path / "node.log"
     models = {"superpoint": tiny_superpoint_dir, "eloftr": tiny_eloftr_dir}
-    with frontend("/fe_mono", log, models) as (driver, process):
+    with frontend("/fe_mono", log, models, vins_layout="mono") as (driver, process):
         tracks = [driver.feed(shifted(i), 100.0 + 0.1 * i) for i in range(4)]
         assert all(t is not None for t in tracks), log.read_text()
         linked = 0
@@ -159,6 +188,8 @@ def test_mono_eloftr_outputs_per_frame_tracks_link_bad_input_counted(
                 assert len(matches_from_msg(matches)["index0"]) == 0  # dense: no indices
                 linked += check_tracks_follow(tracks[i - 1], t)
         assert (tracks_from_msg(tracks[0])["previous_index"] == -1).all()
+        for t in tracks:  # the feature cloud as VINS-Mono's estimator_node reads it
+            check_vins_cloud(driver.of("frontend_node/feature", t.header.stamp), t, "mono")
         assert linked > 0, "8 px shifts: random-init EfficientLoFTR matches link some tracks"
         # Bad input: counted as rejected, the node lives on and the stream continues.
         driver.image_pubs["mono"].publish(Image(height=8, width=8, encoding="bgr8", step=20,
@@ -213,7 +244,7 @@ def test_mono_lightglue_links_tracks_by_keypoint_index(tiny_superpoint_dir, tmp_
 def test_stereo_disparity_depth_and_unpaired_frames(tiny_superpoint_dir, tiny_eloftr_dir, tmp_path):
     log = tmp_path / "node.log"
     models = {"superpoint": tiny_superpoint_dir, "eloftr": tiny_eloftr_dir}
-    with frontend("/fe_st", log, models, stereo=True) as (driver, process):
+    with frontend("/fe_st", log, models, stereo=True, vins_layout="fusion") as (driver, process):
         results = []
         for i in range(2):
             left = synthetic_frame(HEIGHT, WIDTH, seed=3, shift=(8 * i, 0))
@@ -236,6 +267,7 @@ def test_stereo_disparity_depth_and_unpaired_frames(tiny_superpoint_dir, tiny_el
             assert fields["keypoints_right"].shape == (len(t.x), 2) and len(fields["depth"]) == len(t.x)
             known = np.isfinite(fields["depth"])
             assert np.isnan(fields["keypoints_right"][~known]).all()
+            check_vins_cloud(driver.of("frontend_node/feature", t.header.stamp), t, "fusion")
         assert driver.of("matches", results[1].header.stamp).stamp0 == results[0].header.stamp
         # A left frame whose right one never comes: counted as unpaired on /diagnostics.
         driver.image_pubs["left"].publish(frame_msg(synthetic_frame(HEIGHT, WIDTH, seed=3), to_time(100.25), "left"))

@@ -7,11 +7,15 @@ Stereo (``stereo: true``): ``left/image_rect``, ``right/image_rect`` (or ``.../c
 Publishes what superpoint_node, eloftr_node / lightglue_node and track_node publish, on the
 same relative names: ``keypoints``, ``matches``, ``tracks``; stereo adds ``right/keypoints``,
 ``stereo_matches`` (kp_ros/StereoMatches: disparity, depth) and each track's right position
-and depth in Tracks. ``~/debug_image``: track trails over the (left) frame. One worker,
+and depth in Tracks. ``vins_layout`` fusion | mono: ``~/feature`` too, the sensor_msgs/PointCloud
+VINS-Fusion / VINS-Mono read (kp_ros/core/vins.py), from the frame's camera_info (stereo:
+the rectified P, as image_rect is; fusion adds each track's right point as camera 1).
+``~/debug_image``: track trails over the (left) frame. One worker,
 keep-latest, every frame processed or counted (dropped / rejected / lost), /diagnostics.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
@@ -22,6 +26,7 @@ from kp_ros.core.geometry import CalibrationGate, camera_from_info, camera_info_
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stereo import StereoParams, rig_from_infos
 from kp_ros.core.tracks import TrackBook, TrackParams
+from kp_ros.core.vins import VinsFeatures
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, StereoMatches, Tracks
 from kp_ros.ros.conversions import (keypoints_to_msg, matches_to_msg, stereo_matches_to_msg,
@@ -31,6 +36,7 @@ from kp_ros.ros.frame_worker import FrameRejected
 from kp_ros.ros.node_base import StartupError, run_node
 from kp_ros.ros.qos import output_qos
 from kp_ros.ros.stereo_input import StereoInput
+from kp_ros.ros.vins_cloud import cloud_to_msg
 
 TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
 STEREO_PARAMS = {"stereo_max_row_error": "max_row_error", "min_disparity": "min_disparity",
@@ -67,10 +73,18 @@ class FrontendNode(FeatureNode):
         self._history: deque = deque(maxlen=values["trail_length"])  # for the trails overlay
         # Calibration for 'essential', from the (left) camera_info beside each frame.
         self.calibration = CalibrationGate()
-        self._camera_key = None
+        self._cameras: dict[str, tuple] = {}  # side -> (camera_info key, CameraModel or None)
         self._rig_key, self._rig = None, None
         self.counts = {"tracks published": 0, "linked tracks": 0, "new tracks": 0,
                        "linked frames": 0}
+        self._vins, layout = None, values["vins_layout"]
+        if layout != "none":
+            from sensor_msgs.msg import PointCloud
+            # VINS-Mono's NUM_OF_CAM is 1: its layout has no place for a right observation.
+            self._vins = VinsFeatures(layout, num_cameras=2 if layout == "fusion" and self.stereo else 1)
+            self._vins_pub = self.create_publisher(PointCloud, "~/feature", qos)
+            self.counts.update({"vins published": 0, "vins not published": 0})
+            self._vins_warned = 0.0
 
     # --- models ---------------------------------------------------------------------
     def build_cores(self) -> dict:
@@ -144,22 +158,30 @@ class FrontendNode(FeatureNode):
     def on_arrival(self, bundle):
         return self.frontend.arrive(bundle.stamp_ns)
 
+    def _camera_of(self, side: str, info):
+        """The CameraModel of a frame's camera_info (stereo: the rectified P without
+        distortion, as image_rect is), judged once per calibration; None when unusable."""
+        if info is None:
+            return self._cameras.get(side, (None, None))[1]
+        k, d, model = info.k, info.d, info.distortion_model
+        p = np.asarray(info.p, np.float64).reshape(-1)
+        if self.stereo and p.size == 12 and p[0] > 0:
+            k, d, model = p.reshape(3, 4)[:, :3].reshape(-1), (), "plumb_bob"
+        key = camera_info_key(k, d, model, info.width, info.height)
+        cached = self._cameras.get(side)
+        if cached is None or cached[0] != key:
+            try:
+                camera = camera_from_info(k, d, model, info.width, info.height)
+            except ValueError as exc:
+                camera = None
+                self.get_logger().error(f"{side} camera_info ignored: {exc}")
+            cached = self._cameras[side] = (key, camera)
+        return cached[1]
+
     def _calibrate(self, info, width: int, height: int) -> None:
-        """The camera for 'essential' from the frame's camera_info (stereo: the rectified
-        left P, undistorted, as image_rect is), checked against the frame's size."""
-        if info is not None:
-            k, d, model = info.k, info.d, info.distortion_model
-            p = np.asarray(info.p, np.float64).reshape(-1)
-            if self.stereo and p.size == 12 and p[0] > 0:
-                k, d, model = p.reshape(3, 4)[:, :3].reshape(-1), (), "plumb_bob"
-            key = camera_info_key(k, d, model, info.width, info.height)
-            if key != self._camera_key:
-                self._camera_key = key
-                try:
-                    self.calibration.camera = camera_from_info(k, d, model, info.width, info.height)
-                except ValueError as exc:
-                    self.calibration.camera = None
-                    self.get_logger().error(f"camera_info ignored: {exc}")
+        """The camera for 'essential' from the frame's (left) camera_info, used only for
+        frames of its size."""
+        self.calibration.camera = self._camera_of("left", info)
         self.matcher.camera, refused = self.calibration.for_image(width, height)
         if refused and self.matcher.params.geometric_verification == "essential":
             self.get_logger().warning(refused)
@@ -223,14 +245,43 @@ class FrontendNode(FeatureNode):
         self.counts["linked tracks"] += linked
         self.counts["new tracks"] += len(tracks.ids) - linked
         self.counts["linked frames"] += int(linked > 0)
+        if self._vins is not None:
+            self._publish_vins(bundle, result, header, width, height)
         self._history.append(tracks)
         if self.debug_wanted():
             trails = track_trails(self._history, tracks, self._history.maxlen or 1)
             self.publish_debug(draw_tracks(image, trails, tracks.ids), header)
 
+    def _publish_vins(self, bundle, result, header, width: int, height: int) -> None:
+        """``~/feature`` for this frame's tracks, or a counted (and throttled) reason not."""
+        cameras = [self._camera_of(side, info) for side, info in zip(("left", "right"), bundle.infos)]
+        left = cameras[0]
+        if left is None or (left.width, left.height) not in ((0, 0), (width, height)):
+            return self._vins_skipped(
+                "no usable camera_info for the frame yet" if left is None else
+                f"camera_info is for {left.width}x{left.height} images, the frame is "
+                f"{width}x{height}")
+        right = right_xy = None
+        if self._vins.num_cameras == 2:
+            right = cameras[1]
+            right_xy = result.keypoints_right if right is not None else None
+        tracks = result.tracks
+        cloud = self._vins.frame(result.stamp_ns, tracks.ids, tracks.keypoints, left, right_xy, right)
+        self._vins_pub.publish(cloud_to_msg(header, cloud))
+        self.counts["vins published"] += 1
+
+    def _vins_skipped(self, why: str) -> None:
+        self.counts["vins not published"] += 1
+        now = time.monotonic()
+        if now - self._vins_warned >= 1.0:
+            self._vins_warned = now
+            self.get_logger().warning(f"{why}: no {self._vins_pub.topic_name} cloud (so far: "
+                                      f"{self.counts['vins not published']})")
+
     # --- diagnostics ----------------------------------------------------------------
     def extra_diagnostics(self) -> dict:
-        return {"stream resets": self.frontend.pipeline.resets, **self.counts,
+        vins = {f"vins {k}": v for k, v in self._vins.counters.items()} if self._vins else {}
+        return {"stream resets": self.frontend.pipeline.resets, **self.counts, **vins,
                 "matcher model": self.matcher.model_id}
 
     def shutdown(self) -> None:
