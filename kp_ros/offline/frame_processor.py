@@ -1,6 +1,7 @@
 """process_bag's frame step: one serialized image in, its output messages out (through
-kp_ros/core/pipeline.py, as in the nodes); and the camera calibration the matcher's
-essential-matrix verification takes from the bag's CameraInfo."""
+kp_ros/core/pipeline.py, as in the nodes; with tracks through kp_ros/core/frontend.py, as
+frontend_node runs it); and the camera calibration the matcher's essential-matrix
+verification takes from the bag's CameraInfo."""
 from __future__ import annotations
 
 from kp_ros.core.geometry import CalibrationGate
@@ -28,13 +29,9 @@ class FrameProcessor:
                  detector_name: str | None = None, matcher_name: str | None = None,
                  tracks=None):
         self.typestore, self.topics = typestore, topics
-        self.book = None  # tracks: a TrackBook when ``tracks`` (TrackParams) is given
-        if tracks is not None:
-            from kp_ros.core.tracks import TrackBook
-            if detector is None or matcher is None:
-                raise ValueError("tracks need both the detector and the matcher")
-            self.book = TrackBook(tracks)
-        self._frame_keypoints = self._frame_matches = self._frame_features = None
+        if tracks is not None and (detector is None or matcher is None):
+            raise ValueError("tracks need both the detector and the matcher")
+        self._frame_features = None
         # A sparse matcher (LightGlue) matches the detector's output of the same frame.
         self.sparse = bool(getattr(matcher, "sparse", False))
         if self.sparse and detector is None:
@@ -44,6 +41,7 @@ class FrameProcessor:
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
         # Continuity, pairing, resets and overlays: kp_ros/core/pipeline.py, as in the nodes.
         self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap)
+        self._use_frontend(tracks)
         # The bag's calibration (use_camera_info), used only for frames of its size.
         self.calibration = CalibrationGate()
         self.calibration.camera = getattr(matcher, "camera", None)
@@ -65,6 +63,12 @@ class FrameProcessor:
         except ValueError as err:
             summary.note(summary.rejected, f"undecodable image: {err}")
             return None
+        if self.frontend is not None:
+            stepped = self._frontend_step(msg, msgtype, image, summary)
+            if stepped is None:
+                return None
+            outputs, result = stepped
+            return outputs + [self._tracks_output(msg, image, result)]
         try:
             outputs = self._detect(msg, image) if self.detector is not None else []
         except ValueError as err:
@@ -76,20 +80,45 @@ class FrameProcessor:
             except ValueError as err:  # the pipeline restarted the stream
                 summary.note(summary.rejected, f"matcher: {err}")
                 return None
-        if self.book is not None:
-            outputs += self._track(msg, image)
         return outputs
 
-    def _track(self, msg, image) -> list:
-        tracks = self.book.add(stamp_to_ns(msg.header.stamp), self._frame_keypoints, self._frame_matches)
+    def _use_frontend(self, tracks) -> None:
+        """With tracks (``tracks``: TrackParams) every frame goes through the front-end step
+        (kp_ros/core/frontend.py), on this processor's pipeline."""
+        from kp_ros.core.frontend import FrontEnd
+        from kp_ros.core.tracks import TrackBook
+        self.frontend = None
+        if tracks is not None:
+            self.frontend = FrontEnd(self.pipeline, TrackBook(tracks))
+        self.book = None if self.frontend is None else self.frontend.book
+
+    def _frontend_step(self, msg, msgtype: str, image, summary: Summary, right=None, rig=None):
+        """(Keypoints and Matches outputs, the FrontendResult) of one frame (stereo: its left
+        image, with ``right`` and the ``rig``) through the front-end, or None (rejected)."""
+        self._calibrate(image, summary)
+        try:
+            result = self.frontend.step(image, stamp_to_ns(msg.header.stamp),
+                                        image_encoding(msg, msgtype), token=msg.header,
+                                        overlay=self.debug_images, right=right, rig=rig)
+        except ValueError as err:  # a restarted stream, when the matcher's
+            summary.note(summary.rejected, f"detector or matcher: {err}")
+            return None
+        return (self._keypoints_outputs(msg, image, result.detection)
+                + self._match_outputs(msg, image, result.match, summary)), result
+
+    def _tracks_output(self, msg, image, result) -> tuple:
         height, width = image.shape[:2]
-        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))]
+        return (self.topics["tracks"], TRACKS_TYPE, tracks_msg(
+            self.typestore, msg.header, height, width, result.tracks, result.keypoints_right,
+            result.depth))
 
     def _detect(self, msg, image) -> list:
         found = self.pipeline.detect(image, overlay=self.debug_images)
-        self._frame_keypoints = found.keypoints
         self._frame_features = {"keypoints": found.keypoints, "scores": found.scores,
                                 "descriptors": found.descriptors}
+        return self._keypoints_outputs(msg, image, found)
+
+    def _keypoints_outputs(self, msg, image, found) -> list:
         height, width = image.shape[:2]
         out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
             self.typestore, msg.header, height, width, self.detector_name,
@@ -99,32 +128,32 @@ class FrameProcessor:
                         image_msg(self.typestore, found.overlay, "rgb8", msg.header)))
         return out
 
-    def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
+    def _calibrate(self, image, summary: Summary) -> None:
         height, width = image.shape[:2]
         self.matcher.camera, refused = self.calibration.for_image(width, height)
         if refused and self.matcher.params.geometric_verification == "essential":
             summary.events.append(("calibration refused", refused))
+
+    def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
+        self._calibrate(image, summary)
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if self.sparse:
-            step = self.pipeline.match_keypoints(self._frame_features, (height, width), stamp_ns,
+            step = self.pipeline.match_keypoints(self._frame_features, image.shape[:2], stamp_ns,
                                                  token=msg.header,
                                                  image=image if self.debug_images else None)
         else:
             step = self.pipeline.match(image, stamp_ns, image_encoding(msg, msgtype),
                                        token=msg.header, overlay=self.debug_images)
+        return self._match_outputs(msg, image, step, summary)
+
+    def _match_outputs(self, msg, image, step, summary: Summary) -> list:
         if step.reset:
             summary.note(summary.resets, step.reset)
-        self._frame_matches = None
         if step.matches is None:
             return []
+        height, width = image.shape[:2]
         found, header0 = step.matches, step.previous
         inliers = found["inliers"] if len(found["inliers"]) else None
-        if self.book is not None:
-            from kp_ros.core.tracks import MatchSet
-            self._frame_matches = MatchSet(
-                stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), found["keypoints0"],
-                found["keypoints1"], found["scores"], inliers, found.get("index0"),
-                found.get("index1"))
         out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
             self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
             self.matcher_name, found["keypoints0"], found["keypoints1"], found["scores"], inliers,
