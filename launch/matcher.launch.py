@@ -1,8 +1,14 @@
 """ros2 launch kp_ros matcher.launch.py image_topic:=/camera/image_raw
 
-Starts superpoint_node and a matcher (eloftr_node, or lightglue_node with matcher:=lightglue)
-on one camera topic, configured by
-config/matcher.yaml. Two cameras: two launches with different ``namespace``.
+Starts frontend_node (default ``frontend:=true``): detection, matching (eloftr, or lightglue
+with matcher:=lightglue) and tracks of each frame in one process, so tracks link whatever
+the load. ``stereo:=true`` (implies the front-end) takes a rectified pair on
+``left_image_topic`` / ``right_image_topic`` and their camera_info siblings.
+``vins:=true`` (= fusion) or ``vins:=mono`` also publishes the feature cloud VINS-Fusion /
+VINS-Mono subscribe to, on ``vins_topic``. ``frontend:=false`` runs the separate nodes
+instead (superpoint_node, a matcher node, track_node; ``detector`` / ``matcher`` /
+``tracker`` pick them). Configured by config/matcher.yaml. Two cameras: two launches with
+different ``namespace``.
 
 With the defaults the nodes talk to any ROS 2 process on the default DDS transports
 (a camera driver, ``ros2 bag play``, ``ros2 topic``), and their image subscription
@@ -26,6 +32,8 @@ from kp_ros.core import models
 from kp_ros.core.topics import camera_info_topic
 
 TRUE = ("true", "1", "yes", "on")
+FALSE = ("false", "0", "no", "off", "none", "")
+VINS_TOPIC = "/feature_tracker/feature"  # VINS-Fusion's and VINS-Mono's feature subscription
 
 
 class NodeFailed(RuntimeError):
@@ -57,6 +65,27 @@ def generate_launch_description():
                                           "superpoint_node's keypoints) | false (no matcher)."),
         DeclareLaunchArgument("tracker", default_value="true",
                               description="Run track_node (kp_ros/Tracks from keypoints + matches)."),
+        DeclareLaunchArgument("frontend", default_value="true",
+                              description="true: one frontend_node (detection, matches and tracks "
+                                          "of each frame in one process: tracks link under "
+                                          "load); false: the separate nodes (detector, matcher, "
+                                          "tracker arguments)."),
+        DeclareLaunchArgument("stereo", default_value="false",
+                              description="A rectified stereo pair (left_image_topic, "
+                                          "right_image_topic and their camera_info): left-right "
+                                          "matches, disparity, depth per track. Implies "
+                                          "frontend:=true."),
+        DeclareLaunchArgument("left_image_topic", default_value="/camera/left/image_rect",
+                              description="Stereo: the left rectified image (camera_info beside it)."),
+        DeclareLaunchArgument("right_image_topic", default_value="/camera/right/image_rect",
+                              description="Stereo: the right rectified image (camera_info beside it)."),
+        DeclareLaunchArgument("vins", default_value="false",
+                              description="false | true (= fusion) | fusion | mono: publish the "
+                                          "sensor_msgs/PointCloud feature cloud VINS-Fusion / "
+                                          "VINS-Mono read (vins_layout), on vins_topic."),
+        DeclareLaunchArgument("vins_topic", default_value=VINS_TOPIC,
+                              description="Where the feature cloud goes (VINS-Fusion and VINS-Mono "
+                                          "subscribe to /feature_tracker/feature)."),
         DeclareLaunchArgument("respawn", default_value="false",
                               description="Restart a node that exits (after respawn_delay s) "
                                           "instead of shutting the launch down."),
@@ -89,13 +118,10 @@ def feature_nodes(context):
     def arg(name):
         return LaunchConfiguration(name).perform(context)
 
-    image_topic = arg("image_topic")
     respawn = arg("respawn").lower() in TRUE
-    debug_image = arg("debug_images").lower() in TRUE
     use_sim_time = arg("use_sim_time").lower() in TRUE
     actions = []
-
-    def add(executable, overrides, remappings):
+    for executable, overrides, remappings in plan(arg):
         node = Node(package="kp_ros", executable=executable, name=executable,
                     namespace=arg("namespace"),
                     parameters=[arg("params_file"), overrides, {"use_sim_time": use_sim_time}],
@@ -110,28 +136,74 @@ def feature_nodes(context):
         actions.append(node)
         if not respawn:
             actions.append(RegisterEventHandler(OnProcessExit(target_action=node, on_exit=on_node_exit)))
+    return actions
 
+
+def plan(arg) -> list[tuple[str, dict, list]]:
+    """(executable, parameter overrides, remappings) of each node, from ``arg(name)`` (a
+    launch argument's value); ValueError for a combination that cannot run."""
+    image_topic = arg("image_topic")
+    debug_image = arg("debug_images").lower() in TRUE
+    nodes = []
     # camera_info is the image topic's sibling (image_pipeline's convention), for eloftr_node's
     # geometric_verification: essential.
-    images = [("image", image_topic), ("image/compressed", image_topic + "/compressed"),
-              ("camera_info", camera_info_topic(image_topic))]
+    images = image_remappings("image", image_topic)
     common = {"device": arg("device"), "use_compressed": arg("use_compressed").lower() in TRUE,
               "debug_image": debug_image}
+    stereo = arg("stereo").lower() in TRUE
+    vins = vins_layout(arg("vins"))
+    vins_remap = [("~/feature", arg("vins_topic"))] if vins != "none" else []
+    vins_param = {"vins_layout": vins} if vins != "none" else {}
+    if stereo or arg("frontend").lower() in TRUE:
+        entry = matcher_entry(arg("matcher"))
+        if entry is None:
+            raise ValueError("the front-end needs a matcher: matcher:=eloftr or lightglue "
+                             "(frontend:=false runs the separate nodes without one)")
+        if stereo:
+            remappings = image_remappings("left/image_rect", arg("left_image_topic"), "left/") \
+                + image_remappings("right/image_rect", arg("right_image_topic"), "right/")
+        else:
+            remappings = images
+        models_given = {f"{e.name}_model": v for e in models.MODELS.values()
+                        for v in [arg(f"{e.name}_model")] if v}
+        return [("frontend_node", dict(common, matcher=entry.name, stereo=stereo, **models_given,
+                                       **vins_param), remappings + vins_remap)]
     if arg("detector").lower() in TRUE:
         for entry in models.of_kind("detector"):
-            add(entry.node, dict(common, **model_override(arg, entry)), images)
+            nodes.append((entry.node, dict(common, **model_override(arg, entry)), images))
     entry = matcher_entry(arg("matcher"))
     if entry is not None and entry.consumes == "keypoints":
         # Reads keypoints (same namespace); the image only for its overlay.
-        add(entry.node, {"device": arg("device"), "debug_image": debug_image,
-                         **model_override(arg, entry)}, images[:1] + images[2:])
+        nodes.append((entry.node, {"device": arg("device"), "debug_image": debug_image,
+                                   **model_override(arg, entry)}, images[:1] + images[2:]))
     elif entry is not None:
-        add(entry.node, dict(common, **model_override(arg, entry)), images)
+        nodes.append((entry.node, dict(common, **model_override(arg, entry)), images))
     if arg("tracker").lower() in TRUE:
         # Not a model node: only the params file and the debug switch apply; the image is
-        # remapped too, for its debug overlay.
-        add("track_node", {"debug_image": debug_image}, [("image", image_topic)])
-    return actions
+        # remapped too, for its debug overlay, and camera_info for the feature cloud.
+        nodes.append(("track_node", {"debug_image": debug_image, **vins_param},
+                      [("image", image_topic)] + ([images[2]] if vins_param else []) + vins_remap))
+    elif vins_param:
+        raise ValueError("vins:= needs the tracks: tracker:=true (or frontend:=true)")
+    return nodes
+
+
+def image_remappings(name: str, topic: str, prefix: str = "") -> list[tuple[str, str]]:
+    """A node's relative image name (and its compressed and camera_info siblings) to ``topic``."""
+    return [(name, topic), (f"{name}/compressed", topic + "/compressed"),
+            (f"{prefix}camera_info", camera_info_topic(topic))]
+
+
+def vins_layout(choice: str) -> str:
+    """The vins argument -> vins_layout: none, fusion (true) or mono; ValueError otherwise."""
+    choice = choice.strip().lower()
+    if choice in FALSE:
+        return "none"
+    if choice in TRUE:
+        return "fusion"
+    if choice not in ("fusion", "mono"):
+        raise ValueError(f"vins:={choice}: use false, true (= fusion), fusion or mono")
+    return choice
 
 
 def model_override(arg, entry) -> dict:
@@ -145,7 +217,7 @@ def matcher_entry(choice: str):
     choice = choice.strip().lower()
     if choice in TRUE:
         choice = "eloftr"
-    if choice in ("false", "0", "no", "off", "none", ""):
+    if choice in FALSE:
         return None
     names = [entry.name for entry in models.of_kind("matcher")]
     if choice not in names:

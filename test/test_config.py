@@ -20,7 +20,7 @@ def declared(node_class) -> dict:
 def test_every_yaml_key_is_declared_and_every_declared_parameter_is_in_the_yaml():
     config = yaml.safe_load(PARAMS_FILE.read_text())
     assert set(config) == {"/**/superpoint_node", "/**/eloftr_node", "/**/lightglue_node",
-                           "/**/track_node"}
+                           "/**/track_node", "/**/frontend_node"}
     for key, node_class in (("/**/superpoint_node", SuperPointNode), ("/**/eloftr_node", EfficientLoFTRNode)):
         in_file = config[key]["ros__parameters"]
         assert set(in_file) == set(declared(node_class)), key
@@ -129,3 +129,25 @@ def test_a_spec_rejects_what_the_node_rejects():
         params.spec("eloftr_node", "resize").checked("huge")
     with pytest.raises(KeyError, match="track_node has no parameter 'model'"):
         params.spec("track_node", "model")
+
+
+def test_frontend_parameters_are_the_other_nodes_specs():
+    """frontend_node declares the detector's, the matchers', the tracker's, the common and
+    the stereo parameters as they are (model paths renamed <entry>_model), plus the matcher
+    choice: every matcher of the registry."""
+    from dataclasses import replace
+
+    from kp_ros.core import models, params
+
+    others = {p.name: p for node, specs in params.NODES.items() if node != "frontend_node"
+              for p in specs if p.name != "model"} | {p.name: p for p in params.STEREO}
+    frontend = {p.name: p for p in params.NODES["frontend_node"]}
+    for entry in models.MODELS.values():
+        assert frontend.pop(f"{entry.name}_model") == replace(
+            params.spec(entry.node, "model"), name=f"{entry.name}_model")
+    choice = frontend.pop("matcher")
+    assert choice.choices == tuple(e.name for e in models.of_kind("matcher")) and not choice.runtime
+    for name, spec in frontend.items():
+        assert spec == others[name], name
+    assert {"match_timeout", "max_pending", "fp16", "model"}.isdisjoint(frontend)
+    assert set(p.name for p in params.STEREO) <= set(frontend)

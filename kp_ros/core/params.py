@@ -1,4 +1,5 @@
-"""Every parameter of superpoint_node, eloftr_node, lightglue_node and track_node, written once.
+"""Every parameter of superpoint_node, eloftr_node, lightglue_node and track_node, written once
+(frontend_node's are theirs, merged).
 
 ROS-free (no rclpy), like LightGlue's ``default_conf``: name, default, range or choices,
 whether it may change while running, and its description. The nodes declare their ROS
@@ -11,7 +12,7 @@ keeps every keypoint / match unless told otherwise, the nodes publish a bounded 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 _SAME = object()  # core_default not given: the core uses the node's default
@@ -185,6 +186,43 @@ STEREO = (
               "(points nearer than fx * baseline / max_disparity are dropped).", 0.0, 10000.0),
 )
 
+
+def _model_path(entry: str, model: ParamSpec) -> ParamSpec:
+    """A model's ``model`` parameter under the name the front-end gives it (``<entry>_model``:
+    one node, several models)."""
+    return replace(model, name=f"{entry}_model")
+
+
+def _merged(*groups, skip: tuple[str, ...] = ()) -> tuple[ParamSpec, ...]:
+    """The parameters of ``groups`` in order, each name once (the first spec of a name; a
+    name two groups share must be one spec), without ``skip``."""
+    out: dict[str, ParamSpec] = {}
+    for group in groups:
+        for param in group:
+            if param.name in skip:
+                continue
+            if param.name in out and out[param.name] != param:
+                raise AssertionError(f"two different specs named {param.name!r}")
+            out.setdefault(param.name, param)
+    return tuple(out.values())
+
+
+# The models of the one-process front-end, by registry name (kp_ros/core/models.py: the
+# same names; test_frontend_node checks it), and its choice of temporal matcher.
+FRONTEND_MODELS = (("superpoint", SUPERPOINT), ("eloftr", ELOFTR), ("lightglue", LIGHTGLUE))
+FRONTEND_MATCHERS = ("eloftr", "lightglue")
+FRONTEND = _merged(
+    tuple(_model_path(name, next(p for p in specs if p.name == "model"))
+          for name, specs in FRONTEND_MODELS),
+    (ParamSpec("matcher", FRONTEND_MATCHERS[0], "Temporal matcher: eloftr (EfficientLoFTR on "
+               "the images, dense; tracks linked by association) or lightglue (LightGlue on "
+               "the detected keypoints, sparse; tracks linked by keypoint index). Stereo needs "
+               "eloftr (its left-right step).", runtime=False, choices=FRONTEND_MATCHERS),),
+    *(specs for _, specs in FRONTEND_MODELS),
+    # No Keypoints / Matches wait for each other in one process: no timeout, no pending.
+    TRACK, COMMON, STEREO,
+    skip=("model", "fp16", "match_timeout", "max_pending"))
+
 # Node name -> every parameter it declares, in declaration order.
 NODES = {
     "superpoint_node": SUPERPOINT + COMMON,
@@ -193,6 +231,8 @@ NODES = {
     # The sparse matcher reads Keypoints, not images: no resize / use_compressed.
     "lightglue_node": LIGHTGLUE + tuple(_COMMON[name] for name in (
         "device", "precision", "reliable_input", "debug_image", "diagnostics_period")),
+    # Detection, matching and tracks of each frame in one process (kp_ros/core/frontend.py).
+    "frontend_node": FRONTEND,
 }
 
 

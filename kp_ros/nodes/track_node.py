@@ -28,6 +28,7 @@ from sensor_msgs.msg import Image
 from kp_ros.core import params
 from kp_ros.core.image_codec import ImageDecodeError
 from kp_ros.core.stamps import stamp_problem
+from kp_ros.core.frontend import track_trails
 from kp_ros.core.track_sync import TrackSynchronizer
 from kp_ros.core.tracks import FrameTracks, MatchSet, TrackBook, TrackParams
 from kp_ros.core.visualize import draw_tracks
@@ -210,20 +211,7 @@ class TrackNode(NodeBase):
     def trails(self, newest: FrameTracks) -> np.ndarray:
         """(N, L, 2) positions of the newest frame's tracks, newest first, NaN before a
         track began (or beyond the remembered frames)."""
-        by_stamp = {f.stamp_ns: f for f in self._history}
-        length = self._history.maxlen or 1
-        trails = np.full((len(newest.ids), length, 2), np.nan, np.float32)
-        trails[:, 0] = newest.keypoints
-        rows, index, frame = np.arange(len(newest.ids)), newest.previous_index.astype(np.int64), newest
-        for step in range(1, length):
-            older = by_stamp.get(frame.linked_from_ns) if frame.linked_from_ns is not None else None
-            keep = index >= 0
-            if older is None or not keep.any():
-                break
-            rows, index = rows[keep], index[keep]
-            trails[rows, step] = older.keypoints[index]
-            frame, index = older, older.previous_index[index].astype(np.int64)
-        return trails
+        return track_trails(self._history, newest, self._history.maxlen or 1)
 
     def _publish_debug(self, header, tracks: FrameTracks) -> None:
         image_msg = self._images.get(tracks.stamp_ns)

@@ -1,7 +1,8 @@
 """process_bag's frame step: one serialized image in, its output messages out (through
-kp_ros/core/pipeline.py, as in the nodes); the camera calibration the matcher's
-essential-matrix verification and the VINS feature cloud take from the bag's CameraInfo;
-and the set-up every bag run starts with (``open_input``)."""
+kp_ros/core/pipeline.py, as in the nodes; with tracks through kp_ros/core/frontend.py, as
+frontend_node runs it); the camera calibration the matcher's essential-matrix verification
+and the VINS feature cloud take from the bag's CameraInfo; and the set-up every bag run
+starts with (``open_input``)."""
 from __future__ import annotations
 
 import sys
@@ -75,6 +76,8 @@ class FrameProcessor:
                  detector_name: str | None = None, matcher_name: str | None = None,
                  tracks=None, vins: str | None = None, cameras: tuple = (None, None)):
         self.typestore, self.topics = typestore, topics
+        if tracks is not None and (detector is None or matcher is None):
+            raise ValueError("tracks need both the detector and the matcher")
         # --vins: the feature cloud of every Tracks; ``cameras`` (left, right CameraModel).
         self.vins, self.cameras = None, cameras
         if vins is not None:
@@ -83,13 +86,7 @@ class FrameProcessor:
                 raise ValueError("the VINS feature cloud needs tracks")
             # VINS-Mono's NUM_OF_CAM is a constant 1 (as in track_node).
             self.vins = VinsFeatures(vins, num_cameras=2 if vins == "fusion" else 1)
-        self.book = None  # tracks: a TrackBook when ``tracks`` (TrackParams) is given
-        if tracks is not None:
-            from kp_ros.core.tracks import TrackBook
-            if detector is None or matcher is None:
-                raise ValueError("tracks need both the detector and the matcher")
-            self.book = TrackBook(tracks)
-        self._frame_keypoints = self._frame_matches = self._frame_features = None
+        self._frame_features = None
         # A sparse matcher (LightGlue) matches the detector's output of the same frame.
         self.sparse = bool(getattr(matcher, "sparse", False))
         if self.sparse and detector is None:
@@ -99,6 +96,7 @@ class FrameProcessor:
         self.matcher_name = matcher_name or (matcher.model_id if matcher else "")
         # Continuity, pairing, resets and overlays: kp_ros/core/pipeline.py, as in the nodes.
         self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap)
+        self._use_frontend(tracks)
         # The bag's calibration (use_camera_info), used only for frames of its size.
         self.calibration = CalibrationGate()
         self.calibration.camera = getattr(matcher, "camera", None)
@@ -120,6 +118,12 @@ class FrameProcessor:
         except ValueError as err:
             summary.note(summary.rejected, f"undecodable image: {err}")
             return None
+        if self.frontend is not None:
+            stepped = self._frontend_step(msg, msgtype, image, summary)
+            if stepped is None:
+                return None
+            outputs, result = stepped
+            return outputs + self._tracks_outputs(msg, image, result, summary)
         try:
             outputs = self._detect(msg, image) if self.detector is not None else []
         except ValueError as err:
@@ -131,15 +135,39 @@ class FrameProcessor:
             except ValueError as err:  # the pipeline restarted the stream
                 summary.note(summary.rejected, f"matcher: {err}")
                 return None
-        if self.book is not None:
-            outputs += self._track(msg, image, summary)
         return outputs
 
-    def _track(self, msg, image, summary: Summary) -> list:
-        tracks = self.book.add(stamp_to_ns(msg.header.stamp), self._frame_keypoints, self._frame_matches)
+    def _use_frontend(self, tracks) -> None:
+        """With tracks (``tracks``: TrackParams) every frame goes through the front-end step
+        (kp_ros/core/frontend.py), on this processor's pipeline."""
+        from kp_ros.core.frontend import FrontEnd
+        from kp_ros.core.tracks import TrackBook
+        self.frontend = None
+        if tracks is not None:
+            self.frontend = FrontEnd(self.pipeline, TrackBook(tracks))
+        self.book = None if self.frontend is None else self.frontend.book
+
+    def _frontend_step(self, msg, msgtype: str, image, summary: Summary, right=None, rig=None):
+        """(Keypoints and Matches outputs, the FrontendResult) of one frame (stereo: its left
+        image, with ``right`` and the ``rig``) through the front-end, or None (rejected)."""
+        self._calibrate(image, summary)
+        try:
+            result = self.frontend.step(image, stamp_to_ns(msg.header.stamp),
+                                        image_encoding(msg, msgtype), token=msg.header,
+                                        overlay=self.debug_images, right=right, rig=rig)
+        except ValueError as err:  # a restarted stream, when the matcher's
+            summary.note(summary.rejected, f"detector or matcher: {err}")
+            return None
+        return (self._keypoints_outputs(msg, image, result.detection)
+                + self._match_outputs(msg, image, result.match, summary)), result
+
+    def _tracks_outputs(self, msg, image, result, summary: Summary) -> list:
+        """The frame's Tracks and, with --vins, its feature cloud."""
         height, width = image.shape[:2]
-        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(self.typestore, msg.header, height, width, tracks))] \
-            + self._vins_cloud(msg.header, tracks, (width, height), summary)
+        return [(self.topics["tracks"], TRACKS_TYPE, tracks_msg(
+            self.typestore, msg.header, height, width, result.tracks, result.keypoints_right,
+            result.depth))] + self._vins_cloud(msg.header, result.tracks, (width, height), summary,
+                                               result.keypoints_right)
 
     def _vins_cloud(self, header, tracks, size: tuple, summary: Summary, keypoints_right=None) -> list:
         """[(feature topic, PointCloud type, message)] for one Tracks frame, or [] without
@@ -160,9 +188,11 @@ class FrameProcessor:
 
     def _detect(self, msg, image) -> list:
         found = self.pipeline.detect(image, overlay=self.debug_images)
-        self._frame_keypoints = found.keypoints
         self._frame_features = {"keypoints": found.keypoints, "scores": found.scores,
                                 "descriptors": found.descriptors}
+        return self._keypoints_outputs(msg, image, found)
+
+    def _keypoints_outputs(self, msg, image, found) -> list:
         height, width = image.shape[:2]
         out = [(self.topics["keypoints"], KEYPOINTS_TYPE, keypoints_msg(
             self.typestore, msg.header, height, width, self.detector_name,
@@ -172,32 +202,32 @@ class FrameProcessor:
                         image_msg(self.typestore, found.overlay, "rgb8", msg.header)))
         return out
 
-    def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
+    def _calibrate(self, image, summary: Summary) -> None:
         height, width = image.shape[:2]
         self.matcher.camera, refused = self.calibration.for_image(width, height)
         if refused and self.matcher.params.geometric_verification == "essential":
             summary.events.append(("calibration refused", refused))
+
+    def _match(self, msg, msgtype: str, image, summary: Summary) -> list:
+        self._calibrate(image, summary)
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if self.sparse:
-            step = self.pipeline.match_keypoints(self._frame_features, (height, width), stamp_ns,
+            step = self.pipeline.match_keypoints(self._frame_features, image.shape[:2], stamp_ns,
                                                  token=msg.header,
                                                  image=image if self.debug_images else None)
         else:
             step = self.pipeline.match(image, stamp_ns, image_encoding(msg, msgtype),
                                        token=msg.header, overlay=self.debug_images)
+        return self._match_outputs(msg, image, step, summary)
+
+    def _match_outputs(self, msg, image, step, summary: Summary) -> list:
         if step.reset:
             summary.note(summary.resets, step.reset)
-        self._frame_matches = None
         if step.matches is None:
             return []
+        height, width = image.shape[:2]
         found, header0 = step.matches, step.previous
         inliers = found["inliers"] if len(found["inliers"]) else None
-        if self.book is not None:
-            from kp_ros.core.tracks import MatchSet
-            self._frame_matches = MatchSet(
-                stamp_to_ns(msg.header.stamp), stamp_to_ns(header0.stamp), found["keypoints0"],
-                found["keypoints1"], found["scores"], inliers, found.get("index0"),
-                found.get("index1"))
         out = [(self.topics["matches"], MATCHES_TYPE, matches_msg(
             self.typestore, msg.header, header0.stamp, header0.frame_id, height, width,
             self.matcher_name, found["keypoints0"], found["keypoints1"], found["scores"], inliers,

@@ -12,7 +12,7 @@ import numpy as np
 
 from kp_ros.bags.messages import (KEYPOINTS_TYPE, MATCHES_TYPE, POINT_CLOUD_TYPE,
                                   STEREO_MATCHES_TYPE, TRACKS_TYPE, IMAGE_TYPES, keypoints_msg,
-                                  stamp_to_ns, stereo_matches_msg, tracks_msg)
+                                  stereo_matches_msg)
 from kp_ros.bags.reader import (BagError, decode_image_msg, describe_image_topics,
                                 image_connections, iter_frames)
 from kp_ros.bags.writer import AtomicBagWriter
@@ -20,6 +20,7 @@ from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stereo import StereoParams, StereoRig, rig_from_infos
 from kp_ros.core.stereo_matching import StereoMatcher
 from kp_ros.core.stereo_sync import StereoSync
+from kp_ros.core.tracks import TrackParams
 from kp_ros.offline.frame_processor import (CAMERA_INFO_TYPE, FrameProcessor, camera_info_topic,
                                             first_camera_info, open_input, read_camera)
 from kp_ros.offline.options import MAX_FRAME_GAP, default_prefix
@@ -86,6 +87,10 @@ class StereoFrameProcessor(FrameProcessor):
                          vins=vins, cameras=cameras)
         self.pipeline = FeaturePipeline(detector, matcher, max_frame_gap,
                                         stereo=StereoMatcher(matcher, stereo_params))
+        # Every pair through the front-end step (kp_ros/core/frontend.py), as frontend_node
+        # runs it; its tracks are written with --tracks only.
+        self.write_tracks = tracks is not None
+        self._use_frontend(tracks if tracks is not None else TrackParams())
         self.rig, self.log = rig, log
 
     def process_pair(self, left_data, right_data, msgtypes, summary: Summary) -> list | None:
@@ -99,35 +104,22 @@ class StereoFrameProcessor(FrameProcessor):
                              f"undecodable stereo image ({type(err).__name__}: {err})")
                 return None
         (left_msg, left), (right_msg, right) = decoded
-        try:
-            found_left, found_right = self.pipeline.detect_stereo(left, right)
-        except ValueError as err:
-            summary.note(summary.rejected, f"detector: {err}")
+        stepped = self._frontend_step(left_msg, msgtypes[0], left, summary, right, self.rig)
+        if stepped is None:
             return None
-        self._frame_keypoints = found_left.keypoints
-        out = [self._keypoints("keypoints", left_msg, left, found_left),
-               self._keypoints("right_keypoints", right_msg, right, found_right)]
-        try:
-            out += self._match(left_msg, msgtypes[0], left, summary)
-            step = self.pipeline.match_stereo(left, right, self.rig, found_left.keypoints,
-                                              found_right.keypoints)
-        except ValueError as err:
-            summary.note(summary.rejected, f"matcher: {err}")
-            return None
+        outputs, result = stepped
+        step = result.stereo
         if step.warning:
             self.log(f"stereo: {step.warning}")
         height, width = left.shape[:2]
+        # Keypoints (left, right), Matches, StereoMatches, Tracks: process_bag's order.
+        out = outputs[:1] + [self._keypoints("right_keypoints", right_msg, right,
+                                             result.detection_right)] + outputs[1:]
         out.append((self.topics["stereo_matches"], STEREO_MATCHES_TYPE, stereo_matches_msg(
             self.typestore, left_msg.header, right_msg.header.stamp, right_msg.header.frame_id,
             height, width, self.matcher_name, step.matches, self.rig)))
-        if self.book is not None:
-            tracks = self.book.add(stamp_to_ns(left_msg.header.stamp), self._frame_keypoints,
-                                   self._frame_matches)
-            out.append((self.topics["tracks"], TRACKS_TYPE, tracks_msg(
-                self.typestore, left_msg.header, height, width, tracks, step.keypoints_right,
-                step.depth)))
-            out += self._vins_cloud(left_msg.header, tracks, (width, height), summary,
-                                    step.keypoints_right)
+        if self.write_tracks:
+            out += self._tracks_outputs(left_msg, left, result, summary)
         return out
 
     def _keypoints(self, key: str, msg, image, found) -> tuple:

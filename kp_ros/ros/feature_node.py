@@ -30,24 +30,29 @@ from kp_ros.ros.node_base import NodeBase, StartupError
 
 class FeatureNode(NodeBase):
     """Subclasses set ``MODEL`` (a registry entry) and implement ``process``; they may
-    override ``core_extras``, ``apply_node_params``, ``on_arrival`` and ``make_input``."""
+    override ``core_extras``, ``apply_node_params``, ``on_arrival`` and ``make_input``.
+    A node of several models (frontend_node) sets ``NODE_NAME`` and ``SPECS`` itself and
+    overrides ``build_cores``; ``self.core`` is then the first of them."""
 
     MODEL: ModelEntry
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.NODE_NAME, cls.SPECS = cls.MODEL.node, cls.MODEL.specs  # one name, from the registry
+        if "MODEL" in cls.__dict__:  # one model: one name and its specs, from the registry
+            cls.NODE_NAME, cls.SPECS = cls.MODEL.node, cls.MODEL.specs
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PrecisionWarning)  # logged below, as ROS
-                self.core = self.MODEL.build(self.values, **self.core_extras())
+                self.cores = self.build_cores()
         except ValueError as exc:  # a setting the core refuses (e.g. an unknown device)
             raise StartupError(str(exc)) from None
-        if self.core.precision.warning:
-            self.get_logger().warning(self.core.precision.warning)
+        self.core = next(iter(self.cores.values()))
+        for warning in dict.fromkeys(core.precision.warning for core in self.cores.values()):
+            if warning:
+                self.get_logger().warning(warning)
         # A sticky CUDA error ends the process (exit EXIT_DEVICE_FAILED) so respawn restarts it.
         self.device_failed = rclpy.task.Future()  # run_node spins until it is done
         self.worker = LatestFrameWorker(
@@ -83,6 +88,10 @@ class FeatureNode(NodeBase):
         """Constructor keywords of the core model that are not parameters."""
         return {}
 
+    def build_cores(self) -> dict:
+        """Registry entry -> its core model, built from the parameter values."""
+        return {self.MODEL: self.MODEL.build(self.values, **self.core_extras())}
+
     def apply_node_params(self, changes: dict) -> None:
         """Runtime changes the node applies itself (those the core does not take)."""
 
@@ -112,19 +121,24 @@ class FeatureNode(NodeBase):
         return core.detect if hasattr(core, "detect") else (lambda image: core.match_pair(image, image))
 
     # --- parameters -----------------------------------------------------------------
-    def _core_changes(self, changes: dict) -> dict:
-        return {k: v for k, v in changes.items() if k in self.MODEL.runtime_keywords}
+    @staticmethod
+    def _core_changes(entry: ModelEntry, changes: dict) -> dict:
+        return {k: v for k, v in changes.items() if k in entry.runtime_keywords}
 
     def check_params(self, changes: dict) -> None:
-        core = self._core_changes(changes)
-        if core:  # the core's own checks, on a copy: nothing changes here
-            replace(self.core.params, **core).validated()
+        for entry, core in self.cores.items():
+            mine = self._core_changes(entry, changes)
+            if mine:  # the core's own checks, on a copy: nothing changes here
+                replace(core.params, **mine).validated()
 
     def apply_params(self, changes: dict) -> None:
-        core = self._core_changes(changes)
-        if core:
-            self.core.set_params(**core)
-        self.apply_node_params({k: v for k, v in changes.items() if k not in core})
+        taken = set()
+        for entry, core in self.cores.items():
+            mine = self._core_changes(entry, changes)
+            if mine:
+                core.set_params(**mine)
+                taken.update(mine)
+        self.apply_node_params({k: v for k, v in changes.items() if k not in taken})
 
     # --- frames ---------------------------------------------------------------------
     def on_bundle(self, bundle) -> None:
