@@ -59,6 +59,17 @@ def camera_from_info(k, d, distortion_model: str, width: int = 0, height: int = 
     return CameraModel(K, D, model, int(width), int(height))
 
 
+def camera_of_info(info, rectified: bool = False) -> CameraModel:
+    """CameraModel of a CameraInfo (rclpy or rosbags message). ``rectified``: the camera of
+    its rectified image (image_rect, a stereo pair): the projection P's left 3x3 without
+    distortion, when P is set; else K and D of the raw image. ValueError when unusable."""
+    k, d, model = info.k, info.d, info.distortion_model
+    p = np.asarray(info.p, np.float64).reshape(-1)
+    if rectified and p.size == 12 and p[0] > 0:
+        k, d, model = p.reshape(3, 4)[:, :3].reshape(-1), (), "plumb_bob"
+    return camera_from_info(k, d, model, info.width, info.height)
+
+
 def camera_info_key(k, d, distortion_model: str, width: int, height: int) -> tuple:
     """A CameraInfo's calibration as a hashable key that compares NaN equal to NaN (bytes),
     so a driver repeating one broken calibration with every frame is judged once."""

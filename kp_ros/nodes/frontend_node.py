@@ -22,7 +22,7 @@ import numpy as np
 
 from kp_ros.core import models, params
 from kp_ros.core.frontend import FrontEnd, track_trails
-from kp_ros.core.geometry import CalibrationGate, camera_from_info, camera_info_key
+from kp_ros.core.geometry import CalibrationGate, camera_info_key, camera_of_info
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stereo import StereoParams, rig_from_infos
 from kp_ros.core.tracks import TrackBook, TrackParams
@@ -159,19 +159,16 @@ class FrontendNode(FeatureNode):
         return self.frontend.arrive(bundle.stamp_ns)
 
     def _camera_of(self, side: str, info):
-        """The CameraModel of a frame's camera_info (stereo: the rectified P without
-        distortion, as image_rect is), judged once per calibration; None when unusable."""
+        """The CameraModel of a frame's camera_info (stereo: of the rectified image, as
+        image_rect is), judged once per calibration; None when unusable."""
         if info is None:
             return self._cameras.get(side, (None, None))[1]
-        k, d, model = info.k, info.d, info.distortion_model
-        p = np.asarray(info.p, np.float64).reshape(-1)
-        if self.stereo and p.size == 12 and p[0] > 0:
-            k, d, model = p.reshape(3, 4)[:, :3].reshape(-1), (), "plumb_bob"
-        key = camera_info_key(k, d, model, info.width, info.height)
+        key = (camera_info_key(info.k, info.d, info.distortion_model, info.width, info.height),
+               np.asarray(info.p, np.float64).tobytes())
         cached = self._cameras.get(side)
         if cached is None or cached[0] != key:
             try:
-                camera = camera_from_info(k, d, model, info.width, info.height)
+                camera = camera_of_info(info, rectified=self.stereo)
             except ValueError as exc:
                 camera = None
                 self.get_logger().error(f"{side} camera_info ignored: {exc}")

@@ -48,17 +48,18 @@ def first_camera_info(reader, typestore, image_topic: str):
     return None
 
 
-def read_camera(reader, typestore, image_topic: str, why: str) -> CameraModel:
+def read_camera(reader, typestore, image_topic: str, why: str, rectified: bool = False) -> CameraModel:
     """The calibration of the first CameraInfo beside ``image_topic`` (taken as fixed for
-    the bag); BagError saying ``why`` it is needed when it is missing or unusable."""
-    from kp_ros.core.geometry import camera_from_info
+    the bag; ``rectified``: of its rectified image, see camera_of_info); BagError saying
+    ``why`` it is needed when it is missing or unusable."""
+    from kp_ros.core.geometry import camera_of_info
     info = first_camera_info(reader, typestore, image_topic)
     topic = camera_info_topic(image_topic)
     if info is None:
         raise BagError(f"{why} needs a {CAMERA_INFO_TYPE} on {topic} (beside {image_topic}); "
                        f"the bag has none there")
     try:
-        return camera_from_info(info.k, info.d, info.distortion_model, info.width, info.height)
+        return camera_of_info(info, rectified)
     except ValueError as err:
         raise BagError(f"{why}: {topic}: {err}") from None
 

@@ -171,9 +171,10 @@ def process_stereo_bag(input_path, output_path, detector, matcher, *, left_topic
         cameras = (None, None)
         if vins:
             # VINS-Mono reads one camera: the right points would have no encoding.
-            cameras = (read_camera(reader, typestore, left_topic, f"--vins {vins}"),
-                       read_camera(reader, typestore, right_topic, f"--vins {vins} (right camera)")
-                       if vins == "fusion" else None)
+            # The images are rectified: their cameras are the CameraInfos' P (as in frontend_node).
+            cameras = (read_camera(reader, typestore, left_topic, f"--vins {vins}", rectified=True),
+                       read_camera(reader, typestore, right_topic, f"--vins {vins} (right camera)",
+                                   rectified=True) if vins == "fusion" else None)
         summary = Summary(str(input_path), str(output_path), f"{left_topic} + {right_topic}",
                           left_type, storage)
         processor = StereoFrameProcessor(typestore, topics, detector, matcher, rig,
