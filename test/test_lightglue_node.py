@@ -34,22 +34,23 @@ class KeypointsHarness(NodeHarness):
     """NodeHarness whose input is kp_ros/Keypoints (the node subscribes no image unless
     its overlay is wanted)."""
 
-    def __init__(self, node, executor, namespace):
+    def __init__(self, node, executor, namespace, executable="lightglue_node"):
         super().__init__(node, executor, f"{namespace}/unused_image", Matches, f"{namespace}/matches")
         node.destroy_publisher(self.image_pub)
         self.image_pub = node.create_publisher(Keypoints, f"{namespace}/keypoints", output_qos())
-        self.fqn = f"{namespace}/lightglue_node"
+        self.fqn = f"{namespace}/{executable}"
         self.published, self.last_stamp = 0, 0.0
 
 
 @contextlib.contextmanager
-def lightglue_node(model_dir, log, namespace):
-    """A lightglue_node process in ``namespace`` and the test's harness, discovery done."""
-    process = start_node("lightglue_node", namespace=namespace, log_path=log,
+def lightglue_node(model_dir, log, namespace, executable="lightglue_node"):
+    """A lightglue_node (or another sparse matcher's node) process in ``namespace`` and the
+    test's harness, discovery done."""
+    process = start_node(executable, namespace=namespace, log_path=log,
                          params={"model": str(model_dir), **PARAMS})
     try:
         with ros_node(f"{namespace.strip('/')}_driver") as (node, executor):
-            harness = KeypointsHarness(node, executor, namespace)
+            harness = KeypointsHarness(node, executor, namespace, executable)
             assert harness.wait_ready(90, harness.fqn), f"node never subscribed:\n{log.read_text()}"
             yield harness, process
     finally:
