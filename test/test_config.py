@@ -20,7 +20,7 @@ def declared(node_class) -> dict:
 def test_every_yaml_key_is_declared_and_every_declared_parameter_is_in_the_yaml():
     config = yaml.safe_load(PARAMS_FILE.read_text())
     assert set(config) == {"/**/superpoint_node", "/**/eloftr_node", "/**/lightglue_node",
-                           "/**/track_node", "/**/frontend_node"}
+                           "/**/superglue_node", "/**/track_node", "/**/frontend_node"}
     for key, node_class in (("/**/superpoint_node", SuperPointNode), ("/**/eloftr_node", EfficientLoFTRNode)):
         in_file = config[key]["ros__parameters"]
         assert set(in_file) == set(declared(node_class)), key

@@ -241,3 +241,68 @@ def test_process_bag_matcher_lightglue(tmp_path, tiny_superpoint_dir, tiny_light
             == set(zip(np.asarray(m.index0).tolist(), np.asarray(m.index1).tolist()))
     assert pb.main(argv[:2] + ["--matcher", "lightglue", "--no-detector", str(tmp_path / "in"),
                                str(tmp_path / "out2")]) != 0
+
+
+# kp_ros/msg/Matches as kp_ros first defined it, before index0 / index1.
+OLD_MATCHES = """std_msgs/Header header
+builtin_interfaces/Time stamp0
+string frame_id0
+uint32 height
+uint32 width
+string matcher
+float32[] x0
+float32[] y0
+float32[] x1
+float32[] y1
+float32[] scores
+uint8[] inliers
+"""
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_a_bag_of_old_matches_decodes_and_links_by_radius(tmp_path, storage):
+    """A bag recorded by a kp_ros from before index0 / index1 (it carries that Matches
+    definition): bag_typestore decodes it, the indices read back empty, and tracks link
+    those matches by position. This kp_ros's own definition cannot decode the old bytes:
+    ``deserialize`` falls back to the old definition, and says what to do for bytes neither fits."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    from kp_ros.bags import messages as bag_messages
+    from kp_ros.bags.reader import open_bag
+    from kp_ros.bags.writer import AtomicBagWriter
+    from kp_ros.core.messages import matches_from_msg
+    old = get_typestore(Stores.ROS2_KILTED)
+    old.register(get_types_from_msg(OLD_MATCHES, bag_messages.MATCHES_TYPE))
+    k0 = np.array([[10, 10], [50, 50], [90, 20]], np.float32)
+    k1 = k0[[2, 0, 1]] + np.float32([1.5, -1])
+    header = bag_messages.header_msg(old, 2_000_000_000, "cam")
+    msg = old.types[bag_messages.MATCHES_TYPE](
+        header=header, stamp0=bag_messages.time_msg(old, 1_000_000_000), frame_id0="cam", height=120,
+        width=160, matcher="old", x0=k0[:, 0].copy(), y0=k0[:, 1].copy(), x1=k1[[1, 2, 0], 0].copy(),
+        y1=k1[[1, 2, 0], 1].copy(), scores=np.ones(3, np.float32), inliers=np.zeros(0, np.uint8))
+    data = old.serialize_cdr(msg, bag_messages.MATCHES_TYPE)
+    with AtomicBagWriter(tmp_path / "old", storage) as writer:
+        connection = writer.add_connection("/cam/matches", bag_messages.MATCHES_TYPE, typestore=old)
+        writer.write(connection, 2_000_000_000, data)
+    reader = open_bag(tmp_path / "old")
+    try:
+        store = bag_messages.bag_typestore(reader)
+        (connection, _, raw), = list(reader.messages())
+    finally:
+        reader.close()
+    back = matches_from_msg(store.deserialize_cdr(raw, connection.msgtype))
+    assert len(back["index0"]) == len(back["index1"]) == 0
+    np.testing.assert_array_equal(back["keypoints0"], k0)
+    new = bag_messages.kp_ros_typestore()
+    with pytest.raises(Exception):
+        new.deserialize_cdr(raw, bag_messages.MATCHES_TYPE)  # the new definition reads past the end
+    fallback = matches_from_msg(bag_messages.deserialize(new, raw, bag_messages.MATCHES_TYPE))
+    np.testing.assert_array_equal(fallback["keypoints1"], back["keypoints1"])
+    with pytest.raises(ValueError, match="bag_typestore"):
+        bag_messages.deserialize(new, bytes(raw[:40]), bag_messages.MATCHES_TYPE)
+    # as track_node builds it from a message without indices: linked by radius
+    book = TrackBook(TrackParams())
+    book.add(1_000_000_000, k0)
+    matches = MatchSet(2_000_000_000, 1_000_000_000, back["keypoints0"], back["keypoints1"],
+                       back["scores"])
+    tracks = book.add(2_000_000_000, k1, matches)
+    np.testing.assert_array_equal(tracks.previous_index, [2, 0, 1])

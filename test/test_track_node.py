@@ -51,13 +51,15 @@ class Driver:
         xy = np.asarray(xy, np.float32).reshape(-1, 2)
         self.kp_pub.publish(keypoints_to_msg(header, 120, 160, "test", xy, np.ones(len(xy))))
 
-    def matches(self, sec: float, sec0: float, xy0, xy1, inliers=None) -> None:
+    def matches(self, sec: float, sec0: float, xy0, xy1, inliers=None, index0=None, index1=None) -> None:
+        """Matches of (sec0 -> sec); without index0 / index1 as a dense matcher (or a kp_ros
+        from before those fields) publishes them: linked by radius."""
         header = Matches().header
         header.stamp, header.frame_id = stamp(sec), "camera"
         xy0 = np.asarray(xy0, np.float32).reshape(-1, 2)
         self.match_pub.publish(matches_to_msg(header, stamp(sec0), "camera", 120, 160, "test", xy0,
                                               np.asarray(xy1, np.float32).reshape(-1, 2),
-                                              np.ones(len(xy0), np.float32), inliers))
+                                              np.ones(len(xy0), np.float32), inliers, index0, index1))
 
     def wait_tracks(self, sec: float, timeout: float = 10.0) -> Tracks | None:
         def find():
@@ -111,6 +113,31 @@ def test_tracks_link_whichever_input_comes_first(running):
     driver.matches(1.2, 1.1, k1, k2)
     third = tracks_from_msg(driver.wait_tracks(1.2))
     assert third["ids"].tolist() == b["ids"].tolist() and third["lengths"].tolist() == [3, 2, 3]
+
+
+def test_indices_link_beyond_the_radius_and_matches_without_them_by_radius(running):
+    """A sparse matcher's Matches (index0 / index1) link exactly, whatever the motion;
+    Matches without indices (a dense matcher, or recorded by a kp_ros from before the
+    fields) are associated by position within association_radius (3 px)."""
+    driver, _, _ = running
+    driver.keypoints(5.0, K0)
+    first = tracks_from_msg(driver.wait_tracks(5.0, timeout=TIMEOUT + 10))
+    k1 = K0[[2, 0, 1]] + [40, 30]  # far beyond the radius, shuffled
+    driver.keypoints(5.1, k1)
+    driver.matches(5.1, 5.0, K0[:2], k1[[1, 2]], index0=[0, 1], index1=[1, 2])
+    second = tracks_from_msg(driver.wait_tracks(5.1))
+    assert second["previous_index"].tolist() == [-1, 0, 1]
+    assert second["ids"][1] == first["ids"][0] and second["ids"][2] == first["ids"][1]
+    k2 = k1 + [1.5, -1]
+    driver.keypoints(5.2, k2)
+    driver.matches(5.2, 5.1, k1, k2)  # no indices: by radius
+    third = tracks_from_msg(driver.wait_tracks(5.2))
+    assert third["previous_index"].tolist() == [0, 1, 2]
+    assert third["ids"].tolist() == second["ids"].tolist() and third["lengths"].tolist() == [2, 3, 3]
+    k3 = k2 + [1, 0]
+    driver.keypoints(5.3, k3)
+    driver.matches(5.3, 5.2, k2 + [6, 6], k3)  # no indices, starting 8.5 px off: nothing links
+    assert (tracks_from_msg(driver.wait_tracks(5.3))["previous_index"] == -1).all()
 
 
 def test_frame_without_matches_gets_new_tracks_after_timeout(running):

@@ -7,6 +7,9 @@
 - ``keypoints_msg`` / ``matches_msg`` / ``tracks_msg`` / ``stereo_matches_msg``: numpy in, rosbags message out,
   built from kp_ros.core.messages' fields (the same fields the rclpy messages get);
   ``*_from_msg`` read them back (also kp_ros.core.messages').
+- ``bag_typestore`` / ``deserialize``: reading kp_ros messages back from a bag, also one
+  recorded by an older kp_ros (Matches from before index0 / index1): decoded with the
+  definition the bag carries, else with the older one, else a ValueError saying so.
 - ``image_msg`` / ``compressed_image_msg``: sensor_msgs images from arrays or encoded bytes.
 - ``point_cloud_msg``: sensor_msgs/PointCloud from a kp_ros.core.vins.VinsCloud (the VINS
   feature cloud, as track_node's ~/feature).
@@ -51,6 +54,55 @@ def kp_ros_typestore():
     typestore = get_typestore(_STORE)
     typestore.register(_kp_ros_types())
     return typestore
+
+
+def bag_typestore(reader):
+    """``kp_ros_typestore`` with each kp_ros type as ``reader``'s bag (a rosbags Reader)
+    recorded it, where the bag carries its .msg definition (rosbag2 since Iron; every bag
+    kp_ros writes): a Matches recorded before index0 / index1 existed then decodes, and
+    ``matches_from_msg`` gives it empty indices (track linking falls back to the radius)."""
+    ours = _kp_ros_types()
+    types = dict(ours)
+    for connection in reader.connections:
+        msgdef = getattr(connection, "msgdef", None)
+        if connection.msgtype in ours and msgdef is not None and msgdef.data \
+                and msgdef.format.name == "MSG":
+            types[connection.msgtype] = get_types_from_msg(msgdef.data, connection.msgtype)[
+                connection.msgtype]
+    typestore = get_typestore(_STORE)
+    typestore.register(types)
+    return typestore
+
+
+@lru_cache(maxsize=1)
+def _older_typestore():
+    """kp_ros/msg/Matches as kp_ros first defined it (no index0 / index1): what an older
+    kp_ros recorded, for bags that do not carry their definitions (rosbag2 before Iron)."""
+    text = "\n".join(line for line in (msg_dir() / "Matches.msg").read_text().splitlines()
+                     if not line.startswith("int32[] index"))
+    typestore = get_typestore(_STORE)
+    typestore.register(get_types_from_msg(text, MATCHES_TYPE))
+    return typestore
+
+
+def deserialize(typestore, data, msgtype: str):
+    """``typestore.deserialize_cdr``, where a kp_ros/msg/Matches that does not decode with
+    the typestore's definition is tried with the older one (no index0 / index1); ValueError
+    naming the type and what to do when neither fits."""
+    try:
+        return typestore.deserialize_cdr(data, msgtype)
+    except Exception as err:  # noqa: BLE001 - rosbags raises SerdeError, struct.error, ...
+        failure = err
+    if msgtype == MATCHES_TYPE:
+        try:
+            return _older_typestore().deserialize_cdr(data, msgtype)
+        except Exception:  # noqa: BLE001 - report the first failure
+            pass
+    raise ValueError(f"cannot decode a {msgtype} of {len(data)} bytes with this kp_ros's definition"
+                     f"{' or the one before index0 / index1' if msgtype == MATCHES_TYPE else ''} "
+                     f"({type(failure).__name__}: {failure}); a bag from another kp_ros version "
+                     f"decodes with bag_typestore(reader), which takes the bag's own definitions"
+                     ) from failure
 
 
 def stamp_to_ns(stamp) -> int:
@@ -135,8 +187,8 @@ def compressed_image_msg(typestore, data: bytes, fmt: str, header):
 
 __all__ = [
     "COMPRESSED_TYPE", "IMAGE_TYPE", "IMAGE_TYPES", "KEYPOINTS_TYPE", "MATCHES_TYPE", "POINT_CLOUD_TYPE",
-    "STEREO_MATCHES_TYPE", "TRACKS_TYPE", "compressed_image_msg", "header_msg", "image_msg", "keypoints_from_msg",
-    "keypoints_msg", "kp_ros_typestore", "matches_from_msg", "matches_msg", "msg_dir", "point_cloud_msg",
-    "stamp_to_ns", "stereo_matches_from_msg", "stereo_matches_msg", "time_msg",
-    "tracks_from_msg", "tracks_msg",
+    "STEREO_MATCHES_TYPE", "TRACKS_TYPE", "bag_typestore", "compressed_image_msg", "deserialize",
+    "header_msg", "image_msg", "keypoints_from_msg", "keypoints_msg", "kp_ros_typestore",
+    "matches_from_msg", "matches_msg", "msg_dir", "point_cloud_msg", "stamp_to_ns",
+    "stereo_matches_from_msg", "stereo_matches_msg", "time_msg", "tracks_from_msg", "tracks_msg",
 ]

@@ -60,14 +60,20 @@ class LightGlueParams:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
             values[name] = value
-        values["max_matches"] = _number("max_matches", self.max_matches, int)
-        if self.geometric_verification not in param_specs.VERIFICATION_CHOICES:
-            raise ValueError(f"geometric_verification must be one of "
-                             f"{param_specs.VERIFICATION_CHOICES}, got {self.geometric_verification!r}")
-        reproj = _number("ransac_reproj_threshold", self.ransac_reproj_threshold, float)
-        if not reproj > 0:
-            raise ValueError(f"ransac_reproj_threshold must be > 0 pixels, got {reproj!r}")
-        return replace(self, **values, ransac_reproj_threshold=reproj)
+        return replace(self, **values, **output_settings(self))
+
+
+def output_settings(params) -> dict:
+    """The sparse matchers' shared settings (top-k, verification) checked: canonical
+    values, or ValueError naming the first bad one."""
+    if params.geometric_verification not in param_specs.VERIFICATION_CHOICES:
+        raise ValueError(f"geometric_verification must be one of "
+                         f"{param_specs.VERIFICATION_CHOICES}, got {params.geometric_verification!r}")
+    reproj = _number("ransac_reproj_threshold", params.ransac_reproj_threshold, float)
+    if not reproj > 0:
+        raise ValueError(f"ransac_reproj_threshold must be > 0 pixels, got {reproj!r}")
+    return {"max_matches": _number("max_matches", params.max_matches, int),
+            "ransac_reproj_threshold": reproj}
 
 
 @dataclass
@@ -76,6 +82,7 @@ class SparseFeatures:
     keypoints: np.ndarray    # (N, 2) float32 source pixels
     descriptors: torch.Tensor  # (N, D) float32 on the device
     image_size: tuple[int, int]  # (H, W)
+    scores: torch.Tensor | None = None  # (N,) float32 on the device, for a matcher that uses them
 
 
 def empty_result() -> dict[str, np.ndarray]:
@@ -90,6 +97,8 @@ class LightGlueStreamMatcher:
     settings: ``LightGlueParams``."""
 
     sparse = True  # matches a detector's keypoints, not images (pipeline.match_keypoints)
+    PARAMS, PARAM_NAMES, TITLE = LightGlueParams, PARAM_NAMES, "LightGlue"
+    uses_scores = False  # LightGlue ignores the detection scores
 
     def __init__(self, model: str, device: str = "auto",
                  filter_threshold: float = LightGlueParams.filter_threshold,
@@ -101,27 +110,33 @@ class LightGlueStreamMatcher:
                  fp16: bool = False, precision: str = "fp32"):
         from transformers import LightGlueForKeypointMatching
 
+        self._setup(LightGlueForKeypointMatching, model, device, fp16, precision,
+                    filter_threshold=filter_threshold, depth_confidence=depth_confidence,
+                    width_confidence=width_confidence, max_matches=max_matches,
+                    geometric_verification=geometric_verification,
+                    ransac_reproj_threshold=ransac_reproj_threshold)
+        self.descriptor_size = int(self.config.keypoint_detector_config.descriptor_decoder_dim)
+
+    def _setup(self, model_class, model: str, device: str, fp16: bool, precision: str,
+               **settings) -> None:
+        """Settings checked first, then the checkpoint loaded (shared by the sparse matchers)."""
         self.device = resolve_device(device)
-        self.params = LightGlueParams()
+        self.params = self.PARAMS()
         self.camera = None  # geometry.CameraModel for 'essential' (the node sets it)
-        self.set_params(filter_threshold=filter_threshold, depth_confidence=depth_confidence,
-                        width_confidence=width_confidence, max_matches=max_matches,
-                        geometric_verification=geometric_verification,
-                        ransac_reproj_threshold=ransac_reproj_threshold)
+        self.set_params(**settings)
         self.precision = resolve_precision(precision, self.device, fp16)
         warn_once(self.precision)
         self.model_id = str(model)
-        self.model = load_pretrained(LightGlueForKeypointMatching, model).to(self.device).eval()
+        self.model = load_pretrained(model_class, model).to(self.device).eval()
         self.config = self.model.config
-        self.descriptor_size = int(self.config.keypoint_detector_config.descriptor_decoder_dim)
         self._previous: SparseFeatures | None = None
 
     def set_params(self, **changes) -> None:
         """Change settings (None keeps one; names as LightGlueParams); all are checked
         before any applies, effective from the next pair."""
-        unknown = set(changes) - set(PARAM_NAMES)
+        unknown = set(changes) - set(self.PARAM_NAMES)
         if unknown:
-            raise ValueError(f"unknown LightGlue setting(s): {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown {self.TITLE} setting(s): {', '.join(sorted(unknown))}")
         changes = {k: v for k, v in changes.items() if v is not None}
         self.params = replace(self.params, **changes).validated()  # one swap
 
@@ -129,8 +144,9 @@ class LightGlueStreamMatcher:
         """Forget the previous frame: the next push starts a new pair."""
         self._previous = None
 
-    def features(self, keypoints, descriptors, image_size) -> SparseFeatures:
-        """Numpy keypoints (N, 2) and descriptors (N, D) -> the matcher's frame, or ValueError."""
+    def features(self, keypoints, descriptors, image_size, scores=None) -> SparseFeatures:
+        """Numpy keypoints (N, 2), descriptors (N, D) and, for a matcher that uses them,
+        detection scores (N,) -> the matcher's frame, or ValueError."""
         keypoints = np.ascontiguousarray(np.asarray(keypoints, np.float32).reshape(-1, 2))
         descriptors = np.asarray(descriptors, np.float32)
         if not len(keypoints):  # an empty frame: any empty descriptor block
@@ -143,17 +159,24 @@ class LightGlueStreamMatcher:
         height, width = (int(v) for v in image_size)
         if height <= 0 or width <= 0:
             raise ValueError(f"image_size must be positive (height, width), got {image_size!r}")
+        if self.uses_scores:
+            scores = np.ascontiguousarray(np.asarray(scores, np.float32).reshape(-1))
+            if scores.shape != (len(keypoints),) or not np.isfinite(scores).all():
+                raise ValueError(f"scores must be {len(keypoints)} finite values, got {scores.shape}")
+            scores = torch.from_numpy(scores).to(self.device)
+        else:
+            scores = None
         return SparseFeatures(keypoints, torch.from_numpy(np.ascontiguousarray(descriptors))
-                              .to(self.device), (height, width))
+                              .to(self.device), (height, width), scores)
 
     @torch.inference_mode()
     def push(self, keypoints, scores, descriptors, image_size) -> dict[str, np.ndarray] | None:
         """Match this frame with the previous one. None for the first frame after a reset
         or when the image size changed (the stream restarts there); else ``match_pair``'s
-        result with ``keypoints0`` / ``index0`` in the previous frame. ``scores`` are not
-        used by LightGlue (kept for the detector's dict shape)."""
+        result with ``keypoints0`` / ``index0`` in the previous frame. ``scores``: the
+        detection scores (LightGlue ignores them, SuperGlue encodes them)."""
         params = self.params
-        frame = self.features(keypoints, descriptors, image_size)
+        frame = self.features(keypoints, descriptors, image_size, scores)
         previous, self._previous = self._previous, frame
         if previous is None or previous.image_size != frame.image_size:
             return None
@@ -162,13 +185,14 @@ class LightGlueStreamMatcher:
     @torch.inference_mode()
     def match_pair(self, features0: dict, features1: dict,
                    image_size: tuple[int, int]) -> dict[str, np.ndarray]:
-        """Matches between two detector outputs (dicts with 'keypoints', 'descriptors') of
+        """Matches between two detector outputs (dicts with 'keypoints', 'descriptors' and,
+        for SuperGlue, 'scores') of
         frames of ``image_size`` (H, W), without touching the stream. Numpy, descending
         score: keypoints0/keypoints1 (M, 2) float32, scores (M,), index0/index1 (M,) int32
         keypoint indices, inliers (M,) uint8 (empty when not verified)."""
-        return self.match_features(
-            self.features(features0["keypoints"], features0["descriptors"], image_size),
-            self.features(features1["keypoints"], features1["descriptors"], image_size))
+        return self.match_features(*(
+            self.features(f["keypoints"], f["descriptors"], image_size, f.get("scores"))
+            for f in (features0, features1)))
 
     def match_features(self, frame0: SparseFeatures, frame1: SparseFeatures,
                        params: LightGlueParams | None = None) -> dict[str, np.ndarray]:

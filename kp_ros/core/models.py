@@ -113,6 +113,9 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in (
     ModelEntry("lightglue", "matcher", "lightglue_node", "LightGlue",
                "kp_ros.core.lightglue:LightGlueStreamMatcher",
                "kp_ros.core.random_init:save_random_lightglue", consumes="keypoints"),
+    ModelEntry("superglue", "matcher", "superglue_node", "SuperGlue",
+               "kp_ros.core.superglue:SuperGlueStreamMatcher",
+               "kp_ros.core.random_init:save_random_superglue", consumes="keypoints"),
 )}
 
 

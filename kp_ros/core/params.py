@@ -1,5 +1,5 @@
-"""Every parameter of superpoint_node, eloftr_node, lightglue_node and track_node, written once
-(frontend_node's are theirs, merged).
+"""Every parameter of superpoint_node, eloftr_node, lightglue_node, superglue_node and
+track_node, written once (frontend_node's are theirs, merged).
 
 ROS-free (no rclpy), like LightGlue's ``default_conf``: name, default, range or choices,
 whether it may change while running, and its description. The nodes declare their ROS
@@ -143,6 +143,18 @@ LIGHTGLUE = (
     _ELOFTR["ransac_reproj_threshold"],
     _ELOFTR["max_frame_gap"],
 )
+_LIGHTGLUE = {p.name: p for p in LIGHTGLUE}
+# SuperGlue on the same input: no adaptive depth / width; its optimal transport's iterations.
+SUPERGLUE = (
+    ParamSpec("model", "magic-leap-community/superglue_indoor", "Hugging Face hub id or local "
+              "directory of a SuperGlueForKeypointMatching checkpoint (superglue_indoor or "
+              "superglue_outdoor).", runtime=False),
+    _LIGHTGLUE["filter_threshold"],
+    ParamSpec("sinkhorn_iterations", 100, "Sinkhorn iterations of the optimal transport "
+              "(SuperGlue's own default; fewer is faster and less converged).", 1, 1000),
+    *(_LIGHTGLUE[name] for name in ("max_matches", "geometric_verification",
+                                   "ransac_reproj_threshold", "max_frame_gap")),
+)
 TRACK = (
     ParamSpec("association_radius", 3.0, "Pixels: how close a match (association 'points') or a "
               "keypoint moved by a match's flow ('flow') must come to a keypoint to link it.",
@@ -209,13 +221,14 @@ def _merged(*groups, skip: tuple[str, ...] = ()) -> tuple[ParamSpec, ...]:
 
 # The models of the one-process front-end, by registry name (kp_ros/core/models.py: the
 # same names; test_frontend_node checks it), and its choice of temporal matcher.
-FRONTEND_MODELS = (("superpoint", SUPERPOINT), ("eloftr", ELOFTR), ("lightglue", LIGHTGLUE))
-FRONTEND_MATCHERS = ("eloftr", "lightglue")
+FRONTEND_MODELS = (("superpoint", SUPERPOINT), ("eloftr", ELOFTR), ("lightglue", LIGHTGLUE),
+                   ("superglue", SUPERGLUE))
+FRONTEND_MATCHERS = ("eloftr", "lightglue", "superglue")
 FRONTEND = _merged(
     tuple(_model_path(name, next(p for p in specs if p.name == "model"))
           for name, specs in FRONTEND_MODELS),
     (ParamSpec("matcher", FRONTEND_MATCHERS[0], "Temporal matcher: eloftr (EfficientLoFTR on "
-               "the images, dense; tracks linked by association) or lightglue (LightGlue on "
+               "the images, dense; tracks linked by association), lightglue or superglue (on "
                "the detected keypoints, sparse; tracks linked by keypoint index). Stereo needs "
                "eloftr (its left-right step).", runtime=False, choices=FRONTEND_MATCHERS),),
     *(specs for _, specs in FRONTEND_MODELS),
@@ -230,6 +243,8 @@ NODES = {
     "track_node": TRACK,
     # The sparse matcher reads Keypoints, not images: no resize / use_compressed.
     "lightglue_node": LIGHTGLUE + tuple(_COMMON[name] for name in (
+        "device", "precision", "reliable_input", "debug_image", "diagnostics_period")),
+    "superglue_node": SUPERGLUE + tuple(_COMMON[name] for name in (
         "device", "precision", "reliable_input", "debug_image", "diagnostics_period")),
     # Detection, matching and tracks of each frame in one process (kp_ros/core/frontend.py).
     "frontend_node": FRONTEND,

@@ -1,4 +1,4 @@
-"""Random-init SuperPoint / EfficientLoFTR / LightGlue models, saved like real checkpoints.
+"""Random-init SuperPoint / EfficientLoFTR / LightGlue / SuperGlue models, saved like real checkpoints.
 
 Used by the tests and, when pretrained weights cannot be reached, by the demo and the
 benchmarks: the same ``from_pretrained`` path then loads them. ``full`` keeps the real
@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import (EfficientLoFTRConfig, EfficientLoFTRForKeypointMatching,
                           EfficientLoFTRImageProcessor, LightGlueConfig,
-                          LightGlueForKeypointMatching, LightGlueImageProcessor, SuperPointConfig,
+                          LightGlueForKeypointMatching, LightGlueImageProcessor, SuperGlueConfig,
+                          SuperGlueForKeypointMatching, SuperGlueImageProcessor, SuperPointConfig,
                           SuperPointForKeypointDetection, SuperPointImageProcessor)
 
 SUPERPOINT_CONFIGS = {
@@ -29,6 +30,12 @@ ELOFTR_CONFIGS = {
 LIGHTGLUE_CONFIGS = {
     "full": {},
     "tiny": {"descriptor_dim": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
+}
+
+# SuperGlue's hidden size is the descriptor size (256: SuperPoint's), tiny or not.
+SUPERGLUE_CONFIGS = {
+    "full": {},
+    "tiny": {"keypoint_encoder_sizes": [32, 64], "gnn_layers_types": ["self", "cross"] * 2},
 }
 
 
@@ -74,6 +81,17 @@ def build_lightglue(size: str = "tiny", seed: int = 0) -> LightGlueForKeypointMa
     return model.eval()
 
 
+def build_superglue(size: str = "tiny", seed: int = 0) -> SuperGlueForKeypointMatching:
+    """SuperGlue whose inner SuperPoint is ``build_superpoint(size, seed)``, weight for
+    weight (as ``build_lightglue``). Defaults of the real config otherwise."""
+    config = SuperGlueConfig(keypoint_detector_config=SuperPointConfig(**SUPERPOINT_CONFIGS[size]),
+                             **SUPERGLUE_CONFIGS[size])
+    model = SuperGlueForKeypointMatching(config)
+    _sane_init(model, seed + 1)
+    model.keypoint_detector.load_state_dict(build_superpoint(size, seed).state_dict())
+    return model.eval()
+
+
 def save_random_superpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a random-init SuperPoint (+ its image processor config) to ``out_dir``."""
     out_dir = Path(out_dir)
@@ -95,4 +113,12 @@ def save_random_lightglue(out_dir: str | Path, size: str = "tiny", seed: int = 0
     out_dir = Path(out_dir)
     build_lightglue(size, seed).save_pretrained(out_dir)
     LightGlueImageProcessor().save_pretrained(out_dir)
+    return out_dir
+
+
+def save_random_superglue(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-init SuperGlue (+ its image processor config) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    build_superglue(size, seed).save_pretrained(out_dir)
+    SuperGlueImageProcessor().save_pretrained(out_dir)
     return out_dir

@@ -48,6 +48,7 @@ class LightGlueNode(EfficientLoFTRNode):
     def warm_up_step(self):
         rng = np.random.default_rng(0)
         frame = {"keypoints": rng.random((512, 2), dtype=np.float32) * 400,
+                 "scores": rng.random(512, dtype=np.float32),
                  "descriptors": rng.standard_normal((512, self.core.descriptor_size)) / 16}
         return lambda image: self.core.match_pair(frame, frame, (480, 640))
 

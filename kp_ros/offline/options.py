@@ -145,8 +145,8 @@ def build_parser(prog: str, description: str, positionals: bool = True) -> argpa
     parser.add_argument("--matcher", nargs="?", const=MATCHER.name, default=MATCHER.name,
                         choices=tuple(entry.name for entry in MATCHERS),
                         help="the matcher -> <prefix>/matches: eloftr (dense, on the images; "
-                             "the default) or lightglue (sparse, on this run's SuperPoint "
-                             "keypoints: needs the detector)")
+                             "the default), lightglue or superglue (sparse, on this run's "
+                             "SuperPoint keypoints: need the detector)")
     parser.add_argument("--no-matcher", dest="matcher", action="store_const", const=None,
                         help="no matcher")
     parser.add_argument("--debug-images", action="store_true", help="also write the debug overlays")

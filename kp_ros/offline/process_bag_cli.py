@@ -92,8 +92,8 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if not (args.detector or args.matcher):
         return fail(EXIT_INPUT, "--no-detector and --no-matcher: nothing to do")
-    if args.matcher == "lightglue" and not args.detector:
-        return fail(EXIT_INPUT, "--matcher lightglue matches this run's SuperPoint keypoints: "
+    if args.matcher and chosen_matcher(args).consumes == "keypoints" and not args.detector:
+        return fail(EXIT_INPUT, f"--matcher {args.matcher} matches this run's SuperPoint keypoints: "
                                 "it needs the detector")
     if args.stereo and args.matcher not in (None, "eloftr"):
         return fail(EXIT_INPUT, "--stereo runs with the dense matcher (eloftr) only")
