@@ -1,7 +1,7 @@
 """ros2 launch kp_ros matcher.launch.py image_topic:=/camera/image_raw
 
-Starts frontend_node (default ``frontend:=true``): detection, matching (eloftr, or lightglue
-with matcher:=lightglue) and tracks of each frame in one process, so tracks link whatever
+Starts frontend_node (default ``frontend:=true``): detection, matching (eloftr, or lightglue /
+superglue with matcher:=lightglue|superglue) and tracks of each frame in one process, so tracks link whatever
 the load. ``stereo:=true`` (implies the front-end) takes a rectified pair on
 ``left_image_topic`` / ``right_image_topic`` and their camera_info siblings.
 ``vins:=true`` (= fusion) or ``vins:=mono`` also publishes the feature cloud VINS-Fusion /
@@ -60,9 +60,9 @@ def generate_launch_description():
                               description="Always publish ~/debug_image overlays."),
         DeclareLaunchArgument("detector", default_value="true", description="Run superpoint_node."),
         DeclareLaunchArgument("matcher", default_value="eloftr",
-                              description="eloftr (eloftr_node, dense, on the images; true means "
-                                          "this) | lightglue (lightglue_node, sparse, on "
-                                          "superpoint_node's keypoints) | false (no matcher)."),
+                              description="eloftr (dense, on the images; true means this) | "
+                                          "lightglue | superglue (sparse, on SuperPoint's "
+                                          "keypoints) | false (no matcher; frontend:=false only)."),
         DeclareLaunchArgument("tracker", default_value="true",
                               description="Run track_node (kp_ros/Tracks from keypoints + matches)."),
         DeclareLaunchArgument("frontend", default_value="true",
@@ -157,7 +157,7 @@ def plan(arg) -> list[tuple[str, dict, list]]:
     if stereo or arg("frontend").lower() in TRUE:
         entry = matcher_entry(arg("matcher"))
         if entry is None:
-            raise ValueError("the front-end needs a matcher: matcher:=eloftr or lightglue "
+            raise ValueError("the front-end needs a matcher: matcher:=eloftr, lightglue or superglue "
                              "(frontend:=false runs the separate nodes without one)")
         if stereo:
             remappings = image_remappings("left/image_rect", arg("left_image_topic"), "left/") \
