@@ -23,8 +23,10 @@ Why not ``model(pixel_values)`` + ``post_process_keypoint_matching`` (transforme
     features by sqrt(C - slice) where the original uses sqrt(C).
   - The post-process truncates coordinates to int; batches > 1 mix pairs.
 Here each correspondence is one (i, j) pair read off the mutual-NN mask, and the fine
-stage is the original EfficientLoFTR's (``fine_matching``, kp_ros/core/eloftr_ops.py). Everything up to the fine
-windows is the reference's own arithmetic, bit for bit (see test/test_eloftr.py).
+stage is the original EfficientLoFTR's (``fine_matching``, kp_ros/core/eloftr_ops.py). With
+``reparameterize=False`` everything up to the fine windows is the reference's own arithmetic,
+bit for bit (see test/test_eloftr.py); by default the convolutions run re-parameterised
+(BatchNorms folded, kp_ros/core/eloftr_fold.py), equal up to float rounding.
 
 Coordinates follow EfficientLoFTR's convention (the fine window of cell c, pixels
 [8c, 8c+8), is read as centred on the cell's coarse point 8c: the trained features are
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core.eloftr_fold import fold_backbone, fold_fine_fusion
 from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
 from kp_ros.core.geometry import verify_matches
@@ -81,7 +84,7 @@ class EfficientLoFTRStreamMatcher:
                  resize: str = EfficientLoFTRParams.resize,
                  geometric_verification: str = EfficientLoFTRParams.geometric_verification,
                  ransac_reproj_threshold: float = EfficientLoFTRParams.ransac_reproj_threshold,
-                 fp16: bool = False, precision: str = "fp32"):
+                 fp16: bool = False, precision: str = "fp32", reparameterize: bool = True):
         from transformers import EfficientLoFTRForKeypointMatching
 
         self._device = resolve_device(device)
@@ -101,6 +104,14 @@ class EfficientLoFTRStreamMatcher:
         self._model_id = str(model)
         self.model = load_pretrained(EfficientLoFTRForKeypointMatching, model).to(self._device).eval()
         self.config = self.model.config
+        # Inference form of the convolutions (kp_ros/core/eloftr_fold.py): each RepVGG block
+        # one 3x3 conv, BatchNorms folded; equal to the model's up to float rounding.
+        # False: transformers' own modules, bit for bit (the reference-parity tests).
+        self.reparameterized = bool(reparameterize)
+        self._backbone = self.model.efficientloftr.backbone
+        self._fine_fusion = self.model.refinement_layer
+        if self.reparameterized:
+            self._backbone, self._fine_fusion = fold_backbone(self.model), fold_fine_fusion(self.model)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -199,7 +210,7 @@ class EfficientLoFTRStreamMatcher:
         """Step 1, per image: the RepVGG backbone."""
         pixels, source_size = preprocessed
         with self._autocast():
-            maps = self.model.efficientloftr.backbone(pixels)  # [1/2, 1/4, 1/8]
+            maps = self._backbone(pixels)  # [1/2, 1/4, 1/8]
         return FrameFeatures(coarse=maps[-1], residuals=tuple(maps[:-1]),
                              model_size=tuple(pixels.shape[-2:]), source_size=tuple(source_size))
 
@@ -261,7 +272,7 @@ class EfficientLoFTRStreamMatcher:
         coarse = torch.cat([coarse0, coarse1]) / self.config.hidden_size ** 0.5
         residuals = [torch.cat(pair) for pair in zip(features0.residuals, features1.residuals)]
         with self._autocast():
-            fine = self.model.refinement_layer.forward_pyramid(coarse, residuals[::-1])
+            fine = self._fine_fusion.forward_pyramid(coarse, residuals[::-1])
         return fine[:1], fine[1:]
 
     def refine(self, fine0: torch.Tensor, fine1: torch.Tensor, matches: CoarseMatches,
