@@ -12,6 +12,10 @@ scores and stay within one fine window of its keypoints.
 Random weights give few mutual nearest neighbours (ReLU features are all positive, so a
 few high-norm cells win most arg-maxima): seed 0 (``tiny_eloftr_dir``) gives ~2 per pair,
 so the option tests use a seed-1 model that gives ~20 at threshold 0.
+
+The parity tests run the matcher in its ``EXACT`` mode (transformers' own unfused modules,
+the reference's whole-matrix dual softmax); the default, re-parameterised and blocked
+path equals that mode up to float rounding (test_eloftr_fold.py, test_eloftr_linear.py).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from kp_ros.core.eloftr_ops import cut_windows, fine_matching
 from kp_ros.core.model_loading import ModelUnavailableError
 
 SIZE = (120, 160)  # 'native' runs it at 128x160
+EXACT = {"reparameterize": False, "coarse_chunk_bytes": 0}  # the reference's arithmetic, bit for bit
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +99,7 @@ def stages(matcher, image0, image1):
 @pytest.mark.parametrize("motion", ["identity", "shift"])
 def test_coarse_stages_equal_the_reference(model_dir, frames, motion):
     image0, image1 = frames[0], frames[0 if motion == "identity" else 1]
-    matcher = make_matcher(model_dir)
+    matcher = make_matcher(model_dir, **EXACT)
     reference = Reference(model_dir, threshold=0.0)
     inputs, outputs, _ = reference(image0, image1, (128, 160))
     features0, features1, coarse0, coarse1, matches, fine0, fine1 = stages(matcher, image0, image1)
@@ -123,7 +128,7 @@ def test_coarse_confidence_equals_the_reference_on_portrait_and_square(tiny_elof
     resizes vertical pass first (portrait, square) as well as landscape ones."""
     image0 = synthetic_frame(*shape, seed=1)
     image1 = synthetic_frame(*shape, seed=1, shift=(5, 3))
-    matcher = make_matcher(tiny_eloftr_dir, resize="model")
+    matcher = make_matcher(tiny_eloftr_dir, resize="model", **EXACT)
     reference = Reference(tiny_eloftr_dir, threshold=0.0)
     inputs, _, _ = reference(image0, image1, (480, 640))
     for index, image in enumerate((image0, image1)):
@@ -139,7 +144,7 @@ def test_identity_motion_agrees_with_the_reference(model_dir, frames):
     """Same frame twice: the reference's pairs are right; kp_ros has the same pairs and
     scores, and each keypoint lies in the same fine window as the reference's."""
     image = frames[0]
-    matcher = make_matcher(model_dir)
+    matcher = make_matcher(model_dir, **EXACT)
     _, _, expected = Reference(model_dir, threshold=0.0)(image, image, (128, 160))
     result = {key: torch.from_numpy(value) for key, value in matcher.match_pair(image, image).items()}
     assert len(result["scores"]) == len(expected["matching_scores"]) > 0
@@ -155,7 +160,7 @@ def test_identity_motion_agrees_with_the_reference(model_dir, frames):
 def test_default_threshold_and_model_resize_agree_with_the_reference(tiny_eloftr_dir, frames):
     """Defaults (threshold 0.2, 'model' resize to 480x640) on the identity motion."""
     image = frames[0]
-    matcher = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu")
+    matcher = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", **EXACT)
     reference = Reference(tiny_eloftr_dir, threshold=0.2)
     _, outputs, expected = reference(image, image, (480, 640))
     result = matcher.match_pair(image, image)

@@ -6,7 +6,8 @@ The pipeline (Wang et al., CVPR 2024), each step a method so it can be timed or 
      for the next pair.
   2. ``transform``: self- then cross-attention over both coarse maps (rotary positions).
   3. ``match_coarse``: dual-softmax confidence, threshold, border removal, mutual nearest
-     neighbours -> one (i, j) cell pair per correspondence.
+     neighbours -> one (i, j) cell pair per correspondence, in blocks of rows (memory
+     linear in the cells, eloftr_ops.mutual_nearest).
   4. ``fine_maps``: fuse the attended coarse map with the residuals into full-res features.
   5. ``refine``: for each pair, the 8x8 fine window of cell i in the older frame against
      the 10x10 window of cell j in the newer one: pixel-level argmax, then a 3x3
@@ -23,8 +24,12 @@ Why not ``model(pixel_values)`` + ``post_process_keypoint_matching`` (transforme
     features by sqrt(C - slice) where the original uses sqrt(C).
   - The post-process truncates coordinates to int; batches > 1 mix pairs.
 Here each correspondence is one (i, j) pair read off the mutual-NN mask, and the fine
-stage is the original EfficientLoFTR's (``fine_matching``, kp_ros/core/eloftr_ops.py). Everything up to the fine
-windows is the reference's own arithmetic, bit for bit (see test/test_eloftr.py).
+stage is the original EfficientLoFTR's (``fine_matching``, kp_ros/core/eloftr_ops.py). With
+``reparameterize=False, coarse_chunk_bytes=0`` everything up to the fine windows is the
+reference's own arithmetic, bit for bit (see test/test_eloftr.py); by default the
+convolutions run re-parameterised (BatchNorms folded, kp_ros/core/eloftr_fold.py) and the
+coarse matching without the (h/8 w/8)^2 matrix, equal up to float rounding
+(test/test_eloftr_fold.py, test/test_eloftr_linear.py).
 
 Coordinates follow EfficientLoFTR's convention (the fine window of cell c, pixels
 [8c, 8c+8), is read as centred on the cell's coarse point 8c: the trained features are
@@ -40,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
-from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells
+from kp_ros.core.eloftr_fold import fold_backbone, fold_fine_fusion
+from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells, mutual_nearest
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
 from kp_ros.core.geometry import verify_matches
 from kp_ros.core.model_loading import load_pretrained, resolve_device
@@ -82,7 +88,8 @@ class EfficientLoFTRStreamMatcher:
                  resize: str = EfficientLoFTRParams.resize,
                  geometric_verification: str = EfficientLoFTRParams.geometric_verification,
                  ransac_reproj_threshold: float = EfficientLoFTRParams.ransac_reproj_threshold,
-                 fp16: bool = False, precision: str = "fp32"):
+                 fp16: bool = False, precision: str = "fp32", reparameterize: bool = True,
+                 coarse_chunk_bytes: int | None = None):
         from transformers import EfficientLoFTRForKeypointMatching
 
         self._device = resolve_device(device)
@@ -102,11 +109,25 @@ class EfficientLoFTRStreamMatcher:
         self._model_id = str(model)
         self.model = load_pretrained(EfficientLoFTRForKeypointMatching, model).to(self._device).eval()
         self.config = self.model.config
+        # Inference form of the convolutions (kp_ros/core/eloftr_fold.py): each RepVGG block
+        # one 3x3 conv, BatchNorms folded; equal to the model's up to float rounding.
+        # False: transformers' own modules, bit for bit (the reference-parity tests).
+        self.reparameterized = bool(reparameterize)
+        self._backbone = self.model.efficientloftr.backbone
+        self._fine_fusion = self.model.refinement_layer
+        if self.reparameterized:
+            self._backbone, self._fine_fusion = fold_backbone(self.model), fold_fine_fusion(self.model)
+        # Coarse matching memory: None blocks the similarity matrix by memory
+        # (eloftr_ops.chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
+        # matrix as the reference does (bit for bit; 4.2 GB per matrix at 1920x1080).
+        self.coarse_chunk_bytes = coarse_chunk_bytes
         # CUDA under fp16 / bf16 only (kp_ros/core/device_placement.py): low-precision weights
         # cast once here, not by autocast every frame (same results), and an NHWC backbone.
+        # After the folding, so the folded convolutions (not in self.model) are placed too.
         self.placement = placement(self._device, self.precision.name)
-        apply_weights_dtype(self.model, self.placement.weights_dtype)
-        apply_memory_format(self.model.efficientloftr.backbone, self.placement.memory_format)
+        for module in (self.model, self._backbone, self._fine_fusion):
+            apply_weights_dtype(module, self.placement.weights_dtype)
+        apply_memory_format(self._backbone, self.placement.memory_format)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -205,8 +226,7 @@ class EfficientLoFTRStreamMatcher:
         """Step 1, per image: the RepVGG backbone."""
         pixels, source_size = preprocessed
         with self._autocast():
-            maps = self.model.efficientloftr.backbone(
-                pixels.contiguous(memory_format=self.placement.memory_format))  # [1/2, 1/4, 1/8]
+            maps = self._backbone(pixels.contiguous(memory_format=self.placement.memory_format))  # [1/2, 1/4, 1/8]
         return FrameFeatures(coarse=maps[-1], residuals=tuple(maps[:-1]),
                              model_size=tuple(pixels.shape[-2:]), source_size=tuple(source_size))
 
@@ -229,9 +249,12 @@ class EfficientLoFTRStreamMatcher:
         A pair (i, j) is kept when j is i's best cell, i is j's, its confidence exceeds
         ``threshold`` (default: match_threshold) and neither cell is within
         ``coarse_matching_border_removal`` cells of the edge: the reference's mask, read
-        via one arg-max each way instead of masks over the whole (h w)^2 matrix.
+        via one arg-max each way instead of masks over the whole (h w)^2 matrix, and
+        without that matrix unless ``coarse_chunk_bytes`` is 0 (see ``mutual_nearest``).
         """
         threshold = self.params.match_threshold if threshold is None else threshold
+        if self.coarse_chunk_bytes != 0:
+            return self._match_coarse_blocks(coarse0, coarse1, threshold)
         confidence = self.coarse_confidence(coarse0, coarse1)[0]  # (L0, L1)
         height, width = coarse0.shape[-2:]
         best0, j_of_i = confidence.max(1)  # per older cell, its best newer cell
@@ -242,6 +265,17 @@ class EfficientLoFTRStreamMatcher:
         keep &= border & border[j_of_i]
         i_ids = i_ids[keep]
         return CoarseMatches(i_ids=i_ids, j_ids=j_of_i[i_ids], scores=best0[i_ids])
+
+    def _match_coarse_blocks(self, coarse0: torch.Tensor, coarse1: torch.Tensor,
+                             threshold: float) -> CoarseMatches:
+        channels, height, width = coarse0.shape[-3:]
+        border = inner_cells(height, width, self.config.coarse_matching_border_removal, coarse0.device)
+        i_ids, j_ids, scores = mutual_nearest(
+            coarse0.float().flatten(2)[0].transpose(0, 1) / channels ** 0.5,
+            coarse1.float().flatten(2)[0].transpose(0, 1) / channels ** 0.5,
+            self.config.coarse_matching_temperature, self.config.coarse_matching_skip_softmax,
+            threshold, border, border, self.coarse_chunk_bytes)
+        return CoarseMatches(i_ids=i_ids, j_ids=j_ids, scores=scores)
 
     def coarse_confidence(self, coarse0: torch.Tensor, coarse1: torch.Tensor) -> torch.Tensor:
         """(1, L0, L1) dual-softmax confidence, exactly as the reference computes it."""
@@ -268,7 +302,7 @@ class EfficientLoFTRStreamMatcher:
         coarse = torch.cat([coarse0, coarse1]) / self.config.hidden_size ** 0.5
         residuals = [torch.cat(pair) for pair in zip(features0.residuals, features1.residuals)]
         with self._autocast():
-            fine = self.model.refinement_layer.forward_pyramid(coarse, residuals[::-1])
+            fine = self._fine_fusion.forward_pyramid(coarse, residuals[::-1])
         return fine[:1], fine[1:]
 
     def refine(self, fine0: torch.Tensor, fine1: torch.Tensor, matches: CoarseMatches,

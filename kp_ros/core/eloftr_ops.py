@@ -1,6 +1,7 @@
-"""Tensor operations of EfficientLoFTR's matching steps: cell indexing, border cells, fine
-windows and the two-stage fine refinement. Pure functions on torch tensors, no model; the
-matcher (kp_ros/core/eloftr.py) calls them, test/test_eloftr.py checks them against the
+"""Tensor operations of EfficientLoFTR's matching steps: cell indexing, border cells, the
+coarse mutual nearest neighbours in linear memory, fine windows and the two-stage fine
+refinement. Pure functions on torch tensors, no model; the matcher (kp_ros/core/eloftr.py)
+calls them, test/test_eloftr.py and test/test_eloftr_linear.py check them against the
 reference's own unfold / dual softmax.
 """
 from __future__ import annotations
@@ -88,3 +89,111 @@ def window_offsets(size: int, device) -> torch.Tensor:
     axis = torch.arange(size, device=device, dtype=torch.float32) - size // 2 + 0.5
     ys, xs = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([xs.flatten(), ys.flatten()], -1)
+
+
+# -- coarse matching in linear memory -------------------------------------------------------
+
+# Bytes of one (rows x L1) float32 block of the similarity matrix in chunked matching;
+# each block has ~3 such temporaries. On CPU the whole 640x480 matrix (4800^2 floats,
+# 92 MB) fits in one block, so the common case computes it once; 1280x720 (14 400^2, 0.8 GB)
+# and 1920x1080 (32 400^2, 4.2 GB) go in blocks. On CUDA: a share of the free memory.
+CPU_CHUNK_BYTES = 256 * 2 ** 20
+CUDA_FREE_SHARE = 0.125
+
+
+def chunk_rows(rows: int, columns: int, device, chunk_bytes: int | None = None) -> int:
+    """Rows of the similarity matrix per block: ``chunk_bytes`` (default: CPU_CHUNK_BYTES
+    on CPU, CUDA_FREE_SHARE of the free memory on CUDA) of float32 rows, at least one."""
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES
+        if torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            chunk_bytes = int(free * CUDA_FREE_SHARE)
+    return max(1, min(rows, int(chunk_bytes) // (4 * max(columns, 1))))
+
+
+def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature: float,
+                   skip_softmax: bool = False, threshold: float = 0.0,
+                   valid0: torch.Tensor | None = None, valid1: torch.Tensor | None = None,
+                   chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mutual nearest neighbours of the dual-softmax confidence without the (L0, L1) matrix.
+
+    features0 (L0, C), features1 (L1, C): the coarse features, each already divided by
+    sqrt(C) (as the reference does). The confidence is
+    ``softmax(S, 0) * softmax(S, 1)`` with ``S = f0 f1^T / temperature``, i.e.
+    ``exp(2 S_ij - r_i - c_j)`` with r, c the row and column log-sum-exps; so cell j's
+    best older cell maximises ``2 S_ij - r_i`` and cell i's best newer cell ``2 S_ij - c_j``.
+    Pass 1 over blocks of rows: r (whole rows are in the block), c (a running
+    log-sum-exp) and each column's arg-max. Candidates: (i*(j), j) with confidence above
+    ``threshold`` and both cells valid (``valid0`` (L0,), ``valid1`` (L1,) bool, None:
+    all). Pass 2: the row arg-max of the candidates' rows only (when the matrix fits one
+    block, pass 1's block is reused). Ties go to the lowest index, as ``torch.max``.
+    Returns (i_ids, j_ids, scores) of the pairs (i, j) that are each other's best,
+    above the threshold and valid: the reference's mask, by ascending i.
+
+    ``skip_softmax`` (the config's ``coarse_matching_skip_softmax``): the confidence is S.
+    """
+    rows, columns = features0.shape[0], features1.shape[0]
+    device = features0.device
+    step = chunk_rows(rows, columns, device, chunk_bytes)
+    features1_t = features1.transpose(0, 1)
+
+    def similarity(start: int, stop: int) -> torch.Tensor:
+        return features0[start:stop] @ features1_t / temperature
+
+    row_lse = torch.empty(rows, device=device)
+    col_max = torch.full((columns,), -torch.inf, device=device)  # running, of S (for c)
+    col_sum = torch.zeros(columns, device=device)
+    best_col = torch.full((columns,), -torch.inf, device=device)  # of 2 S_ij - r_i
+    best_row_of_col = torch.zeros(columns, dtype=torch.long, device=device)
+    kept_block = None
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = similarity(start, stop)
+        if skip_softmax:
+            score = block
+        else:
+            row_lse[start:stop] = torch.logsumexp(block, 1)
+            block_max = block.max(0).values
+            new_max = torch.maximum(col_max, block_max)
+            col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(block - new_max).sum(0)
+            col_max = new_max
+            score = 2 * block - row_lse[start:stop, None]
+        value, index = score.max(0)
+        better = value > best_col  # strict: an earlier block keeps a tie
+        best_col = torch.where(better, value, best_col)
+        best_row_of_col = torch.where(better, index + start, best_row_of_col)
+        if stop - start == rows:
+            kept_block = block
+        del block, score
+    col_lse = torch.zeros(columns, device=device) if skip_softmax else col_max + torch.log(col_sum)
+
+    # Candidates (i*(j), j): their confidence is known now, the threshold and the border
+    # filters apply before any row is looked at again.
+    j_ids = torch.arange(columns, device=device)
+    i_ids = best_row_of_col
+    scores = best_col if skip_softmax else torch.exp(best_col - col_lse)
+    keep = scores > threshold
+    if valid1 is not None:
+        keep &= valid1
+    if valid0 is not None:
+        keep &= valid0[i_ids]
+    i_ids, j_ids, scores = i_ids[keep], j_ids[keep], scores[keep]
+    if len(i_ids) == 0:
+        return i_ids, j_ids, scores
+
+    # Pass 2: is j the best newer cell of its candidate row i?
+    candidate_rows = torch.unique(i_ids)
+    best_of_row = torch.empty(rows, dtype=torch.long, device=device)
+    for start in range(0, len(candidate_rows), step):
+        chunk = candidate_rows[start:start + step]
+        if kept_block is not None:
+            block = kept_block[chunk]
+        else:
+            block = features0[chunk] @ features1_t / temperature
+        score = block if skip_softmax else 2 * block - col_lse
+        best_of_row[chunk] = score.max(1).indices
+    mutual = best_of_row[i_ids] == j_ids
+    i_ids, j_ids, scores = i_ids[mutual], j_ids[mutual], scores[mutual]
+    order = torch.argsort(i_ids)  # as the reference: by older cell (each at most once)
+    return i_ids[order], j_ids[order], scores[order]

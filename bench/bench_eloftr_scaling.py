@@ -1,0 +1,221 @@
+"""EfficientLoFTR stream step, old vs new, per resolution: time, GFLOP/s, % of the machine's
+ceiling and PEAK MEMORY, in one run.
+
+    python bench/bench_eloftr_scaling.py [--quick] [--runs N] [--device cpu]
+        [--precisions fp32,bf16] [--resolutions 480x640,720x1280,1080x1920] [--out DIR]
+
+Paths (same random-init full-size weights, same TUM frames resized, ``resize: native``,
+threshold 0):
+  - seed: transformers' processor -> model -> post-process per pair (fp32, 640x480 only),
+  - old:  ``EfficientLoFTRStreamMatcher(reparameterize=False, coarse_chunk_bytes=0)``, the
+          unfused RepVGG blocks and the whole (h/8 w/8)^2 dual-softmax matrices,
+  - new:  the default matcher: folded backbone / fine fusion, coarse matching in row blocks.
+Each (path, precision, resolution) runs in a fresh subprocess, so its peak memory is its
+own: ru_maxrss of that process (model, frames and one warm-up step included; the RSS
+before the first step is given too), or torch.cuda.max_memory_allocated on CUDA. GFLOP
+per step from torch's FLOP counter (the new path counts fewer: the folded 1x1 branches).
+Ceilings: the best of a 1024^3 matmul and a 3x3 64->64 convolution per dtype (as in
+bench_precision.py). The old path is not run at 1920x1080 (its dual softmax holds
+several 32 400^2 float matrices, ~17 GB); its matrix size is given instead. A new-path
+resolution runs only if the previous one's peak, scaled by the pixel count, stays under
+--max-peak-gb.
+
+--quick: one timed step per point, fp32 only, 640x480 and 1280x720. Timings on a shared
+machine are noisy: compare rows of one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_precision import (SeedEfficientLoFTR, ceilings, count_gflop, load_average,  # noqa: E402
+                             load_frames, resized, sync)
+from kp_ros.core.precision import PrecisionWarning, cpu_bf16_support  # noqa: E402
+
+PATHS = {"old": {"reparameterize": False, "coarse_chunk_bytes": 0}, "new": {}}
+
+
+# --- one point, in its own process -------------------------------------------------------------
+
+def child(args) -> dict:
+    torch.set_flush_denormal(True)
+    from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
+    device = torch.device(args.device)
+    height, width = (int(v) for v in args.size.split("x"))
+    frames = resized(load_frames(3)[0], (height, width))
+    if args.path == "seed":
+        model = SeedEfficientLoFTR(args.model, device)
+
+        def step(older, newer):
+            return model(older, newer)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrecisionWarning)
+            model = EfficientLoFTRStreamMatcher(args.model, device=str(device), resize="native",
+                                                precision=args.precision, match_threshold=0.0,
+                                                **PATHS[args.path])
+
+        def step(older, newer):
+            model.reset()
+            model.push(older)
+            sync(device)
+            start = time.perf_counter()
+            result = model.push(newer)
+            sync(device)
+            step.elapsed = time.perf_counter() - start
+            return result
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, matches = [], 0
+    with torch.inference_mode():
+        for k in range(args.runs + 1):  # the first is a warm-up
+            older, newer = frames[k % 2], frames[k % 2 + 1]
+            start = time.perf_counter()
+            result = step(older, newer)
+            sync(device)
+            elapsed = getattr(step, "elapsed", time.perf_counter() - start)
+            if k:
+                times.append(elapsed)
+            matches = len(result["scores"] if "scores" in result else result["matching_scores"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    if args.path == "seed":
+        gflop = count_gflop(step, frames[0], frames[1])
+    else:
+        model.reset()
+        model.push(frames[0])
+        gflop = count_gflop(model.push, frames[1])
+    return {"ms": 1e3 * float(np.median(times)), "runs": len(times), "gflop": gflop,
+            "peak_gb": peak, "rss_before_gb": rss_before, "cuda_peak_gb": cuda_peak, "matches": matches}
+
+
+def run_child(model_dir, path, precision, size, runs, device) -> dict:
+    command = [sys.executable, __file__, "--child", "--model", str(model_dir), "--path", path,
+               "--precision", precision, "--size", f"{size[0]}x{size[1]}", "--runs", str(runs),
+               "--device", device]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the report --------------------------------------------------------------------------------
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 run, fp32, 640x480 and 1280x720")
+    parser.add_argument("--runs", type=int, default=2, help="timed steps per point (after one warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--resolutions", default="480x640,720x1280,1080x1920")
+    parser.add_argument("--max-peak-gb", type=float, default=4.0,
+                        help="skip a new-path resolution whose estimated peak is above this")
+    parser.add_argument("--no-seed", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write DIR/eloftr_scaling.{md,json}")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return ""
+    if args.quick:
+        args.runs, args.precisions, args.resolutions = 1, "fp32", "480x640,720x1280"
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    precisions = [p for p in args.precisions.split(",") if p]
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.resolutions.split(",") if s]
+    native, what = cpu_bf16_support() if device.type == "cpu" else (True, str(device))
+    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process"
+    lines = [f"Device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {what}. "
+             f"Full-size random-init EfficientLoFTR, TUM frames resized, threshold 0; median of "
+             f"{args.runs} stream steps after a warm-up, each point a fresh process. "
+             f"Load average at start: {load_average()}.", ""]
+    peak = ceilings(device, [p for p in precisions if not (device.type == "cpu" and p == "fp16")])
+    lines += ["Machine ceilings (best of short runs): " + "; ".join(
+        f"{name} matmul {v['matmul']:.3g} GFLOP/s, 3x3 conv {v['conv3x3']:.3g} GFLOP/s"
+        for name, v in peak.items()), ""]
+    results = {"device": str(device), "native_bf16": native, "ceilings": peak, "points": {}}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from kp_ros.core.random_init import save_random_eloftr
+        model_dir = save_random_eloftr(Path(tmp) / "eloftr", "full", seed=0)
+        seed_ms = None
+        if not args.no_seed and (480, 640) in sizes:
+            seed = run_child(model_dir, "seed", "fp32", (480, 640), args.runs, args.device)
+            results["points"]["seed/fp32/480x640"] = seed
+            if "ms" in seed:
+                seed_ms = seed["ms"]
+            rows.append(table_row("seed pipeline, per pair", "fp32", (480, 640), seed, peak, seed_ms))
+            print(rows[-1], file=sys.stderr, flush=True)
+        for precision in precisions:
+            estimate = None
+            for size in sizes:
+                pixels = size[0] * size[1]
+                for path in ("old", "new"):
+                    label = f"{path} ({'unfused, whole matrix' if path == 'old' else 'folded, row blocks'})"
+                    cells = (size[0] // 8) * (size[1] // 8)
+                    if path == "old" and pixels > 1280 * 720:
+                        rows.append(f"| {label} | {precision} | {size[1]}x{size[0]} | not run: its "
+                                    f"dual softmax holds {cells}^2 floats = {4 * cells ** 2 / 2 ** 30:.1f} "
+                                    f"GiB per matrix (several at once) | | | | | |")
+                        continue
+                    if path == "new" and estimate is not None and estimate > args.max_peak_gb:
+                        rows.append(f"| {label} | {precision} | {size[1]}x{size[0]} | not run: estimated "
+                                    f"peak {estimate:.1f} GiB > --max-peak-gb | | | | | |")
+                        continue
+                    point = run_child(model_dir, path, precision, size, args.runs, args.device)
+                    results["points"][f"{path}/{precision}/{size[0]}x{size[1]}"] = point
+                    rows.append(table_row(label, precision, size, point, peak,
+                                          seed_ms if size == (480, 640) else None))
+                    print(rows[-1], file=sys.stderr, flush=True)
+                    if path == "new" and "peak_gb" in point:
+                        key = "cuda_peak_gb" if point.get("cuda_peak_gb") is not None else "peak_gb"
+                        base = 0.0 if key == "cuda_peak_gb" else point["rss_before_gb"]
+                        estimate = base + (point[key] - base) * 2.25 * 1.1  # next size ~2.25x the pixels
+    lines += [f"| path | precision | resolution | ms per step | vs seed | GFLOP per step | GFLOP/s | "
+              f"% of ceiling | peak memory GiB ({memory}; RSS before the first step) | matches |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+              f"Load average at the end: {load_average()} (a shared machine: compare within one run)."]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "eloftr_scaling.md").write_text(text + "\n")
+        (args.out / "eloftr_scaling.json").write_text(json.dumps(results, indent=1))
+    return text
+
+
+def table_row(label, precision, size, point, peak, seed_ms) -> str:
+    resolution = f"{size[1]}x{size[0]}"
+    if "error" in point:
+        return f"| {label} | {precision} | {resolution} | failed: {point['error'][:120]} | | | | | |"
+    rate = point["gflop"] / point["ms"] * 1e3
+    limits = peak.get(precision, {})
+    ceiling = max(limits.get("matmul", float("nan")), limits.get("conv3x3", float("nan")))
+    ratio = f"{seed_ms / point['ms']:.2f}x" if seed_ms else "-"
+    memory = point["cuda_peak_gb"] if point.get("cuda_peak_gb") is not None else point["peak_gb"]
+    return (f"| {label} | {precision} | {resolution} | {point['ms']:.0f} | {ratio} | {point['gflop']:.4g} | "
+            f"{rate:.3g} | {100 * rate / ceiling:.0f} % | {memory:.2f} ({point['rss_before_gb']:.2f}) | "
+            f"{point['matches']} |")
+
+
+if __name__ == "__main__":
+    main()
