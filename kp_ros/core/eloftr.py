@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
 from kp_ros.core.eloftr_fold import fold_backbone, fold_fine_fusion
-from kp_ros.core.eloftr_ops import cell_xy, cut_windows, fine_matching, inner_cells, mutual_nearest
+from kp_ros.core.eloftr_ops import (cell_xy, chunk_rows, cut_windows, fine_matching, inner_cells,
+                                   mutual_nearest)
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
 from kp_ros.core.geometry import verify_matches
 from kp_ros.core.model_loading import load_pretrained, resolve_device
@@ -253,7 +254,11 @@ class EfficientLoFTRStreamMatcher:
         without that matrix unless ``coarse_chunk_bytes`` is 0 (see ``mutual_nearest``).
         """
         threshold = self.params.match_threshold if threshold is None else threshold
-        if self.coarse_chunk_bytes != 0:
+        cells = coarse0.shape[-2] * coarse0.shape[-1]
+        # Blocks only when the matrix does not fit one: where it fits, the whole-matrix
+        # softmaxes are faster than the blocked passes (same pairs, see test_eloftr_linear).
+        if self.coarse_chunk_bytes != 0 and chunk_rows(cells, coarse1.shape[-2] * coarse1.shape[-1],
+                                                       coarse0.device, self.coarse_chunk_bytes) < cells:
             return self._match_coarse_blocks(coarse0, coarse1, threshold)
         confidence = self.coarse_confidence(coarse0, coarse1)[0]  # (L0, L1)
         height, width = coarse0.shape[-2:]
