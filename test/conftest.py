@@ -19,6 +19,11 @@ TUM_DIR = REPO_ROOT.parent / "shared" / "data" / "tum_fr3_long_office_household"
 # One DDS domain per pytest process (pid-derived), so parallel or overlapping runs
 # cannot cross-talk; subprocesses inherit it. 0..101 keeps ports in range.
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+# Under pytest -n (xdist) the workers inherit the controller's: worker i takes the i-th
+# domain after it, so no two workers of one run share one.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    os.environ["ROS_DOMAIN_ID"] = str(1 + (int(os.environ["ROS_DOMAIN_ID"]) + int(_WORKER[2:])) % 100)
 # Default DDS transports, as a camera driver, ros2 bag play and the ros2 CLI use them (and
 # the launch file by default): the suite must work with the ROS 2 world around kp_ros.
 os.environ.setdefault("ROS_LOG_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "kp_ros_test_logs"))

@@ -102,7 +102,8 @@ def test_cpu_fp32_results_are_bit_identical_to_a_matcher_without_placement(tiny_
         monkeypatch.setattr(eloftr, name, lambda module, value, real=real, name=name:
                             asked.append((name, value)) or real(module, value))
     ours = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native", match_threshold=0.0)
-    assert asked == [("apply_weights_dtype", None), ("apply_memory_format", torch.contiguous_format)]
+    # The model and the two folded modules (backbone, fine fusion), then the backbone's format.
+    assert asked == [("apply_weights_dtype", None)] * 3 + [("apply_memory_format", torch.contiguous_format)]
     for name in ("apply_weights_dtype", "apply_memory_format"):
         monkeypatch.setattr(eloftr, name, lambda module, value: None)
     plain = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native", match_threshold=0.0)
