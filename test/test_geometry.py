@@ -224,3 +224,23 @@ def test_camera_info_key_treats_nan_calibrations_as_equal():
     assert camera_info_key(nan, [0.0] * 5, "plumb_bob", 640, 480) == \
         camera_info_key(list(nan), [0.0] * 5, "plumb_bob", 640, 480)
     assert camera_info_key(nan, [], "", 640, 480) != camera_info_key(nan, [], "", 640, 481)
+
+
+def test_camera_info_cache_judges_each_calibration_once():
+    """A driver repeats its CameraInfo with every frame: only a new calibration is judged,
+    a broken one gives no camera and its reason, rectified takes P without distortion."""
+    from types import SimpleNamespace
+    from kp_ros.core.geometry import CameraInfoCache
+    k = [300.0, 0, 320, 0, 300, 240, 0, 0, 1]
+    p = [280.0, 0, 330, -28.0, 0, 280, 250, 0, 0, 0, 1, 0]
+    info = SimpleNamespace(k=k, d=[0.1, 0, 0, 0, 0], distortion_model="plumb_bob", p=p, width=640, height=480)
+    cache = CameraInfoCache()
+    assert cache.update(info) and cache.camera.K[0, 0] == 300.0 and cache.problem is None
+    assert not cache.update(SimpleNamespace(**vars(info)))  # the same calibration again
+    broken = SimpleNamespace(**{**vars(info), "d": [float("nan")] * 5})
+    assert cache.update(broken) and cache.camera is None and "not finite" in cache.problem
+    assert not cache.update(broken)
+    rectified = CameraInfoCache(rectified=True)
+    assert rectified.update(info)
+    assert rectified.camera.K[0, 0] == 280.0 and rectified.camera.K[0, 2] == 330 and len(rectified.camera.D) == 0
+    assert rectified.update(SimpleNamespace(**{**vars(info), "p": [281.0] + p[1:]}))  # P changed: judged again

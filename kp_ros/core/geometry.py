@@ -77,6 +77,31 @@ def camera_info_key(k, d, distortion_model: str, width: int, height: int) -> tup
             distortion_model, int(width), int(height))
 
 
+class CameraInfoCache:
+    """The CameraModel of the newest CameraInfo of one camera, judged once per calibration
+    (drivers repeat it with every frame, a broken one too). ``rectified``: see camera_of_info."""
+
+    def __init__(self, rectified: bool = False):
+        self.rectified = rectified
+        self.camera: CameraModel | None = None
+        self.problem: str | None = None  # why the newest calibration is unusable
+        self._key = None
+
+    def update(self, info) -> bool:
+        """Take ``info``; True when its calibration is new (then ``camera`` and ``problem``
+        say what it gave: a CameraModel, or None and the reason)."""
+        key = (camera_info_key(info.k, info.d, info.distortion_model, info.width, info.height),
+               np.asarray(info.p, np.float64).tobytes() if self.rectified else b"")
+        if key == self._key:
+            return False
+        self._key = key
+        try:
+            self.camera, self.problem = camera_of_info(info, self.rectified), None
+        except ValueError as exc:
+            self.camera, self.problem = None, str(exc)
+        return True
+
+
 class CalibrationGate:
     """The calibration essential verification may use for each frame: ``camera`` (set from
     a CameraInfo) only when it was calibrated at the frame's size. Another size (K of

@@ -10,7 +10,7 @@ are judged between consecutive *received* frames, so a device slower than
 from __future__ import annotations
 
 from kp_ros.core import models
-from kp_ros.core.geometry import CalibrationGate, camera_from_info, camera_info_key
+from kp_ros.core.geometry import CalibrationGate, CameraInfoCache
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.msg import Matches
 from kp_ros.ros.conversions import matches_to_msg
@@ -29,7 +29,7 @@ class EfficientLoFTRNode(FeatureNode):
         self.pipeline = FeaturePipeline(matcher=self.core, max_frame_gap=self.values["max_frame_gap"])
         # Calibration for 'essential': camera_info beside the image, as image_pipeline nodes
         # take it (latched-style QoS not assumed: drivers publish it with every frame).
-        self._camera_key = None
+        self._camera_info = CameraInfoCache()
         self.calibration = CalibrationGate()  # used only where it fits the frames' size
         self._warned_no_camera = False
 
@@ -38,17 +38,12 @@ class EfficientLoFTRNode(FeatureNode):
             self.pipeline.max_frame_gap = changes["max_frame_gap"]
 
     def on_camera_info(self, msg) -> None:
-        key = camera_info_key(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
-        if key == self._camera_key:
+        if not self._camera_info.update(msg):
             return  # the same calibration with every frame (NaN included): nothing to do
-        self._camera_key = key
-        try:
-            camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
-        except ValueError as exc:
-            self.calibration.camera = None
-            self.get_logger().error(f"camera_info ignored: {exc}")
+        camera = self.calibration.camera = self._camera_info.camera
+        if camera is None:
+            self.get_logger().error(f"camera_info ignored: {self._camera_info.problem}")
             return
-        self.calibration.camera = camera
         self.get_logger().info(f"camera_info: {msg.width}x{msg.height}, {msg.distortion_model or 'plumb_bob'}, "
                                f"focal {camera.focal:.1f} px")
 

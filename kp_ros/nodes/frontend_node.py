@@ -15,18 +15,16 @@ keep-latest, every frame processed or counted (dropped / rejected / lost), /diag
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import numpy as np
 
 from kp_ros.core import models, params
 from kp_ros.core.frontend import FrontEnd, track_trails
-from kp_ros.core.geometry import CalibrationGate, camera_info_key, camera_of_info
+from kp_ros.core.geometry import CalibrationGate, CameraInfoCache
 from kp_ros.core.pipeline import FeaturePipeline
 from kp_ros.core.stereo import StereoParams, rig_from_infos
 from kp_ros.core.tracks import TrackBook, TrackParams
-from kp_ros.core.vins import VinsFeatures
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, StereoMatches, Tracks
 from kp_ros.ros.conversions import (keypoints_to_msg, matches_to_msg, stereo_matches_to_msg,
@@ -36,7 +34,7 @@ from kp_ros.ros.frame_worker import FrameRejected
 from kp_ros.ros.node_base import StartupError, run_node
 from kp_ros.ros.qos import output_qos
 from kp_ros.ros.stereo_input import StereoInput
-from kp_ros.ros.vins_cloud import cloud_to_msg
+from kp_ros.ros.vins_cloud import VinsOutput
 
 TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
 STEREO_PARAMS = {"stereo_max_row_error": "max_row_error", "min_disparity": "min_disparity",
@@ -73,18 +71,16 @@ class FrontendNode(FeatureNode):
         self._history: deque = deque(maxlen=values["trail_length"])  # for the trails overlay
         # Calibration for 'essential', from the (left) camera_info beside each frame.
         self.calibration = CalibrationGate()
-        self._cameras: dict[str, tuple] = {}  # side -> (camera_info key, CameraModel or None)
+        # Per side, the frames' camera_info (stereo: of the rectified images, as image_rect is).
+        self._cameras = {side: CameraInfoCache(rectified=self.stereo) for side in ("left", "right")}
         self._rig_key, self._rig = None, None
         self.counts = {"tracks published": 0, "linked tracks": 0, "new tracks": 0,
                        "linked frames": 0}
         self._vins, layout = None, values["vins_layout"]
         if layout != "none":
-            from sensor_msgs.msg import PointCloud
             # VINS-Mono's NUM_OF_CAM is 1: its layout has no place for a right observation.
-            self._vins = VinsFeatures(layout, num_cameras=2 if layout == "fusion" and self.stereo else 1)
-            self._vins_pub = self.create_publisher(PointCloud, "~/feature", qos)
-            self.counts.update({"vins published": 0, "vins not published": 0})
-            self._vins_warned = 0.0
+            self._vins = VinsOutput(self, layout, num_cameras=2 if layout == "fusion" and self.stereo else 1,
+                                    subscribe=False)
 
     # --- models ---------------------------------------------------------------------
     def build_cores(self) -> dict:
@@ -159,21 +155,12 @@ class FrontendNode(FeatureNode):
         return self.frontend.arrive(bundle.stamp_ns)
 
     def _camera_of(self, side: str, info):
-        """The CameraModel of a frame's camera_info (stereo: of the rectified image, as
-        image_rect is), judged once per calibration; None when unusable."""
-        if info is None:
-            return self._cameras.get(side, (None, None))[1]
-        key = (camera_info_key(info.k, info.d, info.distortion_model, info.width, info.height),
-               np.asarray(info.p, np.float64).tobytes())
-        cached = self._cameras.get(side)
-        if cached is None or cached[0] != key:
-            try:
-                camera = camera_of_info(info, rectified=self.stereo)
-            except ValueError as exc:
-                camera = None
-                self.get_logger().error(f"{side} camera_info ignored: {exc}")
-            cached = self._cameras[side] = (key, camera)
-        return cached[1]
+        """The CameraModel of a frame's camera_info (the side's newest when the frame has
+        none), judged once per calibration; None when unusable."""
+        cache = self._cameras[side]
+        if info is not None and cache.update(info) and cache.problem is not None:
+            self.get_logger().error(f"{side} camera_info ignored: {cache.problem}")
+        return cache.camera
 
     def _calibrate(self, info, width: int, height: int) -> None:
         """The camera for 'essential' from the frame's (left) camera_info, used only for
@@ -250,34 +237,16 @@ class FrontendNode(FeatureNode):
             self.publish_debug(draw_tracks(image, trails, tracks.ids), header)
 
     def _publish_vins(self, bundle, result, header, width: int, height: int) -> None:
-        """``~/feature`` for this frame's tracks, or a counted (and throttled) reason not."""
+        """``~/feature`` for this frame's tracks (VinsOutput counts why not, when it cannot)."""
         cameras = [self._camera_of(side, info) for side, info in zip(("left", "right"), bundle.infos)]
-        left = cameras[0]
-        if left is None or (left.width, left.height) not in ((0, 0), (width, height)):
-            return self._vins_skipped(
-                "no usable camera_info for the frame yet" if left is None else
-                f"camera_info is for {left.width}x{left.height} images, the frame is "
-                f"{width}x{height}")
-        right = right_xy = None
-        if self._vins.num_cameras == 2:
-            right = cameras[1]
-            right_xy = result.keypoints_right if right is not None else None
+        right = cameras[1] if len(cameras) > 1 else None
         tracks = result.tracks
-        cloud = self._vins.frame(result.stamp_ns, tracks.ids, tracks.keypoints, left, right_xy, right)
-        self._vins_pub.publish(cloud_to_msg(header, cloud))
-        self.counts["vins published"] += 1
-
-    def _vins_skipped(self, why: str) -> None:
-        self.counts["vins not published"] += 1
-        now = time.monotonic()
-        if now - self._vins_warned >= 1.0:
-            self._vins_warned = now
-            self.get_logger().warning(f"{why}: no {self._vins_pub.topic_name} cloud (so far: "
-                                      f"{self.counts['vins not published']})")
+        self._vins.publish_frame(header, width, height, tracks.ids, tracks.keypoints, cameras[0],
+                                 result.keypoints_right, right)
 
     # --- diagnostics ----------------------------------------------------------------
     def extra_diagnostics(self) -> dict:
-        vins = {f"vins {k}": v for k, v in self._vins.counters.items()} if self._vins else {}
+        vins = self._vins.values() if self._vins else {}
         return {"stream resets": self.frontend.pipeline.resets, **self.counts, **vins,
                 "matcher model": self.matcher.model_id}
 

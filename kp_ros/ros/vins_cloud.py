@@ -18,7 +18,7 @@ import numpy as np
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, PointCloud
 
-from kp_ros.core.geometry import camera_from_info, camera_info_key
+from kp_ros.core.geometry import CameraInfoCache
 from kp_ros.core.vins import VinsCloud, VinsFeatures
 from kp_ros.ros.conversions import stamp_ns
 from kp_ros.ros.inputs import CAMERA_INFO_DEPTH
@@ -67,40 +67,44 @@ class _Calibration:
 
     def __init__(self, output: "VinsOutput", side: str):
         self.output, self.side = output, side
-        self.camera = None
-        self._key = None
+        self._cache = CameraInfoCache()
+
+    @property
+    def camera(self):
+        return self._cache.camera
 
     def on_info(self, msg: CameraInfo) -> None:
-        key = camera_info_key(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
-        if key == self._key:
-            return  # drivers repeat the calibration with every frame: judged once
-        self._key = key
-        try:
-            self.camera = camera_from_info(msg.k, msg.d, msg.distortion_model, msg.width, msg.height)
-        except ValueError as exc:
-            self.camera = None
-            self.output.count(f"vins bad {self.side} camera_info", f"{self.side} camera_info: {exc}")
+        if self._cache.update(msg) and self._cache.problem is not None:
+            self.output.count(f"vins bad {self.side} camera_info", f"{self.side} camera_info: {self._cache.problem}")
 
 
 class VinsOutput:
-    """``~/feature`` (sensor_msgs/PointCloud) for each published Tracks: subscribes
-    ``camera_info`` and ``right/camera_info`` (relative: remap them beside the images),
-    counts what it cannot publish (no calibration yet) instead of failing."""
+    """``~/feature`` (sensor_msgs/PointCloud) for each published frame of tracks; counts
+    what it cannot publish (no calibration yet, another image size) instead of failing.
 
-    def __init__(self, node, layout: str):
+    ``subscribe`` (track_node): the calibration comes from ``camera_info`` and, for fusion,
+    ``right/camera_info`` (relative: remap them beside the images), and ``publish`` takes a
+    Tracks message. Without (frontend_node, whose frames carry their camera_info):
+    ``publish_frame`` takes the cameras."""
+
+    def __init__(self, node, layout: str, num_cameras: int | None = None, subscribe: bool = True):
         self.node = node
         # VINS-Mono's NUM_OF_CAM is a constant 1 (parameters.h): a right observation has no
         # encoding there. VINS-Fusion's camera id channel takes 0 and 1 as they are.
-        self.features = VinsFeatures(layout, num_cameras=2 if layout == "fusion" else 1)
+        if num_cameras is None:
+            num_cameras = 2 if layout == "fusion" else 1
+        self.features = VinsFeatures(layout, num_cameras=num_cameras)
         self.counts = Counter()
         self._last_log = 0.0
         self.left, self.right = _Calibration(self, "left"), _Calibration(self, "right")
         self.publisher = node.create_publisher(PointCloud, "~/feature", output_qos())
-        self._subs = [node.create_subscription(CameraInfo, "camera_info", self.left.on_info,
-                                               CAMERA_INFO_DEPTH)]
-        if layout == "fusion":
-            self._subs.append(node.create_subscription(CameraInfo, "right/camera_info",
-                                                       self.right.on_info, CAMERA_INFO_DEPTH))
+        self._subs = []
+        if subscribe:
+            self._subs.append(node.create_subscription(CameraInfo, "camera_info", self.left.on_info,
+                                                       CAMERA_INFO_DEPTH))
+            if num_cameras == 2:
+                self._subs.append(node.create_subscription(CameraInfo, "right/camera_info",
+                                                           self.right.on_info, CAMERA_INFO_DEPTH))
 
     def count(self, what: str, text: str) -> None:
         """Count one problem; log it at most once per LOG_PERIOD (the counter has them all)."""
@@ -110,34 +114,48 @@ class VinsOutput:
             self._last_log = now
             self.node.get_logger().warning(f"{text} (so far: {self.counts[what]})")
 
+    def _info_topic(self, side: int) -> str:
+        return self._subs[side].topic_name if len(self._subs) > side else \
+            ("the frames' " + ("right " if side else "") + "camera_info")
+
     def publish(self, tracks_msg, keypoints) -> None:
-        """The cloud of one Tracks message (``keypoints``: its (N, 2) left positions)."""
-        if self.left.camera is None:
+        """The cloud of one Tracks message (``keypoints``: its (N, 2) left positions), with
+        the subscribed calibration."""
+        right = None
+        if len(tracks_msg.x_right):
+            right = np.stack([np.frombuffer(tracks_msg.x_right, np.float32),
+                              np.frombuffer(tracks_msg.y_right, np.float32)], axis=1)
+        self.publish_frame(tracks_msg.header, tracks_msg.width, tracks_msg.height,
+                           np.frombuffer(tracks_msg.ids, np.uint64), keypoints,
+                           self.left.camera, right, self.right.camera)
+
+    def publish_frame(self, header, width: int, height: int, ids, keypoints, camera,
+                      keypoints_right=None, camera_right=None) -> None:
+        """The cloud of one frame's tracks (``ids``, ``keypoints`` (N, 2) left positions;
+        ``keypoints_right`` (N, 2), NaN where none, for a stereo frame) from the cameras
+        (geometry.CameraModel, None: not known yet)."""
+        if camera is None:
             return self.count("vins no camera_info",
-                              f"no usable sensor_msgs/CameraInfo on {self._subs[0].topic_name} yet: "
+                              f"no usable sensor_msgs/CameraInfo on {self._info_topic(0)} yet: "
                               f"frame not published on {self.publisher.topic_name}")
-        size = (tracks_msg.width, tracks_msg.height)
-        if (self.left.camera.width, self.left.camera.height) not in ((0, 0), size):
+        if (camera.width, camera.height) not in ((0, 0), (width, height)):
             # Not scaled: binning, cropping and a driver's resize change K differently.
             return self.count("vins camera_info size mismatch",
-                              f"camera_info is for {self.left.camera.width}x{self.left.camera.height} "
-                              f"images, the tracks' are {size[0]}x{size[1]}: frame not published on "
+                              f"camera_info is for {camera.width}x{camera.height} images, the "
+                              f"tracks' are {width}x{height}: frame not published on "
                               f"{self.publisher.topic_name}")
-        right = None
-        if len(tracks_msg.x_right) and len(self._subs) > 1:
-            if self.right.camera is None:
-                self.count("vins no right camera_info",
-                           f"stereo tracks but no usable CameraInfo on {self._subs[1].topic_name}: "
-                           f"right points left out")
-            else:
-                right = np.stack([np.frombuffer(tracks_msg.x_right, np.float32),
-                                  np.frombuffer(tracks_msg.y_right, np.float32)], axis=1)
+        if keypoints_right is not None and self.features.num_cameras == 2 and camera_right is None:
+            self.count("vins no right camera_info",
+                       f"stereo tracks but no usable CameraInfo on {self._info_topic(1)}: "
+                       f"right points left out")
+        if self.features.num_cameras < 2 or camera_right is None:
+            keypoints_right = None
         try:
-            cloud = self.features.frame(stamp_ns(tracks_msg.header.stamp), np.frombuffer(
-                tracks_msg.ids, np.uint64), keypoints, self.left.camera, right, self.right.camera)
+            cloud = self.features.frame(stamp_ns(header.stamp), ids, keypoints, camera,
+                                        keypoints_right, camera_right)
         except ValueError as exc:
             return self.count("vins rejected", f"VINS cloud not built: {exc}")
-        self.publisher.publish(cloud_to_cdr(tracks_msg.header, cloud))
+        self.publisher.publish(cloud_to_cdr(header, cloud))
         self.counts["vins published"] += 1
 
     def values(self) -> dict:
