@@ -49,6 +49,16 @@ class StereoParams:
                              f"max_disparity ({self.max_disparity})")
         return replace(self, **values)
 
+    @classmethod
+    def from_values(cls, values: dict) -> "StereoParams":
+        """Validated checks from a node's parameter values (or process_bag's flags)."""
+        return cls(**{field: values[name] for name, field in STEREO_PARAM_NAMES.items()}).validated()
+
+
+# Node parameter -> StereoParams field.
+STEREO_PARAM_NAMES = {"stereo_max_row_error": "max_row_error", "min_disparity": "min_disparity",
+                      "max_disparity": "max_disparity"}
+
 
 @dataclass(frozen=True)
 class StereoRig:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -55,6 +55,15 @@ class TrackParams:
             raise ValueError(f"min_match_score must be a number in [0, 1], got {score!r}")
         return replace(self, association_radius=float(radius), inliers_only=bool(self.inliers_only),
                        min_match_score=float(score))
+
+    @classmethod
+    def from_values(cls, values: dict) -> "TrackParams":
+        """Validated settings from a node's parameter values (the same names)."""
+        return cls(**{name: values[name] for name in TRACK_PARAM_NAMES}).validated()
+
+
+# The node parameters TrackParams takes (its field names).
+TRACK_PARAM_NAMES = tuple(f.name for f in fields(TrackParams))
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from kp_ros.core import models, params
 from kp_ros.core.frontend import FrontEnd, track_trails
 from kp_ros.core.geometry import CalibrationGate, CameraInfoCache
 from kp_ros.core.pipeline import FeaturePipeline
-from kp_ros.core.stereo import StereoParams, rig_from_infos
-from kp_ros.core.tracks import TrackBook, TrackParams
+from kp_ros.core.stereo import STEREO_PARAM_NAMES, StereoParams, rig_from_infos
+from kp_ros.core.tracks import TRACK_PARAM_NAMES, TrackBook, TrackParams
 from kp_ros.core.visualize import draw_tracks
 from kp_ros.msg import Keypoints, Matches, StereoMatches, Tracks
 from kp_ros.ros.conversions import (keypoints_to_msg, matches_to_msg, stereo_matches_to_msg,
@@ -36,9 +36,6 @@ from kp_ros.ros.qos import output_qos
 from kp_ros.ros.stereo_input import StereoInput
 from kp_ros.ros.vins_cloud import VinsOutput
 
-TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
-STEREO_PARAMS = {"stereo_max_row_error": "max_row_error", "min_disparity": "min_disparity",
-                 "max_disparity": "max_disparity"}  # node parameter -> StereoParams field
 
 
 class FrontendNode(FeatureNode):
@@ -51,11 +48,11 @@ class FrontendNode(FeatureNode):
         self.detector, self.matcher = self.cores.values()
         self.stereo = values["stereo"]
         try:
-            book = TrackBook(self._track_params(values))
+            book = TrackBook(TrackParams.from_values(values))
             stereo = None
             if self.stereo:
                 from kp_ros.core.stereo_matching import StereoMatcher
-                stereo = StereoMatcher(self.matcher, self._stereo_params(values),
+                stereo = StereoMatcher(self.matcher, StereoParams.from_values(values),
                                        link_radius=values["association_radius"])
         except ValueError as exc:
             raise StartupError(str(exc)) from None
@@ -123,29 +120,21 @@ class FrontendNode(FeatureNode):
                            tolerance=self.values["stereo_sync_tolerance"])
 
     # --- parameters -----------------------------------------------------------------
-    @staticmethod
-    def _track_params(values: dict) -> TrackParams:
-        return TrackParams(**{k: values[k] for k in TRACK_PARAMS}).validated()
-
-    @staticmethod
-    def _stereo_params(values: dict) -> StereoParams:
-        return StereoParams(**{field: values[name] for name, field in STEREO_PARAMS.items()}).validated()
-
     def check_params(self, changes: dict) -> None:
         super().check_params(changes)
         merged = {**self.values, **changes}
-        self._track_params(merged)
-        self._stereo_params(merged)
+        TrackParams.from_values(merged)
+        StereoParams.from_values(merged)
 
     def apply_node_params(self, changes: dict) -> None:
         pipeline = self.frontend.pipeline
         if "max_frame_gap" in changes:
             pipeline.max_frame_gap = changes["max_frame_gap"]
-        if any(name in changes for name in TRACK_PARAMS):
-            self.frontend.book.set_params(self._track_params(self.values))
+        if any(name in changes for name in TRACK_PARAM_NAMES):
+            self.frontend.book.set_params(TrackParams.from_values(self.values))
         if pipeline.stereo is not None:
-            if any(name in changes for name in STEREO_PARAMS):
-                pipeline.stereo.params = self._stereo_params(self.values)
+            if any(name in changes for name in STEREO_PARAM_NAMES):
+                pipeline.stereo.params = StereoParams.from_values(self.values)
             pipeline.stereo.link_radius = float(self.values["association_radius"])
         if self._history.maxlen != self.values["trail_length"]:
             self._history = deque(self._history, maxlen=self.values["trail_length"])

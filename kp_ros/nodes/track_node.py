@@ -45,7 +45,6 @@ from kp_ros.ros.vins_cloud import VinsOutput
 INPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
 IMAGES_KEPT = 8  # frames kept for the debug overlay, waiting for their tracks
 
-TRACK_PARAMS = ("association_radius", "association", "inliers_only", "min_match_score")
 
 
 def _guarded(handler):
@@ -69,7 +68,7 @@ class TrackNode(NodeBase):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         try:
-            book = TrackBook(self._track_params(self.values))
+            book = TrackBook(TrackParams.from_values(self.values))
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.sync = TrackSynchronizer(book, timeout=self.values["match_timeout"],
@@ -102,15 +101,11 @@ class TrackNode(NodeBase):
             f"radius {self.values['association_radius']} px)")
 
     # --- parameters -----------------------------------------------------------------
-    @staticmethod
-    def _track_params(values: dict) -> TrackParams:
-        return TrackParams(**{k: values[k] for k in TRACK_PARAMS}).validated()
-
     def check_params(self, changes: dict) -> None:
-        self._track_params({**self.values, **changes})  # ValueError: rejected
+        TrackParams.from_values({**self.values, **changes})  # ValueError: rejected
 
     def apply_params(self, changes: dict) -> None:
-        self.sync.book.set_params(self._track_params(self.values))
+        self.sync.book.set_params(TrackParams.from_values(self.values))
         self.sync.timeout = self.values["match_timeout"]
         if self._history.maxlen != self.values["trail_length"]:
             self._history = deque(self._history, maxlen=self.values["trail_length"])

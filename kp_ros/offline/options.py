@@ -205,8 +205,7 @@ def add_stereo_flags(group) -> None:
 def stereo_params(args):
     """StereoParams from the stereo flags (ValueError naming a bad one)."""
     from kp_ros.core.stereo import StereoParams
-    return StereoParams(max_row_error=args.stereo_max_row_error, min_disparity=args.min_disparity,
-                        max_disparity=args.max_disparity).validated()
+    return StereoParams.from_values(vars(args))
 
 
 def track_params(args):
