@@ -143,10 +143,7 @@ class FrameProcessor:
         (kp_ros/core/frontend.py), on this processor's pipeline."""
         from kp_ros.core.frontend import FrontEnd
         from kp_ros.core.tracks import TrackBook
-        self.frontend = None
-        if tracks is not None:
-            self.frontend = FrontEnd(self.pipeline, TrackBook(tracks))
-        self.book = None if self.frontend is None else self.frontend.book
+        self.frontend = None if tracks is None else FrontEnd(self.pipeline, TrackBook(tracks))
 
     def _frontend_step(self, msg, msgtype: str, image, summary: Summary, right=None, rig=None):
         """(Keypoints and Matches outputs, the FrontendResult) of one frame (stereo: its left
