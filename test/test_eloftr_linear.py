@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kp_ros.core.eloftr_ops import chunk_rows, mutual_nearest
+from kp_ros.core.eloftr_ops import chunk_rows, mutual_nearest, whole_matrix_fits
 from test_eloftr_correctness import MOTIONS, THRESHOLD, HandMadeFeatureMatcher, moved_pair
 
 from conftest import synthetic_frame
@@ -126,9 +126,12 @@ def test_block_rows_follow_the_byte_budget():
     assert chunk_rows(4800, 4800, "cpu", 4800 * 4 * 100) == 100
     assert chunk_rows(4800, 4800, "cpu", 1) == 1
     assert chunk_rows(100, 100, "cpu", 10 ** 9) == 100
-    # The CPU default keeps a 640x480 frame's matrix in one block, blocks 1920x1080's.
-    assert chunk_rows(4800, 4800, "cpu") == 4800
-    assert chunk_rows(32400, 32400, "cpu") < 32400 // 8
+    # The CPU default takes a 640x480 frame's whole matrix, blocks 1280x720's and 1920x1080's
+    # (in blocks of a few hundred rows: two of them fit a last-level cache).
+    assert whole_matrix_fits(4800, 4800, "cpu") and not whole_matrix_fits(14400, 14400, "cpu")
+    assert not whole_matrix_fits(4800, 4800, "cpu", 4800 * 4 * 100)
+    assert whole_matrix_fits(4800, 4800, "cpu", 4800 * 4 * 4800)
+    assert 64 <= chunk_rows(32400, 32400, "cpu") < 32400 // 64
 
 
 # -- through the matcher, on hand-made features with many true matches ----------------------

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
 from kp_ros.core.eloftr_fold import fold_backbone, fold_fine_fusion
-from kp_ros.core.eloftr_ops import (cell_xy, chunk_rows, cut_windows, fine_matching, inner_cells,
-                                   mutual_nearest)
+from kp_ros.core.eloftr_ops import (cell_xy, cut_windows, fine_matching, inner_cells, mutual_nearest,
+                                   whole_matrix_fits)
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
 from kp_ros.core.geometry import verify_matches
 from kp_ros.core.model_loading import load_pretrained, resolve_device
@@ -77,6 +77,21 @@ class CoarseMatches:
 def empty_result() -> dict[str, np.ndarray]:
     return {"keypoints0": np.zeros((0, 2), np.float32), "keypoints1": np.zeros((0, 2), np.float32),
             "scores": np.zeros(0, np.float32), "inliers": np.zeros(0, np.uint8)}
+
+
+def contiguous_mlp_inputs(model: torch.nn.Module) -> None:
+    """Make each transformer MLP's input contiguous before its first Linear.
+
+    transformers hands the MLP a permuted (B, H, W, 2C) view. In float32 the Linear copies
+    it and runs one matrix product, but under bf16 / fp16 autocast the cast keeps the
+    permuted strides and the Linear becomes a batched product with the weight expanded
+    and copied once per row of cells, which costs more than the product itself. A copy
+    first gives the single product in every precision (same values up to rounding order).
+    Hooks on this matcher's own model instance only; they are not saved with it.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "EfficientLoFTRMLP":
+            module.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 class EfficientLoFTRStreamMatcher:
@@ -118,8 +133,8 @@ class EfficientLoFTRStreamMatcher:
         self._fine_fusion = self.model.refinement_layer
         if self.reparameterized:
             self._backbone, self._fine_fusion = fold_backbone(self.model), fold_fine_fusion(self.model)
-        # Coarse matching memory: None blocks the similarity matrix by memory
-        # (eloftr_ops.chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
+        # Coarse matching memory: None blocks a large similarity matrix by memory
+        # (eloftr_ops.whole_matrix_fits, chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
         # matrix as the reference does (bit for bit; 4.2 GB per matrix at 1920x1080).
         self.coarse_chunk_bytes = coarse_chunk_bytes
         # CUDA under fp16 / bf16 only (kp_ros/core/device_placement.py): low-precision weights
@@ -129,6 +144,7 @@ class EfficientLoFTRStreamMatcher:
         for module in (self.model, self._backbone, self._fine_fusion):
             apply_weights_dtype(module, self.placement.weights_dtype)
         apply_memory_format(self._backbone, self.placement.memory_format)
+        contiguous_mlp_inputs(self.model)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -255,10 +271,10 @@ class EfficientLoFTRStreamMatcher:
         """
         threshold = self.params.match_threshold if threshold is None else threshold
         cells = coarse0.shape[-2] * coarse0.shape[-1]
-        # Blocks only when the matrix does not fit one: where it fits, the whole-matrix
-        # softmaxes are faster than the blocked passes (same pairs, see test_eloftr_linear).
-        if self.coarse_chunk_bytes != 0 and chunk_rows(cells, coarse1.shape[-2] * coarse1.shape[-1],
-                                                       coarse0.device, self.coarse_chunk_bytes) < cells:
+        # Blocks only for a large matrix: up to a size, the whole-matrix softmaxes are
+        # faster than the blocked passes (same pairs, see test_eloftr_linear).
+        if self.coarse_chunk_bytes != 0 and not whole_matrix_fits(
+                cells, coarse1.shape[-2] * coarse1.shape[-1], coarse0.device, self.coarse_chunk_bytes):
             return self._match_coarse_blocks(coarse0, coarse1, threshold)
         confidence = self.coarse_confidence(coarse0, coarse1)[0]  # (L0, L1)
         height, width = coarse0.shape[-2:]

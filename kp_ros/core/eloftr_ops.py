@@ -93,12 +93,27 @@ def window_offsets(size: int, device) -> torch.Tensor:
 
 # -- coarse matching in linear memory -------------------------------------------------------
 
-# Bytes of one (rows x L1) float32 block of the similarity matrix in chunked matching;
-# each block has ~3 such temporaries. On CPU the whole 640x480 matrix (4800^2 floats,
-# 92 MB) fits in one block, so the common case computes it once; 1280x720 (14 400^2, 0.8 GB)
-# and 1920x1080 (32 400^2, 4.2 GB) go in blocks. On CUDA: a share of the free memory.
-CPU_CHUNK_BYTES = 256 * 2 ** 20
+# Bytes of one (rows x L1) float32 block of the similarity matrix in the blocked matching;
+# each block has two such buffers (the similarities and their exponentials), reused from
+# block to block. On CPU that is sized to stay in a typical last-level cache, where the
+# elementwise passes over a block cost much less than from memory (1280x720: ~3x faster
+# than 256 MiB blocks; 16 MiB blocks were slower again, the matrix product then rereading
+# the newer frame's features too often). On CUDA: a share of the free memory.
+CPU_CHUNK_BYTES = 32 * 2 ** 20
 CUDA_FREE_SHARE = 0.125
+# Up to this size (CPU) the matcher computes the whole matrix instead, the reference's two
+# softmaxes: there they were faster than the blocked passes (640x480: 4800^2 floats, 92 MB,
+# about 0.6x the blocked time, one process alternating both; bench/bench_eloftr_scaling.py).
+CPU_WHOLE_MATRIX_BYTES = 256 * 2 ** 20
+
+
+def whole_matrix_fits(rows: int, columns: int, device, chunk_bytes: int | None = None) -> bool:
+    """Whether the matcher takes the whole (rows, columns) matrix at once: with a given
+    ``chunk_bytes`` when one block holds it; by default on CPU up to
+    CPU_WHOLE_MATRIX_BYTES, on CUDA when one block (a share of the free memory) holds it."""
+    if chunk_bytes is None and torch.device(device).type != "cuda":
+        return 4 * rows * columns <= CPU_WHOLE_MATRIX_BYTES
+    return chunk_rows(rows, columns, device, chunk_bytes) >= rows
 
 
 def chunk_rows(rows: int, columns: int, device, chunk_bytes: int | None = None) -> int:
@@ -124,49 +139,25 @@ def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature
     ``exp(2 S_ij - r_i - c_j)`` with r, c the row and column log-sum-exps; so cell j's
     best older cell maximises ``2 S_ij - r_i`` and cell i's best newer cell ``2 S_ij - c_j``.
     Pass 1 over blocks of rows: r (whole rows are in the block), c (a running
-    log-sum-exp) and each column's arg-max. Candidates: (i*(j), j) with confidence above
-    ``threshold`` and both cells valid (``valid0`` (L0,), ``valid1`` (L1,) bool, None:
-    all). Pass 2: the row arg-max of the candidates' rows only (when the matrix fits one
-    block, pass 1's block is reused). Ties go to the lowest index, as ``torch.max``.
-    Returns (i_ids, j_ids, scores) of the pairs (i, j) that are each other's best,
-    above the threshold and valid: the reference's mask, by ascending i.
+    log-sum-exp) and each column's arg-max (``_row_pass``). Candidates:
+    (i*(j), j) with confidence above ``threshold`` and both cells valid (``valid0`` (L0,),
+    ``valid1`` (L1,) bool, None: all). Pass 2: the row arg-max of the candidates' rows only.
+    Ties go to the lowest index, as ``torch.max``. Returns (i_ids, j_ids, scores) of the
+    pairs (i, j) that are each other's best, above the threshold and valid: the
+    reference's mask, by ascending i. Pairs whose confidences are within float32 rounding
+    of the logits of another cell's (near ties) may go either way, as between any two
+    matrix-product blockings.
 
     ``skip_softmax`` (the config's ``coarse_matching_skip_softmax``): the confidence is S.
     """
     rows, columns = features0.shape[0], features1.shape[0]
     device = features0.device
     step = chunk_rows(rows, columns, device, chunk_bytes)
-    features1_t = features1.transpose(0, 1)
-
-    def similarity(start: int, stop: int) -> torch.Tensor:
-        return features0[start:stop] @ features1_t / temperature
-
-    row_lse = torch.empty(rows, device=device)
-    col_max = torch.full((columns,), -torch.inf, device=device)  # running, of S (for c)
-    col_sum = torch.zeros(columns, device=device)
-    best_col = torch.full((columns,), -torch.inf, device=device)  # of 2 S_ij - r_i
-    best_row_of_col = torch.zeros(columns, dtype=torch.long, device=device)
-    kept_block = None
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        block = similarity(start, stop)
-        if skip_softmax:
-            score = block
-        else:
-            row_lse[start:stop] = torch.logsumexp(block, 1)
-            block_max = block.max(0).values
-            new_max = torch.maximum(col_max, block_max)
-            col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(block - new_max).sum(0)
-            col_max = new_max
-            score = 2 * block - row_lse[start:stop, None]
-        value, index = score.max(0)
-        better = value > best_col  # strict: an earlier block keeps a tie
-        best_col = torch.where(better, value, best_col)
-        best_row_of_col = torch.where(better, index + start, best_row_of_col)
-        if stop - start == rows:
-            kept_block = block
-        del block, score
-    col_lse = torch.zeros(columns, device=device) if skip_softmax else col_max + torch.log(col_sum)
+    features1_t = features1.transpose(0, 1).contiguous()
+    buffers = (torch.empty(step, columns, device=device, dtype=features0.dtype),
+               torch.empty(0 if skip_softmax else step, columns, device=device, dtype=features0.dtype))
+    best_col, best_row_of_col, col_lse = _row_pass(features0, features1_t, temperature, step, buffers,
+                                                   skip_softmax)
 
     # Candidates (i*(j), j): their confidence is known now, the threshold and the border
     # filters apply before any row is looked at again.
@@ -187,13 +178,46 @@ def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature
     best_of_row = torch.empty(rows, dtype=torch.long, device=device)
     for start in range(0, len(candidate_rows), step):
         chunk = candidate_rows[start:start + step]
-        if kept_block is not None:
-            block = kept_block[chunk]
-        else:
-            block = features0[chunk] @ features1_t / temperature
-        score = block if skip_softmax else 2 * block - col_lse
-        best_of_row[chunk] = score.max(1).indices
+        block = torch.mm(features0[chunk], features1_t, out=buffers[0][:len(chunk)]).div_(temperature)
+        if not skip_softmax:
+            block.mul_(2).sub_(col_lse)
+        best_of_row[chunk] = block.max(1).indices
     mutual = best_of_row[i_ids] == j_ids
     i_ids, j_ids, scores = i_ids[mutual], j_ids[mutual], scores[mutual]
     order = torch.argsort(i_ids)  # as the reference: by older cell (each at most once)
     return i_ids[order], j_ids[order], scores[order]
+
+
+def _row_pass(features0: torch.Tensor, features1_t: torch.Tensor, temperature: float, step: int, buffers,
+              skip_softmax: bool):
+    """Pass 1: per column the best row of ``2 S - r`` (of S when ``skip_softmax``), its
+    value, and the column log-sum-exps c (None when ``skip_softmax``).
+
+    Per block, in two reused buffers: the running column maxima and sums of
+    exp(S - column max) (c, as a running log-sum-exp); r = m + log sum_j exp(S - m) with
+    m the row maxima; then 2 S - r in place and its column arg-max. Each exponential is shifted by its own row's or column's maximum, so
+    nothing overflows and no sum underflows, whatever the similarities' range.
+    """
+    rows, columns = features0.shape[0], features1_t.shape[1]
+    device = features0.device
+    best_col = torch.full((columns,), -torch.inf, device=device)
+    best_row_of_col = torch.zeros(columns, dtype=torch.long, device=device)
+    col_max = torch.full((columns,), -torch.inf, device=device)
+    col_sum = torch.zeros(columns, device=device)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = torch.mm(features0[start:stop], features1_t, out=buffers[0][:stop - start]).div_(temperature)
+        if not skip_softmax:
+            exponentials = buffers[1][:stop - start]
+            new_max = torch.maximum(col_max, block.amax(0))
+            torch.sub(block, new_max, out=exponentials).exp_()
+            col_sum = col_sum * torch.exp(col_max - new_max) + exponentials.sum(0)
+            col_max = new_max
+            row_max = block.amax(1, keepdim=True)
+            torch.sub(block, row_max, out=exponentials).exp_()
+            block.mul_(2).sub_(row_max + torch.log(exponentials.sum(1, keepdim=True)))  # 2 S - r
+        value, index = block.max(0)
+        better = value > best_col  # strict: an earlier block keeps a tie
+        best_col = torch.where(better, value, best_col)
+        best_row_of_col = torch.where(better, index + start, best_row_of_col)
+    return best_col, best_row_of_col, None if skip_softmax else col_max + torch.log(col_sum)

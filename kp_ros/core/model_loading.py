@@ -8,6 +8,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from kp_ros.core.cpu_heap import retain_freed_memory
+
 
 class ModelUnavailableError(RuntimeError):
     """The weights are neither in a local directory, nor cached, nor downloadable."""
@@ -93,8 +95,11 @@ def load_pretrained(loader, model: str, **kwargs):
 
     A hub id is looked up in the local cache first; the network is tried only when
     the hub answers at all, and every failure becomes one ModelUnavailableError.
+    A process that loads a model runs it per frame: its freed tensors stay in the heap
+    from now on (kp_ros/core/cpu_heap.py).
     """
     from transformers.utils import logging as hf_logging
+    retain_freed_memory()
     hf_logging.disable_progress_bar()  # one log line per node start, not a progress bar
     model = str(model).strip()
     path = Path(model).expanduser()
