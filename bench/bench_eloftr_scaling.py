@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -46,7 +47,33 @@ from bench_precision import (SeedEfficientLoFTR, ceilings, count_gflop, load_ave
                              load_frames, resized, sync)
 from kp_ros.core.precision import PrecisionWarning, cpu_bf16_support  # noqa: E402
 
-PATHS = {"old": {"reparameterize": False, "coarse_chunk_bytes": 0}, "new": {}}
+# name: (label, matcher keywords, environment); the seed and the old path run with glibc's
+# default malloc (KP_ROS_RETAIN_HEAP=0), "seed, retained heap" shows what that setting alone
+# gives the transformers pipeline.
+PATHS = {
+    "seed": ("seed pipeline, per pair", None, {"KP_ROS_RETAIN_HEAP": "0"}),
+    "seed-heap": ("seed pipeline, per pair, retained heap", None, {"KP_ROS_RETAIN_HEAP": "1"}),
+    "old": ("old (unfused, whole matrix, default malloc)", {"reparameterize": False, "coarse_chunk_bytes": 0},
+            {"KP_ROS_RETAIN_HEAP": "0"}),
+    "new": ("new (default matcher)", {}, {"KP_ROS_RETAIN_HEAP": "1"}),
+    "new-all": ("new, every inner cell matched (the fine stage's worst case)", {}, {"KP_ROS_RETAIN_HEAP": "1"}),
+}
+
+
+def every_cell_matcher():
+    """The default matcher with the real coarse matching's cost, then every inner cell
+    matched to itself: the most fine-stage work a step can have (random weights match ~1)."""
+    from kp_ros.core.eloftr import CoarseMatches, EfficientLoFTRStreamMatcher
+    from kp_ros.core.eloftr_ops import inner_cells
+
+    class EveryCellMatched(EfficientLoFTRStreamMatcher):
+        def match_coarse(self, coarse0, coarse1, threshold=None):
+            super().match_coarse(coarse0, coarse1, threshold)
+            height, width = coarse0.shape[-2:]
+            border = self.config.coarse_matching_border_removal
+            ids = torch.nonzero(inner_cells(height, width, border, coarse0.device))[:, 0]
+            return CoarseMatches(ids, ids, torch.ones(len(ids), device=coarse0.device))
+    return EveryCellMatched
 
 
 # --- one point, in its own process -------------------------------------------------------------
@@ -57,17 +84,19 @@ def child(args) -> dict:
     device = torch.device(args.device)
     height, width = (int(v) for v in args.size.split("x"))
     frames = resized(load_frames(3)[0], (height, width))
-    if args.path == "seed":
+    if args.path.startswith("seed"):
+        from kp_ros.core.cpu_heap import retain_freed_memory
+        retain_freed_memory()  # as kp_ros's model loading does (a no-op with KP_ROS_RETAIN_HEAP=0)
         model = SeedEfficientLoFTR(args.model, device)
 
         def step(older, newer):
             return model(older, newer)
     else:
+        matcher = every_cell_matcher() if args.path == "new-all" else EfficientLoFTRStreamMatcher
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PrecisionWarning)
-            model = EfficientLoFTRStreamMatcher(args.model, device=str(device), resize="native",
-                                                precision=args.precision, match_threshold=0.0,
-                                                **PATHS[args.path])
+            model = matcher(args.model, device=str(device), resize="native", precision=args.precision,
+                            match_threshold=0.0, **PATHS[args.path][1])
 
         def step(older, newer):
             model.reset()
@@ -94,7 +123,7 @@ def child(args) -> dict:
             matches = len(result["scores"] if "scores" in result else result["matching_scores"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    if args.path == "seed":
+    if args.path.startswith("seed"):
         gflop = count_gflop(step, frames[0], frames[1])
     else:
         model.reset()
@@ -108,7 +137,7 @@ def run_child(model_dir, path, precision, size, runs, device) -> dict:
     command = [sys.executable, __file__, "--child", "--model", str(model_dir), "--path", path,
                "--precision", precision, "--size", f"{size[0]}x{size[1]}", "--runs", str(runs),
                "--device", device]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **PATHS[path][2]})
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -159,31 +188,24 @@ def main(argv=None) -> str:
         model_dir = save_random_eloftr(Path(tmp) / "eloftr", "full", seed=0)
         seed_ms = None
         if not args.no_seed and (480, 640) in sizes:
-            seed = run_child(model_dir, "seed", "fp32", (480, 640), args.runs, args.device)
-            results["points"]["seed/fp32/480x640"] = seed
-            if "ms" in seed:
-                seed_ms = seed["ms"]
-            rows.append(table_row("seed pipeline, per pair", "fp32", (480, 640), seed, peak, seed_ms))
-            print(rows[-1], file=sys.stderr, flush=True)
+            for path in ("seed", "seed-heap"):
+                seed = run_child(model_dir, path, "fp32", (480, 640), args.runs, args.device)
+                results["points"][f"{path}/fp32/480x640"] = seed
+                if path == "seed" and "ms" in seed:
+                    seed_ms = seed["ms"]
+                rows.append(table_row(PATHS[path][0], "fp32", (480, 640), seed, peak, seed_ms))
+                print(rows[-1], file=sys.stderr, flush=True)
         for precision in precisions:
             estimate = None
             for size in sizes:
-                pixels = size[0] * size[1]
-                for path in ("old", "new"):
-                    label = f"{path} ({'unfused, whole matrix' if path == 'old' else 'folded, row blocks'})"
-                    cells = (size[0] // 8) * (size[1] // 8)
-                    if path == "old" and pixels > 1280 * 720:
-                        rows.append(f"| {label} | {precision} | {size[1]}x{size[0]} | not run: its "
-                                    f"dual softmax holds {cells}^2 floats = {4 * cells ** 2 / 2 ** 30:.1f} "
-                                    f"GiB per matrix (several at once) | | | | | |")
-                        continue
-                    if path == "new" and estimate is not None and estimate > args.max_peak_gb:
-                        rows.append(f"| {label} | {precision} | {size[1]}x{size[0]} | not run: estimated "
-                                    f"peak {estimate:.1f} GiB > --max-peak-gb | | | | | |")
+                for path in ("old", "new", "new-all"):
+                    row = skipped(path, precision, size, estimate, args.max_peak_gb)
+                    if row:
+                        rows.append(row)
                         continue
                     point = run_child(model_dir, path, precision, size, args.runs, args.device)
                     results["points"][f"{path}/{precision}/{size[0]}x{size[1]}"] = point
-                    rows.append(table_row(label, precision, size, point, peak,
+                    rows.append(table_row(PATHS[path][0], precision, size, point, peak,
                                           seed_ms if size == (480, 640) else None))
                     print(rows[-1], file=sys.stderr, flush=True)
                     if path == "new" and "peak_gb" in point:
@@ -201,6 +223,18 @@ def main(argv=None) -> str:
         (args.out / "eloftr_scaling.md").write_text(text + "\n")
         (args.out / "eloftr_scaling.json").write_text(json.dumps(results, indent=1))
     return text
+
+
+def skipped(path, precision, size, estimate, max_peak_gb) -> str | None:
+    """The table row of a point not run (None: run it)."""
+    label, resolution, cells = PATHS[path][0], f"{size[1]}x{size[0]}", (size[0] // 8) * (size[1] // 8)
+    if path == "old" and size[0] * size[1] > 1280 * 720:
+        return (f"| {label} | {precision} | {resolution} | not run: its dual softmax holds {cells}^2 floats = "
+                f"{4 * cells ** 2 / 2 ** 30:.1f} GiB per matrix (several at once) | | | | | |")
+    if path.startswith("new") and estimate is not None and estimate > max_peak_gb:
+        return (f"| {label} | {precision} | {resolution} | not run: estimated peak {estimate:.1f} GiB > "
+                f"--max-peak-gb | | | | | |")
+    return None
 
 
 def table_row(label, precision, size, point, peak, seed_ms) -> str:
