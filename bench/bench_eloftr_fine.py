@@ -1,7 +1,7 @@
 """EfficientLoFTR's fine stage: the pyramid on the whole maps vs on tiles of matched cells.
 
     python bench/bench_eloftr_fine.py [--sizes 640x480,1920x1080] [--precisions fp32,bf16]
-        [--shares 0.001,0.01,0.05,0.2,0.5,1] [--tile-cells 16] [--runs 2] [--max-work 2]
+        [--shares 0.001,0.01,0.05,0.2,0.5,1] [--tile-cells 4] [--runs 2] [--max-work 2]
 
 Times (the least of --runs after a warm-up) and peak memory of ``fine_windows`` (the fine
 pyramid + the windows of every match) on the full-size random-init model, for a share of
@@ -20,7 +20,8 @@ a fixed 64 KiB mmap threshold (every large tensor mapped and unmapped, so the re
 set follows the live tensors) as the rise of VmHWM over the resident set before the call
 (VmHWM reset through /proc/self/clear_refs). The frames' backbone features (one
 synthetic frame per size, used for both frames) are computed once and not counted.
-Timings on a shared machine are noisy: compare rows of one run only.
+One thread by default (--threads): both paths on one core. Timings on a shared machine
+are noisy: compare rows of one run only.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def worker(args) -> None:
     from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
     from kp_ros.core.eloftr_fine_tiles import full_map_macs
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     matcher = EfficientLoFTRStreamMatcher(args.model, device="cpu", resize="native", precision=args.precision)
     default_tiles, default_ratio = matcher.fine_tile_cells, eloftr.TILE_WORK_RATIO
     for size in args.sizes.split(","):
@@ -113,11 +116,13 @@ def worker(args) -> None:
             finally:
                 matcher.fine_tile_cells, eloftr.TILE_WORK_RATIO = default_tiles, default_ratio
 
-        everything = matches_for("scattered", 1.0, grid)
+        # The whole maps' cost hardly depends on the matches (cutting windows is cheap), and
+        # the windows of every cell would add GBs at 1920x1080: timed with a few.
+        few = matches_for("scattered", 0.001, grid)
 
         def maps():  # again before each layout: the least of all, as the machine's load varies
             print(json.dumps({"size": size, "precision": args.precision, "measure": args.measure,
-                              "path": "maps", "value": measure(everything, 0)}), flush=True)
+                              "path": "maps", "value": measure(few, 0)}), flush=True)
         for layout in ("scattered", "clustered"):
             maps()
             for share in (float(s) for s in args.shares.split(",")):
@@ -169,10 +174,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="640x480,1920x1080", help="WxH, comma-separated")
     parser.add_argument("--precisions", default=None, help="default fp32, and bf16 where the CPU has avx512_bf16")
     parser.add_argument("--shares", default="0.001,0.01,0.05,0.2,0.5,1")
-    parser.add_argument("--tile-cells", default="16", help="tile sizes T to time, comma-separated")
+    parser.add_argument("--tile-cells", default="4", help="tile sizes T to time, comma-separated")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per point (after one warm-up)")
     parser.add_argument("--max-work", type=float, default=2.0, help="skip tiles over this x the maps' work")
     parser.add_argument("--measures", default="time,memory")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default). On a shared machine more than one thread "
+                             "makes every op wait for a descheduled worker, which penalises many small ops")
     parser.add_argument("--model", default=None, help="model dir (default: a random-init full-size one)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
@@ -194,7 +202,7 @@ def main() -> None:
                 command = [sys.executable, __file__, "--measure", measure, "--precision", precision,
                            "--model", args.model, "--sizes", args.sizes, "--shares", args.shares,
                            "--tile-cells", args.tile_cells, "--runs", str(args.runs),
-                           "--max-work", str(args.max_work)]
+                           "--max-work", str(args.max_work), "--threads", str(args.threads)]
                 result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
                 if result.returncode:
                     print(f"worker {precision} {measure} failed ({result.returncode})", file=sys.stderr)

@@ -60,10 +60,14 @@ from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
 SIZE_MULTIPLE = 32  # the backbone (1/8) and the 4x4 attention aggregation need H, W % 32 == 0
 # The fine pyramid on tiles of FINE_TILE_CELLS x FINE_TILE_CELLS coarse cells (those that
 # hold a matched cell, with their halos) instead of on the whole maps when the tiles'
-# convolution work times TILE_WORK_RATIO is below the whole maps' (the ratio covers the
-# tiles' crops, small batches and window gathers). Measured by bench/bench_eloftr_fine.py.
-FINE_TILE_CELLS = 16
-TILE_WORK_RATIO = 1.25
+# convolution work times TILE_WORK_RATIO is below the whole maps'. Measured by
+# bench/bench_eloftr_fine.py (full-size model, CPU): the tiles' time follows their work
+# share within ~15 % (crops, gathers and small batches cost about what the unpadded
+# convolutions save), so the cross-over is at equal work. 4 cells: small halos' overhead
+# against little area wasted around scattered cells (2 is better for isolated cells,
+# 8-16 for large clusters).
+FINE_TILE_CELLS = 4
+TILE_WORK_RATIO = 1.0
 
 
 @dataclass
