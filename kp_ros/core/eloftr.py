@@ -61,9 +61,10 @@ SIZE_MULTIPLE = 32  # the backbone (1/8) and the 4x4 attention aggregation need 
 # The fine pyramid on tiles of FINE_TILE_CELLS x FINE_TILE_CELLS coarse cells (those that
 # hold a matched cell, with their halos) instead of on the whole maps when the tiles'
 # convolution work times TILE_WORK_RATIO is below the whole maps'. Measured by
-# bench/bench_eloftr_fine.py (full-size model, CPU): the tiles' time follows their work
-# share within ~15 % (crops, gathers and small batches cost about what the unpadded
-# convolutions save), so the cross-over is at equal work. 4 cells: small halos' overhead
+# bench/bench_eloftr_fine.py (full-size model, CPU): the tiles' time is their work share
+# times ~0.9-1.2 (crops, gathers and small batches against the unpadded convolutions), so
+# the cross-over is at ~0.85-1x the work; up to 1x the tiles still save most of the
+# memory (a few hundred MB at most, against the maps' GBs at 1920x1080). 4 cells: small halos' overhead
 # against little area wasted around scattered cells (2 is better for isolated cells,
 # 8-16 for large clusters).
 FINE_TILE_CELLS = 4
