@@ -37,8 +37,8 @@ TUM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tum_fr3_lon
 REFERENCE_STAGES = ("preprocess", "backbone", "coarse attention", "coarse matching",
                     "fine fusion", "fine matching", "other", "post-process")
 KP_ROS_STAGES = {"preprocess": "preprocess", "extract": "backbone", "transform": "coarse attention",
-                 "match_coarse": "coarse matching", "fine_maps": "fine fusion",
-                 "refine": "fine matching", "finish": "post-process"}
+                 "match_coarse": "coarse matching", "fine_windows": "fine fusion",
+                 "refine_windows": "fine matching", "finish": "post-process"}
 
 
 def load_frames(count: int) -> tuple[list[np.ndarray], str]:

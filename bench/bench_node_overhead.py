@@ -81,7 +81,7 @@ def instrument(node, key: str, clock: StageClock, monkeypatch: list) -> None:
         import kp_ros.nodes.eloftr_node as module
         patches.append((module, "matches_to_msg", "message fill"))
         stages = {"preprocess": ("preprocess",),
-                  "forward": ("extract", "transform", "match_coarse", "select", "fine_maps", "refine"),
+                  "forward": ("extract", "transform", "match_coarse", "select", "fine_windows", "refine_windows"),
                   "post-process": ("finish",)}
     for owner, name, stage in patches:
         original = getattr(owner, name)

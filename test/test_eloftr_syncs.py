@@ -38,9 +38,11 @@ def test_one_copy_back_per_step_with_the_same_values(tiny_eloftr_dir, monkeypatc
 
 def test_stream_step_synchronisations(tiny_eloftr_dir, monkeypatch):
     """Per step after the backbone: the mutual-NN selection (one mask index), the 3x3 grid
-    constant of the refinement (one small upload) and the one copy back."""
+    constant of the refinement (one small upload) and the one copy back. (The whole fine
+    maps here; the fine pyramid on tiles adds one copy of the cells to the host and one
+    upload, see test_eloftr_fine_tiles.)"""
     matcher = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native", match_threshold=0.0,
-                                          geometric_verification="none")
+                                          geometric_verification="none", fine_tile_cells=0)
     frames = [synthetic_frame(96, 128, shift=(8 * i, 0)) for i in range(2)]
     features = [matcher.extract(matcher.preprocess(f)) for f in frames]
     counter = SyncCounter(monkeypatch)

@@ -8,9 +8,11 @@ The pipeline (Wang et al., CVPR 2024), each step a method so it can be timed or 
   3. ``match_coarse``: dual-softmax confidence, threshold, border removal, mutual nearest
      neighbours -> one (i, j) cell pair per correspondence, in blocks of rows (memory
      linear in the cells, eloftr_ops.mutual_nearest).
-  4. ``fine_maps``: fuse the attended coarse map with the residuals into full-res features.
-  5. ``refine``: for each pair, the 8x8 fine window of cell i in the older frame against
-     the 10x10 window of cell j in the newer one: pixel-level argmax, then a 3x3
+  4. ``fine_windows``: fuse the attended coarse map with the residuals into full-res
+     features (``fine_maps``, or only on tiles around the matched cells when that is
+     less work: kp_ros/core/eloftr_fine_tiles.py) and cut each pair's windows: the 8x8
+     window of cell i in the older frame, the 10x10 window of cell j in the newer one.
+  5. ``refine_windows``: pixel-level argmax between the two windows, then a 3x3
      sub-pixel expectation in the newer frame.
 
 Why not ``model(pixel_values)`` + ``post_process_keypoint_matching`` (transformers 5.23):
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
+from kp_ros.core.eloftr_fine_tiles import TilePlan, full_map_macs, host_ids, tile_macs_bounds, tile_windows
 from kp_ros.core.eloftr_fold import fold_backbone, fold_fine_fusion
 from kp_ros.core.eloftr_ops import (cell_xy, cut_windows, fine_matching, inner_cells, mutual_nearest,
                                    whole_matrix_fits)
@@ -55,6 +58,17 @@ from kp_ros.core.precision import resolve_precision, warn_once
 from kp_ros.core.preprocess import preprocess_gray, scale_to_source, target_size
 
 SIZE_MULTIPLE = 32  # the backbone (1/8) and the 4x4 attention aggregation need H, W % 32 == 0
+# The fine pyramid on tiles of FINE_TILE_CELLS x FINE_TILE_CELLS coarse cells (those that
+# hold a matched cell, with their halos) instead of on the whole maps when the tiles'
+# convolution work times TILE_WORK_RATIO is below the whole maps'. Measured by
+# bench/bench_eloftr_fine.py (full-size model, CPU): the tiles' time is their work share
+# times ~0.9-1.2 (crops, gathers and small batches against the unpadded convolutions), so
+# the cross-over is at ~0.85-1x the work; up to 1x the tiles still save most of the
+# memory (a few hundred MB at most, against the maps' GBs at 1920x1080). 4 cells: small halos' overhead
+# against little area wasted around scattered cells (2 is better for isolated cells,
+# 8-16 for large clusters).
+FINE_TILE_CELLS = 4
+TILE_WORK_RATIO = 1.0
 
 
 @dataclass
@@ -105,7 +119,7 @@ class EfficientLoFTRStreamMatcher:
                  geometric_verification: str = EfficientLoFTRParams.geometric_verification,
                  ransac_reproj_threshold: float = EfficientLoFTRParams.ransac_reproj_threshold,
                  fp16: bool = False, precision: str = "fp32", reparameterize: bool = True,
-                 coarse_chunk_bytes: int | None = None):
+                 coarse_chunk_bytes: int | None = None, fine_tile_cells: int = FINE_TILE_CELLS):
         from transformers import EfficientLoFTRForKeypointMatching
 
         self._device = resolve_device(device)
@@ -137,6 +151,11 @@ class EfficientLoFTRStreamMatcher:
         # (eloftr_ops.whole_matrix_fits, chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
         # matrix as the reference does (bit for bit; 4.2 GB per matrix at 1920x1080).
         self.coarse_chunk_bytes = coarse_chunk_bytes
+        # Fine pyramid on tiles of this many coarse cells a side where that is cheaper
+        # (``fine_tile_plan``); 0: always the whole maps. Folded fine fusion only.
+        if int(fine_tile_cells) < 0:
+            raise ValueError(f"fine_tile_cells must be >= 0, got {fine_tile_cells}")
+        self.fine_tile_cells = int(fine_tile_cells)
         # CUDA under fp16 / bf16 only (kp_ros/core/device_placement.py): low-precision weights
         # cast once here, not by autocast every frame (same results), and an NHWC backbone.
         # After the folding, so the folded convolutions (not in self.model) are placed too.
@@ -226,8 +245,8 @@ class EfficientLoFTRStreamMatcher:
         matches = self.select(matches, params.max_matches)
         if matches.scores.numel() == 0:
             return empty_result()
-        fine0, fine1 = self.fine_maps(coarse0, coarse1, features0, features1)
-        points0, points1 = self.refine(fine0, fine1, matches, features0)
+        windows0, windows1 = self.fine_windows(coarse0, coarse1, features0, features1, matches)
+        points0, points1 = self.refine_windows(windows0, windows1, matches, features0)
         return self.finish(points0, points1, matches.scores, features0, features1, params)
 
     # -- stages -----------------------------------------------------------------------
@@ -326,24 +345,72 @@ class EfficientLoFTRStreamMatcher:
             fine = self._fine_fusion.forward_pyramid(coarse, residuals[::-1])
         return fine[:1], fine[1:]
 
-    def refine(self, fine0: torch.Tensor, fine1: torch.Tensor, matches: CoarseMatches,
-               features0: FrameFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 5: sub-pixel positions (M, 2), model pixels, of each (i, j) pair.
+    def fine_windows(self, coarse0: torch.Tensor, coarse1: torch.Tensor, features0: FrameFeatures,
+                     features1: FrameFeatures, matches: CoarseMatches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 4: each pair's fine windows, (M, k*k, Cf) of cell i in the older frame and
+        (M, (k+2)^2, Cf) of cell j in the newer one (zero outside the image), k the
+        config's fine_kernel_size: from the whole fine maps or, where ``fine_tile_plan``
+        finds it cheaper, from the pyramid run on tiles only (the same up to float rounding)."""
+        plan = self.fine_tile_plan(features0, matches)
+        if plan is None:
+            return self.map_windows(*self.fine_maps(coarse0, coarse1, features0, features1), matches, features0)
+        scale = self.config.hidden_size ** 0.5
+        with self._autocast():
+            windows0, windows1 = tile_windows(
+                self._fine_fusion, [coarse0 / scale, coarse1 / scale],
+                [list(features0.residuals[::-1]), list(features1.residuals[::-1])],
+                [matches.i_ids, matches.j_ids], [0, 1], self.config.fine_kernel_size, plan.tile_cells,
+                self.placement.memory_format, plan=plan)
+        return windows0, windows1
 
-        Only the matched windows are cut (the reference unfolds every cell of both maps).
-        """
+    def fine_tile_plan(self, features0: FrameFeatures, matches: CoarseMatches) -> TilePlan | None:
+        """The tiles the fine pyramid runs on for these matches, or None for the whole maps:
+        when tiles are off (``fine_tile_cells`` 0), the fine fusion is not the folded one,
+        a subclass supplies its own ``fine_maps``, or the active tiles' convolution work
+        times TILE_WORK_RATIO is not below the whole maps' (many or scattered matches)."""
+        if self.fine_tile_cells <= 0 or not self.reparameterized or \
+                type(self).fine_maps is not EfficientLoFTRStreamMatcher.fine_maps:
+            return None
+        height, width = features0.coarse.shape[-2:]
+        stride, kernel, tile_cells = features0.model_size[0] // height, self.config.fine_kernel_size, self.fine_tile_cells
+        full = 2 * full_map_macs(self._fine_fusion, height, width)
+        # Clearly the whole maps (each frame needs at least M / T^2 tiles): decided from the
+        # match count alone, without reading the cells on the host.
+        least, _ = tile_macs_bounds(self._fine_fusion, (height, width), tile_cells, kernel, stride)
+        if 2 * -(-matches.i_ids.numel() // tile_cells ** 2) * least * TILE_WORK_RATIO >= full:
+            return None
+        plan = TilePlan(self._fine_fusion, (height, width), host_ids([matches.i_ids, matches.j_ids]),
+                        tile_cells, kernel, stride)
+        if plan.macs() * TILE_WORK_RATIO >= full:
+            return None
+        return plan
+
+    def map_windows(self, fine0: torch.Tensor, fine1: torch.Tensor, matches: CoarseMatches,
+                    features0: FrameFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs' windows (as ``fine_windows``) cut from two whole (1, Cf, h, w) fine maps
+        (only the matched ones: the reference unfolds every cell of both maps)."""
         coarse_height, coarse_width = features0.coarse.shape[-2:]
-        fine_height = fine0.shape[-2]
-        model_height = features0.model_size[0]
+        stride = fine0.shape[-2] // coarse_height  # fine pixels per coarse cell
         kernel = self.config.fine_kernel_size
-        stride = fine_height // coarse_height  # fine pixels per coarse cell
         windows0 = cut_windows(fine0[0], matches.i_ids, coarse_width, stride, kernel, padding=0)
         windows1 = cut_windows(fine1[0], matches.j_ids, coarse_width, stride, kernel + 2, padding=1)
+        return windows0, windows1
+
+    def refine(self, fine0: torch.Tensor, fine1: torch.Tensor, matches: CoarseMatches,
+               features0: FrameFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5 on whole fine maps: sub-pixel positions (M, 2), model pixels, of each (i, j) pair."""
+        return self.refine_windows(*self.map_windows(fine0, fine1, matches, features0), matches, features0)
+
+    def refine_windows(self, windows0: torch.Tensor, windows1: torch.Tensor, matches: CoarseMatches,
+                       features0: FrameFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5: sub-pixel positions (M, 2), model pixels, of each (i, j) pair from its windows."""
+        coarse_height, coarse_width = features0.coarse.shape[-2:]
+        model_height = features0.model_size[0]
         coarse_scale = model_height / coarse_height
         points0 = cell_xy(matches.i_ids, coarse_width) * coarse_scale
         points1 = cell_xy(matches.j_ids, coarse_width) * coarse_scale
         return fine_matching(windows0.float(), windows1.float(), points0, points1,
-                             fine_scale=model_height / fine_height,
+                             fine_scale=1.0,  # the fine maps are at the model's resolution
                              slice_dim=self.config.fine_matching_slice_dim,
                              temperature=self.config.fine_matching_regress_temperature)
 
