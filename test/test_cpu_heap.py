@@ -1,5 +1,5 @@
 """kp_ros/core/cpu_heap.py: after a model load, freed large blocks are reused from the
-heap (no new page faults per frame); KP_ROS_RETAIN_HEAP=0 leaves malloc as it is.
+heap (no new page faults per frame) with KP_ROS_RETAIN_HEAP=1; by default malloc is left as it is.
 Each case runs in a fresh interpreter: the setting is process-wide. (What it saves in a
 matcher step, bench/bench_eloftr_scaling.py reports.)"""
 from __future__ import annotations
@@ -50,7 +50,7 @@ def glibc() -> bool:
 
 @pytest.mark.skipif(not glibc(), reason="the heap setting applies to glibc only")
 def test_freed_large_tensors_are_reused_without_page_faults():
-    result = probe(None)
+    result = probe("1")
     pages = 2 * 256 * 2 ** 20 // 4096
     assert result["applied"] is True
     assert result["faults"][0] > pages // 2  # the first round touches new memory
@@ -58,8 +58,9 @@ def test_freed_large_tensors_are_reused_without_page_faults():
 
 
 @pytest.mark.skipif(not glibc(), reason="the heap setting applies to glibc only")
-def test_the_switch_leaves_malloc_as_it_is():
-    result = probe("0")
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_by_default_malloc_is_left_as_it_is(switch):
+    result = probe(switch)
     pages = 2 * 256 * 2 ** 20 // 4096
     assert result["applied"] is False
     assert min(result["faults"]) > pages // 2, result  # every allocation is a fresh mmap
@@ -70,6 +71,6 @@ def test_loading_a_model_applies_it(tiny_superpoint_dir):
             f"SuperPointDetector({str(tiny_superpoint_dir)!r}, device='cpu');"
             "print(json.dumps(cpu_heap._applied))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "KP_ROS_RETAIN_HEAP"})
+                          env={**os.environ, "KP_ROS_RETAIN_HEAP": "1"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) is glibc()

@@ -6,11 +6,12 @@ default) with a fresh mmap and unmaps them on free. A matcher's per-frame tensor
 frame, each zero-filled by the kernel on first touch: about half a million page faults
 per EfficientLoFTR step at 640x480, a third of the step's time. With the mmap and trim
 thresholds raised, those blocks stay in the heap and the next frame reuses them; the
-process keeps its peak resident memory, which the next frame needs anyway.
-
-Process-wide, applied once when a model is loaded (model_loading.load_pretrained), only
-where the C library is glibc; ``KP_ROS_RETAIN_HEAP=0`` in the environment leaves malloc
-as it is (e.g. many idle processes that should give memory back).
+process keeps its peak resident memory, and the heap can fragment: with differently
+sized blocks it grew to several times the working set before it settled, and a
+1920x1080 step peaked higher (4.5 vs 3.6 GiB) and was not faster. So it is opt-in:
+``KP_ROS_RETAIN_HEAP=1`` in the environment (worth it at 640x480 and below, see
+docs/performance.md). Process-wide, applied once when a model is loaded
+(model_loading.load_pretrained), only where the C library is glibc.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def retain_freed_memory() -> bool:
 
 
 def _set_thresholds() -> bool:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get(ENV_SWITCH, "0").strip().lower() not in ("1", "true", "yes", "on"):
         return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
