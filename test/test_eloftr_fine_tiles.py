@@ -127,23 +127,23 @@ def test_interior_tiles_share_one_batch(pyramid):
 # -- through the matcher ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def saved_dir(tmp_path_factory):
-    """A tiny model with non-trivial BatchNorms, saved like a checkpoint."""
+def saved_with_batch_norms(tmp_path_factory, size, seed, norm_seed):
+    """A random model with non-trivial BatchNorms, saved like a checkpoint."""
     from transformers import EfficientLoFTRImageProcessor
-    path = tmp_path_factory.mktemp("eloftr_tiles_bn")
-    randomise_batch_norms(build_eloftr("tiny", seed=1), seed=1).save_pretrained(path)
+    path = tmp_path_factory.mktemp(f"eloftr_{size}_bn")
+    randomise_batch_norms(build_eloftr(size, seed=seed), seed=norm_seed).save_pretrained(path)
     EfficientLoFTRImageProcessor().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    return saved_with_batch_norms(tmp_path_factory, "tiny", 1, 1)
 
 
 @pytest.fixture(scope="module")
 def full_dir(tmp_path_factory):
-    from transformers import EfficientLoFTRImageProcessor
-    path = tmp_path_factory.mktemp("eloftr_full_bn")
-    randomise_batch_norms(build_eloftr("full", seed=0), seed=2).save_pretrained(path)
-    EfficientLoFTRImageProcessor().save_pretrained(path)
-    return path
+    return saved_with_batch_norms(tmp_path_factory, "full", 0, 2)
 
 
 def features_and_coarse(matcher, height=96, width=128):
