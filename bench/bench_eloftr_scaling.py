@@ -9,7 +9,12 @@ threshold 0):
   - seed: transformers' processor -> model -> post-process per pair (fp32, 640x480 only),
   - old:  ``EfficientLoFTRStreamMatcher(reparameterize=False, coarse_chunk_bytes=0)``, the
           unfused RepVGG blocks and the whole (h/8 w/8)^2 dual-softmax matrices,
-  - new:  the default matcher: folded backbone / fine fusion, coarse matching in row blocks.
+  - new:  the default matcher: folded backbone / fine fusion, coarse matching in row blocks,
+          the fine stage on tiles where that is cheaper, the transformer MLPs and the
+          coarse products as oneDNN 1x1 convolutions on CPU, per-frame blocks kept in
+          the heap (kp_ros/core/cpu_heap.py); "new, KP_ROS_RETAIN_HEAP=0" without that,
+          "every inner cell matched" its fine stage's worst case.
+--paths picks a subset (default: all).
 Each (path, precision, resolution) runs in a fresh subprocess, so its peak memory is its
 own: ru_maxrss of that process (model, frames and one warm-up step included; the RSS
 before the first step is given too), or torch.cuda.max_memory_allocated on CUDA. GFLOP
@@ -48,16 +53,16 @@ from bench_precision import (SeedEfficientLoFTR, ceilings, count_gflop, load_ave
 from kp_ros.core.precision import PrecisionWarning, cpu_bf16_support  # noqa: E402
 
 # name: (label, matcher keywords, environment); the seed and the old path run with glibc's
-# default malloc (KP_ROS_RETAIN_HEAP=0, as the default matcher); the "retained heap" rows show
-# what that opt-in setting gives each.
+# default malloc, as before kp_ros kept per-frame blocks in the heap; "seed-heap" shows what
+# that setting alone gives the seed.
 PATHS = {
     "seed": ("seed pipeline, per pair", None, {"KP_ROS_RETAIN_HEAP": "0"}),
-    "seed-heap": ("seed pipeline, per pair, retained heap", None, {"KP_ROS_RETAIN_HEAP": "1"}),
+    "seed-heap": ("seed pipeline, per pair, heap kept", None, {"KP_ROS_RETAIN_HEAP": "1"}),
     "old": ("old (unfused, whole matrix, default malloc)", {"reparameterize": False, "coarse_chunk_bytes": 0},
             {"KP_ROS_RETAIN_HEAP": "0"}),
-    "new": ("new (default matcher)", {}, {"KP_ROS_RETAIN_HEAP": "0"}),
-    "new-heap": ("new, KP_ROS_RETAIN_HEAP=1", {}, {"KP_ROS_RETAIN_HEAP": "1"}),
-    "new-all": ("new, every inner cell matched (the fine stage's worst case)", {}, {"KP_ROS_RETAIN_HEAP": "0"}),
+    "new": ("new (default matcher)", {}, {"KP_ROS_RETAIN_HEAP": "1"}),
+    "new-malloc": ("new, KP_ROS_RETAIN_HEAP=0", {}, {"KP_ROS_RETAIN_HEAP": "0"}),
+    "new-all": ("new, every inner cell matched (the fine stage's worst case)", {}, {"KP_ROS_RETAIN_HEAP": "1"}),
 }
 
 
@@ -156,6 +161,7 @@ def main(argv=None) -> str:
     parser.add_argument("--max-peak-gb", type=float, default=4.0,
                         help="skip a new-path resolution whose estimated peak is above this")
     parser.add_argument("--no-seed", action="store_true")
+    parser.add_argument("--paths", default=",".join(PATHS), help="a subset of: " + ", ".join(PATHS))
     parser.add_argument("--out", type=Path, help="also write DIR/eloftr_scaling.{md,json}")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -172,6 +178,10 @@ def main(argv=None) -> str:
     device = torch.device(args.device)
     precisions = [p for p in args.precisions.split(",") if p]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.resolutions.split(",") if s]
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        parser.error(f"--paths: unknown {', '.join(sorted(unknown))} (known: {', '.join(PATHS)})")
     native, what = cpu_bf16_support() if device.type == "cpu" else (True, str(device))
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process"
     lines = [f"Device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {what}. "
@@ -189,7 +199,7 @@ def main(argv=None) -> str:
         model_dir = save_random_eloftr(Path(tmp) / "eloftr", "full", seed=0)
         seed_ms = None
         if not args.no_seed and (480, 640) in sizes:
-            for path in ("seed", "seed-heap"):
+            for path in [p for p in ("seed", "seed-heap") if p in paths]:
                 seed = run_child(model_dir, path, "fp32", (480, 640), args.runs, args.device)
                 results["points"][f"{path}/fp32/480x640"] = seed
                 if path == "seed" and "ms" in seed:
@@ -199,7 +209,7 @@ def main(argv=None) -> str:
         for precision in precisions:
             estimate = None
             for size in sizes:
-                for path in ("old", "new", "new-heap", "new-all"):
+                for path in [p for p in ("old", "new", "new-malloc", "new-all") if p in paths]:
                     row = skipped(path, precision, size, estimate, args.max_peak_gb)
                     if row:
                         rows.append(row)

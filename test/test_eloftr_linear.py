@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core import eloftr_ops
 from kp_ros.core.eloftr_ops import chunk_rows, mutual_nearest, whole_matrix_fits
 from test_eloftr_correctness import MOTIONS, THRESHOLD, HandMadeFeatureMatcher, moved_pair
 
@@ -56,6 +57,17 @@ def features(rows, columns, channels=32, seed=0, scale=1.0, overlap=0.6):
 
 
 BLOCKS = [None, 4 * 1, 4 * 37 * 97, 4 * 200 * 97]  # bytes: default, 1 row, 37 rows, all rows
+
+
+@pytest.fixture(autouse=True, params=["convolution", "mm"])
+def block_product(request, monkeypatch):
+    """Every case with both block products: the CPU's 1x1 convolution (where oneDNN is
+    there) and torch.mm into reused buffers (CUDA's, and the CPU's without oneDNN)."""
+    if request.param == "mm":
+        monkeypatch.setattr(eloftr_ops, "conv_products", lambda device: False)
+    elif not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: the convolution product is not used")
+    return request.param
 
 
 @pytest.mark.parametrize("chunk_bytes", BLOCKS)
@@ -126,9 +138,9 @@ def test_block_rows_follow_the_byte_budget():
     assert chunk_rows(4800, 4800, "cpu", 4800 * 4 * 100) == 100
     assert chunk_rows(4800, 4800, "cpu", 1) == 1
     assert chunk_rows(100, 100, "cpu", 10 ** 9) == 100
-    # The CPU default takes a 640x480 frame's whole matrix, blocks 1280x720's and 1920x1080's
+    # The CPU default takes a 320x240 frame's whole matrix, blocks 640x480's and larger
     # (in blocks of a few hundred rows: two of them fit a last-level cache).
-    assert whole_matrix_fits(4800, 4800, "cpu") and not whole_matrix_fits(14400, 14400, "cpu")
+    assert whole_matrix_fits(1200, 1200, "cpu") and not whole_matrix_fits(4800, 4800, "cpu")
     assert not whole_matrix_fits(4800, 4800, "cpu", 4800 * 4 * 100)
     assert whole_matrix_fits(4800, 4800, "cpu", 4800 * 4 * 4800)
     assert 64 <= chunk_rows(32400, 32400, "cpu") < 32400 // 64

@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from kp_ros.core.device_placement import apply_memory_format, apply_weights_dtype, placement
 from kp_ros.core.eloftr_fine_tiles import TilePlan, full_map_macs, host_ids, tile_macs_bounds, tile_windows
 from kp_ros.core.eloftr_fold import fold_backbone, fold_fine_fusion
+from kp_ros.core.eloftr_mlp import install_mlp_forward, mlp_form
+from kp_ros.core.eloftr_transformer import ChannelsLastTransformer
 from kp_ros.core.eloftr_ops import (cell_xy, cut_windows, fine_matching, inner_cells, mutual_nearest,
                                    whole_matrix_fits)
 from kp_ros.core.eloftr_params import EfficientLoFTRParams
@@ -93,21 +95,6 @@ def empty_result() -> dict[str, np.ndarray]:
             "scores": np.zeros(0, np.float32), "inliers": np.zeros(0, np.uint8)}
 
 
-def contiguous_mlp_inputs(model: torch.nn.Module) -> None:
-    """Make each transformer MLP's input contiguous before its first Linear.
-
-    transformers hands the MLP a permuted (B, H, W, 2C) view. In float32 the Linear copies
-    it and runs one matrix product, but under bf16 / fp16 autocast the cast keeps the
-    permuted strides and the Linear becomes a batched product with the weight expanded
-    and copied once per row of cells, which costs more than the product itself. A copy
-    first gives the single product in every precision (same values up to rounding order).
-    Hooks on this matcher's own model instance only; they are not saved with it.
-    """
-    for module in model.modules():
-        if type(module).__name__ == "EfficientLoFTRMLP":
-            module.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
-
-
 class EfficientLoFTRStreamMatcher:
     """Matches each pushed frame against the previous one, reusing its backbone features.
     Results are numpy arrays (tensors stay inside); settings: ``EfficientLoFTRParams``."""
@@ -145,8 +132,11 @@ class EfficientLoFTRStreamMatcher:
         self.reparameterized = bool(reparameterize)
         self._backbone = self.model.efficientloftr.backbone
         self._fine_fusion = self.model.refinement_layer
+        self._transformer = None  # None: transformers' own local feature transformer
         if self.reparameterized:
             self._backbone, self._fine_fusion = fold_backbone(self.model), fold_fine_fusion(self.model)
+            # and the transformer's maps in channels_last (kp_ros/core/eloftr_transformer.py)
+            self._transformer = ChannelsLastTransformer(self.model)
         # Coarse matching memory: None blocks a large similarity matrix by memory
         # (eloftr_ops.whole_matrix_fits, chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
         # matrix as the reference does (bit for bit; 4.2 GB per matrix at 1920x1080).
@@ -163,7 +153,10 @@ class EfficientLoFTRStreamMatcher:
         for module in (self.model, self._backbone, self._fine_fusion):
             apply_weights_dtype(module, self.placement.weights_dtype)
         apply_memory_format(self._backbone, self.placement.memory_format)
-        contiguous_mlp_inputs(self.model)
+        # The transformer MLPs as 1x1 convolutions on a CPU with oneDNN (kp_ros/core/eloftr_mlp.py),
+        # an inference form too: unfolded, transformers' Linear layers (bit for bit in fp32).
+        self.mlp_form = mlp_form(self._device) if self.reparameterized else "linear"
+        install_mlp_forward(self.model, self.mlp_form)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -274,6 +267,9 @@ class EfficientLoFTRStreamMatcher:
             cos, sin = self.model.efficientloftr.rotary_emb(coarse)
             cos = cos.expand(2, -1, -1, -1).reshape(2, -1, channels)
             sin = sin.expand(2, -1, -1, -1).reshape(2, -1, channels)
+            if self._transformer is not None:
+                coarse = self._transformer(coarse, (cos, sin))
+                return coarse[:1], coarse[1:]
             coarse = self.model.efficientloftr.local_feature_transformer(
                 coarse.reshape(1, 2, channels, height, width), position_embeddings=(cos, sin))
         return coarse[:, 0], coarse[:, 1]

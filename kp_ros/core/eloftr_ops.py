@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core.pointwise_products import conv_products, pixels_times_rows
+
 
 def cell_xy(ids: torch.Tensor, width: int) -> torch.Tensor:
     """Flat coarse-cell indices -> (M, 2) integer (x, y) grid positions."""
@@ -94,25 +96,25 @@ def window_offsets(size: int, device) -> torch.Tensor:
 # -- coarse matching in linear memory -------------------------------------------------------
 
 # Bytes of one (rows x L1) float32 block of the similarity matrix in the blocked matching;
-# each block has two such buffers (the similarities and their exponentials), reused from
-# block to block. On CPU that is sized to stay in a typical last-level cache, where the
+# each block has two (the similarities and their exponentials). On CPU that is sized to stay in a typical last-level cache, where the
 # elementwise passes over a block cost much less than from memory (1280x720: ~3x faster
 # than 256 MiB blocks; 16 MiB blocks were slower again, the matrix product then rereading
 # the newer frame's features too often). On CUDA: a share of the free memory.
 CPU_CHUNK_BYTES = 32 * 2 ** 20
 CUDA_FREE_SHARE = 0.125
-# Up to this size (CPU) the matcher computes the whole matrix instead, the reference's two
-# softmaxes: there they were faster than the blocked passes (640x480: 4800^2 floats, 92 MB,
-# about 0.6x the blocked time, one process alternating both; bench/bench_eloftr_scaling.py).
-CPU_WHOLE_MATRIX_BYTES = 256 * 2 ** 20
+# Exponents are clamped to this before exp: torch's CPU exp takes a slow path for
+# arguments whose result underflows (about 10x the time per element, and most of a
+# similarity block is far below its row's or column's maximum). exp(-87) = 1.6e-38 is
+# still a normal float32; every sum here has a term of 1 (the maximum's), so the clamped
+# terms change no sum (they are far below its rounding).
+EXP_FLOOR = -87.0
 
 
 def whole_matrix_fits(rows: int, columns: int, device, chunk_bytes: int | None = None) -> bool:
-    """Whether the matcher takes the whole (rows, columns) matrix at once: with a given
-    ``chunk_bytes`` when one block holds it; by default on CPU up to
-    CPU_WHOLE_MATRIX_BYTES, on CUDA when one block (a share of the free memory) holds it."""
-    if chunk_bytes is None and torch.device(device).type != "cuda":
-        return 4 * rows * columns <= CPU_WHOLE_MATRIX_BYTES
+    """Whether the matcher takes the whole (rows, columns) matrix at once (the reference's
+    two softmaxes): when one block (``chunk_rows``) holds it. Larger, the blocked passes
+    are faster on CPU too (640x480: ~0.7x the whole matrix's time, its 92 MB matrix no
+    longer read from memory by each elementwise pass)."""
     return chunk_rows(rows, columns, device, chunk_bytes) >= rows
 
 
@@ -153,11 +155,8 @@ def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature
     rows, columns = features0.shape[0], features1.shape[0]
     device = features0.device
     step = chunk_rows(rows, columns, device, chunk_bytes)
-    features1_t = features1.transpose(0, 1).contiguous()
-    buffers = (torch.empty(step, columns, device=device, dtype=features0.dtype),
-               torch.empty(0 if skip_softmax else step, columns, device=device, dtype=features0.dtype))
-    best_col, best_row_of_col, col_lse = _row_pass(features0, features1_t, temperature, step, buffers,
-                                                   skip_softmax)
+    product = _BlockProduct(features0, features1, step)
+    best_col, best_row_of_col, col_lse = _row_pass(features0, product, temperature, step, skip_softmax)
 
     # Candidates (i*(j), j): their confidence is known now, the threshold and the border
     # filters apply before any row is looked at again.
@@ -178,7 +177,7 @@ def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature
     best_of_row = torch.empty(rows, dtype=torch.long, device=device)
     for start in range(0, len(candidate_rows), step):
         chunk = candidate_rows[start:start + step]
-        block = torch.mm(features0[chunk], features1_t, out=buffers[0][:len(chunk)]).div_(temperature)
+        block = product(features0[chunk]).div_(temperature)
         if not skip_softmax:
             block.mul_(2).sub_(col_lse)
         best_of_row[chunk] = block.max(1).indices
@@ -188,17 +187,42 @@ def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature
     return i_ids[order], j_ids[order], scores[order]
 
 
-def _row_pass(features0: torch.Tensor, features1_t: torch.Tensor, temperature: float, step: int, buffers,
+class _BlockProduct:
+    """``rows @ features1.T`` for blocks of at most ``step`` rows, (r, L1), and a buffer
+    of the block's layout for its exponentials. float32 on a CPU with oneDNN: a 1x1
+    convolution (kp_ros/core/pointwise_products.py), the result the transposed view of a
+    fresh (L1, r) tensor; else ``torch.mm`` into one reused (step, L1) buffer."""
+
+    def __init__(self, features0: torch.Tensor, features1: torch.Tensor, step: int):
+        self.convolution = conv_products(features0.device) and features0.dtype == torch.float32
+        self.features1 = features1.contiguous()
+        if not self.convolution:
+            self.features1_t = features1.transpose(0, 1).contiguous()
+            self.buffers = [torch.empty(step, features1.shape[0], device=features0.device, dtype=features0.dtype)
+                            for _ in range(2)]
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.convolution:
+            return pixels_times_rows(self.features1, rows.contiguous()).T
+        return torch.mm(rows, self.features1_t, out=self.buffers[0][:len(rows)])
+
+    def like(self, block: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``block``'s shape and layout, for the exponentials."""
+        return torch.empty_like(block) if self.convolution else self.buffers[1][:len(block)]
+
+
+def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: float, step: int,
               skip_softmax: bool):
     """Pass 1: per column the best row of ``2 S - r`` (of S when ``skip_softmax``), its
     value, and the column log-sum-exps c (None when ``skip_softmax``).
 
-    Per block, in two reused buffers: the running column maxima and sums of
-    exp(S - column max) (c, as a running log-sum-exp); r = m + log sum_j exp(S - m) with
-    m the row maxima; then 2 S - r in place and its column arg-max. Each exponential is shifted by its own row's or column's maximum, so
+    Per block (the similarities and their exponentials, see ``_BlockProduct``): the
+    running column maxima and sums of exp(S - column max) (c, as a running log-sum-exp);
+    r = m + log sum_j exp(S - m) with m the row maxima; then 2 S - r in place and its
+    column arg-max. Each exponential is shifted by its own row's or column's maximum, so
     nothing overflows and no sum underflows, whatever the similarities' range.
     """
-    rows, columns = features0.shape[0], features1_t.shape[1]
+    rows, columns = features0.shape[0], product.features1.shape[0]
     device = features0.device
     best_col = torch.full((columns,), -torch.inf, device=device)
     best_row_of_col = torch.zeros(columns, dtype=torch.long, device=device)
@@ -206,15 +230,15 @@ def _row_pass(features0: torch.Tensor, features1_t: torch.Tensor, temperature: f
     col_sum = torch.zeros(columns, device=device)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        block = torch.mm(features0[start:stop], features1_t, out=buffers[0][:stop - start]).div_(temperature)
+        block = product(features0[start:stop]).div_(temperature)
         if not skip_softmax:
-            exponentials = buffers[1][:stop - start]
+            exponentials = product.like(block)
             new_max = torch.maximum(col_max, block.amax(0))
-            torch.sub(block, new_max, out=exponentials).exp_()
+            torch.sub(block, new_max, out=exponentials).clamp_(min=EXP_FLOOR).exp_()
             col_sum = col_sum * torch.exp(col_max - new_max) + exponentials.sum(0)
             col_max = new_max
             row_max = block.amax(1, keepdim=True)
-            torch.sub(block, row_max, out=exponentials).exp_()
+            torch.sub(block, row_max, out=exponentials).clamp_(min=EXP_FLOOR).exp_()
             block.mul_(2).sub_(row_max + torch.log(exponentials.sum(1, keepdim=True)))  # 2 S - r
         value, index = block.max(0)
         better = value > best_col  # strict: an earlier block keeps a tie

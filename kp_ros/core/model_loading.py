@@ -95,8 +95,8 @@ def load_pretrained(loader, model: str, **kwargs):
 
     A hub id is looked up in the local cache first; the network is tried only when
     the hub answers at all, and every failure becomes one ModelUnavailableError.
-    A process that loads a model runs it per frame: its freed tensors may stay in the heap
-    from now on when KP_ROS_RETAIN_HEAP=1 (kp_ros/core/cpu_heap.py).
+    A process that loads a model runs it per frame: from now on its freed per-frame
+    tensors stay in the heap (kp_ros/core/cpu_heap.py; KP_ROS_RETAIN_HEAP=0: not).
     """
     from transformers.utils import logging as hf_logging
     retain_freed_memory()

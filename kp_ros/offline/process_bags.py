@@ -211,7 +211,12 @@ def _run(ray, args, options, out_dir: Path, todo, records: dict) -> None:
     except KeyboardInterrupt:
         for ref in running:
             ray.cancel(ref)  # KeyboardInterrupt in the task: its atomic writer cleans up
-        ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
+        for ref in ready:  # a task may have finished its bag before the cancel reached it
+            try:
+                records[running[ref][1]] = ray.get(ref)
+            except ray.exceptions.RayError:  # cancelled: its output was removed
+                pass
         raise
     finally:
         bar.close()

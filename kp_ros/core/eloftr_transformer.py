@@ -1,0 +1,58 @@
+"""EfficientLoFTR's local feature transformer with every map in channels_last.
+
+The same layers, weights and order of operations as transformers'
+EfficientLoFTRLocalFeatureTransformer (self-attention on both frames, then cross-attention
+of frame 0 with frame 1 and of frame 1 with the updated frame 0, as the original), only the
+memory layout differs: transformers keeps NCHW maps and permutes to (B, H, W, C) around
+every norm and MLP, so each layer copies its maps several times (the MLP input twice: the
+concatenation, then a contiguous copy), and its 4x4 max pooling runs on NCHW, ~13x slower
+than on channels_last on CPU. In channels_last those permutes are views, the
+concatenation is the MLP's input as it is, and the pooling and the depthwise aggregation
+read the layout their kernels want. Equal to transformers' module up to float rounding
+(test/test_eloftr_transformer.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ChannelsLastTransformer(torch.nn.Module):
+    """``forward(maps (2, C, h, w), (cos, sin)) -> (2, C, h, w)`` channels_last, with the
+    layers (shared, not copied) of ``model.efficientloftr.local_feature_transformer``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.layers = model.efficientloftr.local_feature_transformer.layers
+
+    def forward(self, maps: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        maps = maps.contiguous(memory_format=torch.channels_last)
+        for layer in self.layers:
+            maps = aggregated_attention(layer.self_attention, maps, None, position_embeddings)
+            first, second = maps[:1], maps[1:]
+            first = aggregated_attention(layer.cross_attention, first, second)
+            second = aggregated_attention(layer.cross_attention, second, first)
+            maps = torch.cat([first, second])
+        return maps
+
+
+def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, source: torch.Tensor | None = None,
+                         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """transformers' EfficientLoFTRAggregatedAttention.forward on channels_last maps:
+    queries aggregated from ``maps`` (depthwise strided conv), keys / values pooled from
+    ``source`` (``maps`` for self-attention), attention at the aggregated size, upsampled,
+    then the MLP on [maps, attended] and the residual."""
+    batch, channels = maps.shape[:2]
+    aggregation = block.aggregation
+    queries = aggregation.q_aggregation(maps)
+    keys = aggregation.kv_aggregation(maps if source is None else source)
+    queries = aggregation.norm(queries.permute(0, 2, 3, 1))  # channels_last: (B, h, w, C) views
+    keys = aggregation.norm(keys.permute(0, 2, 3, 1))
+    height, width = queries.shape[1:3]
+    attended, _ = block.attention(queries.reshape(batch, -1, channels), keys.reshape(batch, -1, channels),
+                                  position_embeddings=position_embeddings)
+    attended = attended.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    attended = F.interpolate(attended, scale_factor=block.q_aggregation_kernel_size, mode="bilinear",
+                             align_corners=False)
+    joined = torch.cat([maps, attended], dim=1)
+    return maps + block.mlp(joined.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
