@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kp_ros.core.in_place_activation import activate_in_place
+
 
 def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None,
                     norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +94,9 @@ class FoldedBackbone(nn.Module):
         outputs = []
         hidden = pixels
         for stage in self.stages:
-            hidden = stage(hidden)
+            modules = list(stage)
+            for conv, activation in zip(modules[::2], modules[1::2]):
+                hidden = activate_in_place(activation, conv(hidden))
             outputs.append(hidden)
         return outputs[1:]  # as transformers: the first stage's map is not an output
 
@@ -131,8 +135,8 @@ class FoldedFineFusion(nn.Module):
         """Coarse (N, C, h/8, w/8) and the backbone residuals [1/4, 1/2] -> (N, Cf, h, w)."""
         hidden = upsample(self.out_conv(hidden))
         for block, residual in zip(self.blocks, residuals):
-            hidden = block["out_conv1"](residual) + hidden
-            hidden = block["activation"](block["out_conv2"](hidden))
+            hidden = block["out_conv1"](residual).add_(hidden)
+            hidden = activate_in_place(block["activation"], block["out_conv2"](hidden))
             hidden = upsample(block["out_conv3"](hidden))
         return hidden
 

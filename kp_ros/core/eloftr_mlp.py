@@ -19,6 +19,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from kp_ros.core.in_place_activation import activate_in_place
 from kp_ros.core.pointwise_products import conv_products
 
 MLP_CLASS = "EfficientLoFTRMLP"
@@ -41,7 +42,7 @@ def install_mlp_forward(model: torch.nn.Module, form: str) -> int:
 
 
 def _linear_forward(mlp, hidden_states: torch.Tensor) -> torch.Tensor:
-    hidden_states = mlp.fc2(_activate_in_place(mlp.activation, mlp.fc1(hidden_states.contiguous())))
+    hidden_states = mlp.fc2(activate_in_place(mlp.activation, mlp.fc1(hidden_states.contiguous())))
     return mlp.layer_norm(hidden_states)
 
 
@@ -49,15 +50,5 @@ def _pointwise_conv_forward(mlp, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 2C) -> (B, H, W, C), the Linear layers as 1x1 convolutions in channels_last."""
     maps = hidden_states.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     maps = F.conv2d(maps, mlp.fc1.weight[:, :, None, None], mlp.fc1.bias)
-    maps = F.conv2d(_activate_in_place(mlp.activation, maps), mlp.fc2.weight[:, :, None, None], mlp.fc2.bias)
+    maps = F.conv2d(activate_in_place(mlp.activation, maps), mlp.fc2.weight[:, :, None, None], mlp.fc2.bias)
     return mlp.layer_norm(maps.permute(0, 2, 3, 1))  # channels_last: a contiguous (B, H, W, C)
-
-
-def _activate_in_place(activation: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """The activation without a second (B, H, W, I) tensor (the largest of the coarse stage:
-    at 1920x1080 each is 134 MB) where it has an in-place form; else the module itself."""
-    if type(activation) is torch.nn.LeakyReLU:
-        return F.leaky_relu_(states, activation.negative_slope)
-    if type(activation) is torch.nn.ReLU:
-        return states.relu_()
-    return activation(states)

@@ -177,9 +177,9 @@ def mutual_nearest(features0: torch.Tensor, features1: torch.Tensor, temperature
     best_of_row = torch.empty(rows, dtype=torch.long, device=device)
     for start in range(0, len(candidate_rows), step):
         chunk = candidate_rows[start:start + step]
-        block = product(features0[chunk]).div_(temperature)
+        block = product.row_major(features0[chunk]).div_(temperature)
         if not skip_softmax:
-            block.mul_(2).sub_(col_lse)
+            block.sub_(col_lse * 0.5)  # S - c / 2: half of 2 S - c, exactly, the same arg-max
         best_of_row[chunk] = block.max(1).indices
     mutual = best_of_row[i_ids] == j_ids
     i_ids, j_ids, scores = i_ids[mutual], j_ids[mutual], scores[mutual]
@@ -206,6 +206,26 @@ class _BlockProduct:
             return pixels_times_rows(self.features1, rows.contiguous()).T
         return torch.mm(rows, self.features1_t, out=self.buffers[0][:len(rows)])
 
+    def row_major(self, rows: torch.Tensor) -> torch.Tensor:
+        """The same product with contiguous rows, (r, L1), for arg-maxes along rows
+        (the convolution's other orientation: torch's max along a strided dimension
+        costs ~3x that along a contiguous one)."""
+        if self.convolution:
+            return pixels_times_rows(rows.contiguous(), self.features1)
+        return self(rows)
+
+    def update_best_rows(self, block: torch.Tensor, better: torch.Tensor, best_rows: torch.Tensor,
+                         start: int) -> torch.Tensor:
+        """``best_rows`` (L1,) with each ``better`` column's entry the block's arg-max row
+        (first of ties) plus ``start``. The convolution's block has contiguous columns: the
+        arg-max of the improved columns only (after the first blocks, few are; torch's
+        arg-max costs ~9x the block's amax); with a host synchronisation, so not on CUDA."""
+        if self.convolution:
+            columns = better.nonzero()[:, 0]
+            best_rows[columns] = block.T[columns].argmax(1) + start
+            return best_rows
+        return torch.where(better, block.argmax(0) + start, best_rows)
+
     def like(self, block: torch.Tensor) -> torch.Tensor:
         """A tensor of ``block``'s shape and layout, for the exponentials."""
         return torch.empty_like(block) if self.convolution else self.buffers[1][:len(block)]
@@ -218,9 +238,10 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
 
     Per block (the similarities and their exponentials, see ``_BlockProduct``): the
     running column maxima and sums of exp(S - column max) (c, as a running log-sum-exp);
-    r = m + log sum_j exp(S - m) with m the row maxima; then 2 S - r in place and its
-    column arg-max. Each exponential is shifted by its own row's or column's maximum, so
-    nothing overflows and no sum underflows, whatever the similarities' range.
+    r = m + log sum_j exp(S - m) with m the row maxima; then S - r / 2 in place, its
+    column maxima and arg-max (the maxima doubled at the end: those of 2 S - r). Each
+    exponential is shifted by its own row's or column's maximum, so nothing overflows
+    and no sum underflows, whatever the similarities' range.
     """
     rows, columns = features0.shape[0], product.features1.shape[0]
     device = features0.device
@@ -239,9 +260,12 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
             col_max = new_max
             row_max = block.amax(1, keepdim=True)
             torch.sub(block, row_max, out=exponentials).clamp_(min=EXP_FLOOR).exp_()
-            block.mul_(2).sub_(row_max + torch.log(exponentials.sum(1, keepdim=True)))  # 2 S - r
-        value, index = block.max(0)
+            # S - r / 2: half of 2 S - r, exactly (a power of two), in one pass instead of two.
+            block.sub_((row_max + torch.log(exponentials.sum(1, keepdim=True))).mul_(0.5))
+        value = block.amax(0)
         better = value > best_col  # strict: an earlier block keeps a tie
         best_col = torch.where(better, value, best_col)
-        best_row_of_col = torch.where(better, index + start, best_row_of_col)
-    return best_col, best_row_of_col, None if skip_softmax else col_max + torch.log(col_sum)
+        best_row_of_col = product.update_best_rows(block, better, best_row_of_col, start)
+    if skip_softmax:
+        return best_col, best_row_of_col, None
+    return best_col.mul_(2), best_row_of_col, col_max + torch.log(col_sum)

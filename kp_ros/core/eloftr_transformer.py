@@ -26,14 +26,20 @@ class ChannelsLastTransformer(torch.nn.Module):
         self.layers = model.efficientloftr.local_feature_transformer.layers
 
     def forward(self, maps: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # One frame at a time, self-attention included (it is per frame): a batch of two
+        # doubles every intermediate map, and at 1920x1080 the MLP's (2, 2C, h, w) input and
+        # hidden maps (128 MiB each) are above cpu_heap's mmap threshold, so each is a fresh
+        # mapping that page-faults in; measured twice as slow per cell as one frame.
         maps = maps.contiguous(memory_format=torch.channels_last)
+        first, second = maps[:1], maps[1:]
+        cos, sin = position_embeddings
+        first_embeddings, second_embeddings = (cos[:1], sin[:1]), (cos[-1:], sin[-1:])
         for layer in self.layers:
-            maps = aggregated_attention(layer.self_attention, maps, None, position_embeddings)
-            first, second = maps[:1], maps[1:]
+            first = aggregated_attention(layer.self_attention, first, None, first_embeddings)
+            second = aggregated_attention(layer.self_attention, second, None, second_embeddings)
             first = aggregated_attention(layer.cross_attention, first, second)
             second = aggregated_attention(layer.cross_attention, second, first)
-            maps = torch.cat([first, second])
-        return maps
+        return torch.cat([first, second])
 
 
 def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, source: torch.Tensor | None = None,
