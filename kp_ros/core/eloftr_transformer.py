@@ -29,7 +29,9 @@ class ChannelsLastTransformer(torch.nn.Module):
         # One frame at a time, self-attention included (it is per frame): a batch of two
         # doubles every intermediate map, and at 1920x1080 the MLP's (2, 2C, h, w) input and
         # hidden maps (128 MiB each) are above cpu_heap's mmap threshold, so each is a fresh
-        # mapping that page-faults in; measured twice as slow per cell as one frame.
+        # mapping that page-faults in (under torch's profiler those ops took about twice
+        # the time per cell of one frame's; end to end the step's peak memory fell, its
+        # time within the machine's noise).
         maps = maps.contiguous(memory_format=torch.channels_last)
         first, second = maps[:1], maps[1:]
         cos, sin = position_embeddings
