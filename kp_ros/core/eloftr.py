@@ -135,8 +135,9 @@ class EfficientLoFTRStreamMatcher:
         self._transformer = None  # None: transformers' own local feature transformer
         if self.reparameterized:
             self._backbone, self._fine_fusion = fold_backbone(self.model), fold_fine_fusion(self.model)
-            # and the transformer's maps in channels_last (kp_ros/core/eloftr_transformer.py)
-            self._transformer = ChannelsLastTransformer(self.model)
+            # and the transformer's maps in channels_last (kp_ros/core/eloftr_transformer.py),
+            # its MLP products as 1x1 convolutions on a CPU with oneDNN (kp_ros/core/eloftr_mlp.py).
+            self._transformer = ChannelsLastTransformer(self.model, mlp_form(self._device))
         # Coarse matching memory: None blocks a large similarity matrix by memory
         # (eloftr_ops.whole_matrix_fits, chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
         # matrix as the reference does (bit for bit; 4.2 GB per matrix at 1920x1080).
@@ -146,17 +147,19 @@ class EfficientLoFTRStreamMatcher:
         if int(fine_tile_cells) < 0:
             raise ValueError(f"fine_tile_cells must be >= 0, got {fine_tile_cells}")
         self.fine_tile_cells = int(fine_tile_cells)
-        # CUDA under fp16 / bf16 only (kp_ros/core/device_placement.py): low-precision weights
-        # cast once here, not by autocast every frame (same results), and an NHWC backbone.
-        # After the folding, so the folded convolutions (not in self.model) are placed too.
-        self.placement = placement(self._device, self.precision.name)
+        # kp_ros/core/device_placement.py: on CUDA under fp16 / bf16, low-precision weights cast
+        # once here, not by autocast every frame (same results); an NHWC backbone there and
+        # for the folded backbone on the CPU. After the folding, so the folded convolutions
+        # (not in self.model) are placed too.
+        self.placement = placement(self._device, self.precision.name, self.reparameterized)
         for module in (self.model, self._backbone, self._fine_fusion):
             apply_weights_dtype(module, self.placement.weights_dtype)
         apply_memory_format(self._backbone, self.placement.memory_format)
-        # The transformer MLPs as 1x1 convolutions on a CPU with oneDNN (kp_ros/core/eloftr_mlp.py),
-        # an inference form too: unfolded, transformers' Linear layers (bit for bit in fp32).
-        self.mlp_form = mlp_form(self._device) if self.reparameterized else "linear"
-        install_mlp_forward(self.model, self.mlp_form)
+        # Unfolded: transformers' transformer with its Linear layers on contiguous input (bit
+        # for bit in fp32, kp_ros/core/eloftr_mlp.py).
+        self.mlp_form = self._transformer.mlp_form if self._transformer is not None else "linear"
+        if self._transformer is None:
+            install_mlp_forward(self.model)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------

@@ -214,20 +214,6 @@ class _BlockProduct:
             return pixels_times_rows(rows.contiguous(), self.features1)
         return self(rows)
 
-    def update_best_rows(self, block: torch.Tensor, better: torch.Tensor, best_rows: torch.Tensor,
-                         start: int) -> torch.Tensor:
-        """``best_rows`` (L1,) with each ``better`` column's entry the block's arg-max row
-        (first of ties) plus ``start``. The convolution's block has contiguous columns: the
-        arg-max of the improved columns only while they are under half of them (after the
-        first blocks, few are; torch's arg-max costs ~8x the block's amax, and gathering
-        the columns about as much again); with a host synchronisation, so not on CUDA."""
-        if self.convolution:
-            columns = better.nonzero()[:, 0]
-            if 2 * len(columns) < len(better):
-                best_rows[columns] = block.T[columns].argmax(1) + start
-                return best_rows
-        return torch.where(better, block.argmax(0) + start, best_rows)
-
     def like(self, block: torch.Tensor) -> torch.Tensor:
         """A tensor of ``block``'s shape and layout, for the exponentials."""
         return torch.empty_like(block) if self.convolution else self.buffers[1][:len(block)]
@@ -264,10 +250,11 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
             torch.sub(block, row_max, out=exponentials).clamp_(min=EXP_FLOOR).exp_()
             # S - r / 2: half of 2 S - r, exactly (a power of two), in one pass instead of two.
             block.sub_((row_max + torch.log(exponentials.sum(1, keepdim=True))).mul_(0.5))
-        value = block.amax(0)
+        # max with indices in one pass (first of ties), ~2.5x faster than amax then arg-max.
+        value, row_of_value = block.max(0)
         better = value > best_col  # strict: an earlier block keeps a tie
         best_col = torch.where(better, value, best_col)
-        best_row_of_col = product.update_best_rows(block, better, best_row_of_col, start)
+        best_row_of_col = torch.where(better, row_of_value + start, best_row_of_col)
     if skip_softmax:
         return best_col, best_row_of_col, None
     return best_col.mul_(2), best_row_of_col, col_max + torch.log(col_sum)

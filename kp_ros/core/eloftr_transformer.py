@@ -3,27 +3,31 @@
 The same layers, weights and order of operations as transformers'
 EfficientLoFTRLocalFeatureTransformer (self-attention on both frames, then cross-attention
 of frame 0 with frame 1 and of frame 1 with the updated frame 0, as the original), only the
-memory layout differs: transformers keeps NCHW maps and permutes to (B, H, W, C) around
-every norm and MLP, so each layer copies its maps several times (the MLP input twice: the
-concatenation, then a contiguous copy), and its 4x4 max pooling runs on NCHW, ~13x slower
-than on channels_last on CPU. In channels_last those permutes are views, the
-concatenation is the MLP's input as it is, and the pooling and the depthwise aggregation
-read the layout their kernels want. Equal to transformers' module up to float rounding
-(test/test_eloftr_transformer.py).
+memory layout and the MLP's first product differ: transformers keeps NCHW maps and permutes
+to (B, H, W, C) around every norm and MLP, so each layer copies its maps several times (the
+MLP input twice: the concatenation, then a contiguous copy), and its 4x4 max pooling runs
+on NCHW, ~13x slower than on channels_last on CPU. In channels_last those permutes are
+views, and the pooling and the depthwise aggregation read the layout their kernels want;
+the MLP takes the attended maps before their upsampling, with no concatenation
+(``split_input_mlp``, kp_ros/core/eloftr_mlp.py). Equal to transformers' module up to float
+rounding (test/test_eloftr_transformer.py).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kp_ros.core.eloftr_mlp import split_input_mlp
 
 
 class ChannelsLastTransformer(torch.nn.Module):
     """``forward(maps (2, C, h, w), (cos, sin)) -> (2, C, h, w)`` channels_last, with the
-    layers (shared, not copied) of ``model.efficientloftr.local_feature_transformer``."""
+    layers (shared, not copied) of ``model.efficientloftr.local_feature_transformer`` and
+    the MLP products in ``mlp_form`` (kp_ros/core/eloftr_mlp.py)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, mlp_form: str = "linear"):
         super().__init__()
         self.layers = model.efficientloftr.local_feature_transformer.layers
+        self.mlp_form = mlp_form
 
     def forward(self, maps: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # One frame at a time, self-attention included (it is per frame): a batch of two
@@ -37,19 +41,20 @@ class ChannelsLastTransformer(torch.nn.Module):
         cos, sin = position_embeddings
         first_embeddings, second_embeddings = (cos[:1], sin[:1]), (cos[-1:], sin[-1:])
         for layer in self.layers:
-            first = aggregated_attention(layer.self_attention, first, None, first_embeddings)
-            second = aggregated_attention(layer.self_attention, second, None, second_embeddings)
-            first = aggregated_attention(layer.cross_attention, first, second)
-            second = aggregated_attention(layer.cross_attention, second, first)
+            first = aggregated_attention(layer.self_attention, first, None, first_embeddings, self.mlp_form)
+            second = aggregated_attention(layer.self_attention, second, None, second_embeddings, self.mlp_form)
+            first = aggregated_attention(layer.cross_attention, first, second, mlp_form=self.mlp_form)
+            second = aggregated_attention(layer.cross_attention, second, first, mlp_form=self.mlp_form)
         return torch.cat([first, second])
 
 
 def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, source: torch.Tensor | None = None,
-                         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         mlp_form: str = "linear") -> torch.Tensor:
     """transformers' EfficientLoFTRAggregatedAttention.forward on channels_last maps:
     queries aggregated from ``maps`` (depthwise strided conv), keys / values pooled from
-    ``source`` (``maps`` for self-attention), attention at the aggregated size, upsampled,
-    then the MLP on [maps, attended] and the residual."""
+    ``source`` (``maps`` for self-attention), attention at the aggregated size, then the
+    MLP on [maps, upsampled attended] and the residual."""
     batch, channels = maps.shape[:2]
     aggregation = block.aggregation
     queries = aggregation.q_aggregation(maps)
@@ -59,8 +64,6 @@ def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, source: tor
     height, width = queries.shape[1:3]
     attended, _ = block.attention(queries.reshape(batch, -1, channels), keys.reshape(batch, -1, channels),
                                   position_embeddings=position_embeddings)
-    attended = attended.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-    attended = F.interpolate(attended, scale_factor=block.q_aggregation_kernel_size, mode="bilinear",
-                             align_corners=False)
-    joined = torch.cat([maps, attended], dim=1)
-    return maps + block.mlp(joined.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    attended = attended.reshape(batch, height, width, channels).permute(0, 3, 1, 2)  # channels_last
+    mlp = split_input_mlp(block.mlp, maps, attended, block.q_aggregation_kernel_size, mlp_form)
+    return maps + mlp.permute(0, 3, 1, 2)
