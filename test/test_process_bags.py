@@ -129,22 +129,29 @@ def test_bad_bag_reported_others_identical_to_process_bag_then_resume(tmp_path, 
     assert no_partials(out)
 
 
-def test_interrupt_leaves_no_partial_output(tmp_path, local_ray, options, monkeypatch, capsys):
-    data = tmp_path / "data"
-    image_bag(data / "seq_a", frames(40, 192, 256))
-    image_bag(data / "seq_b", frames(40, 192, 256))
-    out = tmp_path / "out"
+def ctrl_c_when(monkeypatch, condition) -> list:
+    """Make the driver's ``ray.wait`` raise KeyboardInterrupt (once) when ``condition()``
+    holds after a wait returns; the returned list gets an entry when it did."""
     real_wait, interrupted = ray.wait, []
 
     def wait(*args, **kwargs):
-        """Ctrl-C in the driver while a task is half-way through writing its bag."""
         result = real_wait(*args, **kwargs)
-        if not interrupted and any(".partial-" in p.name for p in out.glob(".*")):
+        if not interrupted and condition():
             interrupted.append(True)
             raise KeyboardInterrupt
         return result
 
     monkeypatch.setattr(ray, "wait", wait)
+    return interrupted
+
+
+def test_interrupt_leaves_no_partial_output(tmp_path, local_ray, options, monkeypatch, capsys):
+    data = tmp_path / "data"
+    image_bag(data / "seq_a", frames(40, 192, 256))
+    image_bag(data / "seq_b", frames(40, 192, 256))
+    out = tmp_path / "out"
+    # Ctrl-C in the driver while a task is half-way through writing its bag.
+    interrupted = ctrl_c_when(monkeypatch, lambda: any(".partial-" in p.name for p in out.glob(".*")))
     code = pbs.main(options + [str(data), "--out", str(out), "--workers", "2"])
     assert interrupted and "interrupted" in capsys.readouterr().err
     # Under load both tasks can finish before the cancel reaches them: the run is then complete.
@@ -163,17 +170,8 @@ def test_interrupt_after_the_last_bag_finished_keeps_every_record(
     image_bag(data / "seq_a", frames(6, 96, 128))
     image_bag(data / "seq_b", frames(6, 96, 128))
     out = tmp_path / "out"
-    real_wait, interrupted = ray.wait, []
-
-    def wait(*args, **kwargs):
-        """Ctrl-C the moment the last task's result is ready, before the driver reads it."""
-        result = real_wait(*args, **kwargs)
-        if not interrupted and all((out / n).exists() for n in ("seq_a", "seq_b")):
-            interrupted.append(True)
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(ray, "wait", wait)
+    # Ctrl-C the moment the last task's result is ready, before the driver reads it.
+    interrupted = ctrl_c_when(monkeypatch, lambda: all((out / n).exists() for n in ("seq_a", "seq_b")))
     assert pbs.main(options + [str(data), "--out", str(out), "--workers", "2"]) == 0
     assert interrupted and "interrupted after every bag had finished" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
