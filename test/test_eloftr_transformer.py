@@ -47,7 +47,7 @@ def test_equals_transformers_transformer(model, form):
 
 
 def test_the_layers_are_shared_not_copied(model):
-    transformer = ChannelsLastTransformer(model)
+    transformer = ChannelsLastTransformer(model, "linear")
     assert transformer.layers is model.efficientloftr.local_feature_transformer.layers
 
 

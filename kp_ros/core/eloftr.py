@@ -137,7 +137,12 @@ class EfficientLoFTRStreamMatcher:
             self._backbone, self._fine_fusion = fold_backbone(self.model), fold_fine_fusion(self.model)
             # and the transformer's maps in channels_last (kp_ros/core/eloftr_transformer.py),
             # its MLP products as 1x1 convolutions on a CPU with oneDNN (kp_ros/core/eloftr_mlp.py).
-            self._transformer = ChannelsLastTransformer(self.model, mlp_form(self._device))
+            self.mlp_form = mlp_form(self._device)
+            self._transformer = ChannelsLastTransformer(self.model, self.mlp_form)
+        else:
+            # transformers' transformer, its Linear layers on contiguous input (bit for bit in fp32).
+            self.mlp_form = "linear"
+            install_mlp_forward(self.model)
         # Coarse matching memory: None blocks a large similarity matrix by memory
         # (eloftr_ops.whole_matrix_fits, chunk_rows), N bytes per block; 0 materialises the whole (h/8 w/8)^2
         # matrix as the reference does (bit for bit; 4.2 GB per matrix at 1920x1080).
@@ -155,11 +160,6 @@ class EfficientLoFTRStreamMatcher:
         for module in (self.model, self._backbone, self._fine_fusion):
             apply_weights_dtype(module, self.placement.weights_dtype)
         apply_memory_format(self._backbone, self.placement.memory_format)
-        # Unfolded: transformers' transformer with its Linear layers on contiguous input (bit
-        # for bit in fp32, kp_ros/core/eloftr_mlp.py).
-        self.mlp_form = self._transformer.mlp_form if self._transformer is not None else "linear"
-        if self._transformer is None:
-            install_mlp_forward(self.model)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------

@@ -24,15 +24,15 @@ class ChannelsLastTransformer(torch.nn.Module):
     layers (shared, not copied) of ``model.efficientloftr.local_feature_transformer`` and
     the MLP products in ``mlp_form`` (kp_ros/core/eloftr_mlp.py)."""
 
-    def __init__(self, model: torch.nn.Module, mlp_form: str = "linear"):
+    def __init__(self, model: torch.nn.Module, mlp_form: str):
         super().__init__()
         self.layers = model.efficientloftr.local_feature_transformer.layers
         self.mlp_form = mlp_form
 
     def forward(self, maps: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # One frame at a time, self-attention included (it is per frame): a batch of two
-        # doubles every intermediate map, and at 1920x1080 the MLP's (2, 2C, h, w) input and
-        # hidden maps (128 MiB each) are above cpu_heap's mmap threshold, so each is a fresh
+        # doubles every intermediate map, and at 1920x1080 the MLP's (2, I, h, w) hidden
+        # maps (128 MiB each) are above cpu_heap's mmap threshold, so each is a fresh
         # mapping that page-faults in (under torch's profiler those ops took about twice
         # the time per cell of one frame's; end to end the step's peak memory fell, its
         # time within the machine's noise).
@@ -41,20 +41,20 @@ class ChannelsLastTransformer(torch.nn.Module):
         cos, sin = position_embeddings
         first_embeddings, second_embeddings = (cos[:1], sin[:1]), (cos[-1:], sin[-1:])
         for layer in self.layers:
-            first = aggregated_attention(layer.self_attention, first, None, first_embeddings, self.mlp_form)
-            second = aggregated_attention(layer.self_attention, second, None, second_embeddings, self.mlp_form)
-            first = aggregated_attention(layer.cross_attention, first, second, mlp_form=self.mlp_form)
-            second = aggregated_attention(layer.cross_attention, second, first, mlp_form=self.mlp_form)
+            first = aggregated_attention(layer.self_attention, first, self.mlp_form, None, first_embeddings)
+            second = aggregated_attention(layer.self_attention, second, self.mlp_form, None, second_embeddings)
+            first = aggregated_attention(layer.cross_attention, first, self.mlp_form, second)
+            second = aggregated_attention(layer.cross_attention, second, self.mlp_form, first)
         return torch.cat([first, second])
 
 
-def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, source: torch.Tensor | None = None,
-                         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         mlp_form: str = "linear") -> torch.Tensor:
+def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, mlp_form: str,
+                         source: torch.Tensor | None = None,
+                         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """transformers' EfficientLoFTRAggregatedAttention.forward on channels_last maps:
     queries aggregated from ``maps`` (depthwise strided conv), keys / values pooled from
     ``source`` (``maps`` for self-attention), attention at the aggregated size, then the
-    MLP on [maps, upsampled attended] and the residual."""
+    MLP on [maps, upsampled attended] (products in ``mlp_form``) and the residual."""
     batch, channels = maps.shape[:2]
     aggregation = block.aggregation
     queries = aggregation.q_aggregation(maps)
