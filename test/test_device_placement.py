@@ -89,6 +89,8 @@ def test_weights_cast_only_on_low_precision_layers_and_memory_format_only_when_a
 
 
 def test_matcher_on_cpu_keeps_float32_weights_and_a_channels_last_folded_backbone(tiny_eloftr_dir):
+    """fp32 weights in any precision; the folded backbone and the fine fusion (which reads
+    the backbone's maps) channels_last, the transformer's weights as loaded."""
     import warnings
     from kp_ros.core.precision import PrecisionWarning
     for precision in ("fp32", "bf16"):
@@ -96,16 +98,19 @@ def test_matcher_on_cpu_keeps_float32_weights_and_a_channels_last_folded_backbon
             warnings.simplefilter("ignore", PrecisionWarning)
             matcher = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", precision=precision)
         assert matcher.placement == Placement(None, torch.channels_last, False, False)
-        assert all(p.dtype == torch.float32 and p.is_contiguous() for p in matcher.model.parameters())
-        convolutions = [m for m in matcher._backbone.modules() if isinstance(m, torch.nn.Conv2d)]
-        assert convolutions and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
+        assert all(p.dtype == torch.float32 for p in matcher.model.parameters())
+        assert all(p.is_contiguous() for p in matcher.model.efficientloftr.local_feature_transformer.parameters())
+        for placed in (matcher._backbone, matcher._fine_fusion):
+            convolutions = [m for m in placed.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert convolutions and all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                                        for c in convolutions)
     unfolded = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", reparameterize=False)
     assert unfolded.placement == Placement(None, torch.contiguous_format, False, False)
 
 
 def test_cpu_fp32_results_equal_a_matcher_without_placement(tiny_eloftr_dir, monkeypatch):
     """On the CPU in fp32 the placement steps cast nothing and only lay the folded backbone
-    out channels_last: the same matches as a matcher built without them, up to float
+    and the fine fusion out channels_last: the same matches as a matcher built without them, up to float
     rounding (the unfolded matcher is asked to do nothing: the reference's bits)."""
     from kp_ros.core import eloftr
     frames = [synthetic_frame(96, 128, shift=(8 * i, 0)) for i in range(3)]
@@ -115,11 +120,11 @@ def test_cpu_fp32_results_equal_a_matcher_without_placement(tiny_eloftr_dir, mon
         monkeypatch.setattr(eloftr, name, lambda module, value, real=real, name=name:
                             asked.append((name, value)) or real(module, value))
     ours = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native", match_threshold=0.0)
-    # The model and the two folded modules (backbone, fine fusion), then the backbone's format.
-    assert asked == [("apply_weights_dtype", None)] * 3 + [("apply_memory_format", torch.channels_last)]
+    # The model and the two folded modules (backbone, fine fusion), then the format of those two.
+    assert asked == [("apply_weights_dtype", None)] * 3 + [("apply_memory_format", torch.channels_last)] * 2
     asked.clear()
     EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", reparameterize=False)
-    assert asked == [("apply_weights_dtype", None)] * 3 + [("apply_memory_format", torch.contiguous_format)]
+    assert asked == [("apply_weights_dtype", None)] * 3 + [("apply_memory_format", torch.contiguous_format)] * 2
     for name in ("apply_weights_dtype", "apply_memory_format"):
         monkeypatch.setattr(eloftr, name, lambda module, value: None)
     plain = EfficientLoFTRStreamMatcher(str(tiny_eloftr_dir), device="cpu", resize="native", match_threshold=0.0)

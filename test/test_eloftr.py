@@ -212,6 +212,30 @@ def test_stream_equals_match_pair_on_consecutive_pairs(many_matches_dir, frames)
     assert total > 0
 
 
+def test_each_frame_runs_the_first_self_attention_once(many_matches_dir, frames):
+    matcher = make_matcher(many_matches_dir)
+    calls = []
+    attend_self = matcher._transformer.attend_self
+    matcher._transformer.attend_self = lambda *args: calls.append(1) or attend_self(*args)
+    for frame in frames:
+        matcher.push(frame)
+    assert len(calls) == len(frames)  # not twice for the frames matched as the older one
+
+
+def test_features_without_the_self_attended_map_give_the_same_matches(many_matches_dir, frames):
+    matcher = make_matcher(many_matches_dir)
+    with torch.inference_mode():
+        features = [matcher.extract(matcher.preprocess(frame)) for frame in frames[:2]]
+        kept = matcher.match_features(*features)
+        for item in features:
+            assert item.self_attended is not None
+            item.self_attended = None  # e.g. features built by hand: computed when matched
+        recomputed = matcher.match_features(*features)
+    assert len(kept["scores"]) > 0
+    for key in kept:
+        assert np.array_equal(kept[key], recomputed[key]), key
+
+
 def test_first_push_after_reset_returns_none(many_matches_dir, frames):
     matcher = make_matcher(many_matches_dir)
     assert matcher.push(frames[0]) is None

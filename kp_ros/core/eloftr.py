@@ -80,6 +80,10 @@ class FrameFeatures:
     residuals: tuple[torch.Tensor, ...]  # backbone maps at 1/2 and 1/4, in that order
     model_size: tuple[int, int]          # (h, w) the model ran at
     source_size: tuple[int, int]         # (H, W) of the image given
+    # ``coarse`` after the transformer's first self-attention, which reads this frame alone:
+    # run once per frame (by ``extract``), not again when the frame is the older one. None:
+    # run when the frame is matched (transformers' own transformer always runs it there).
+    self_attended: torch.Tensor | None = None
 
 
 @dataclass
@@ -154,12 +158,14 @@ class EfficientLoFTRStreamMatcher:
         self.fine_tile_cells = int(fine_tile_cells)
         # kp_ros/core/device_placement.py: on CUDA under fp16 / bf16, low-precision weights cast
         # once here, not by autocast every frame (same results); an NHWC backbone there and
-        # for the folded backbone on the CPU. After the folding, so the folded convolutions
-        # (not in self.model) are placed too.
+        # for the folded backbone on the CPU, and the fine fusion's weights in the layout of
+        # the backbone maps it reads (else each of its convolutions reorders its weight per
+        # call). After the folding, so the folded convolutions (not in self.model) are placed too.
         self.placement = placement(self._device, self.precision.name, self.reparameterized)
         for module in (self.model, self._backbone, self._fine_fusion):
             apply_weights_dtype(module, self.placement.weights_dtype)
-        apply_memory_format(self._backbone, self.placement.memory_format)
+        for module in (self._backbone, self._fine_fusion):
+            apply_memory_format(module, self.placement.memory_format)
         self._previous: FrameFeatures | None = None
 
     # -- parameters -------------------------------------------------------------------
@@ -255,27 +261,43 @@ class EfficientLoFTRStreamMatcher:
         return preprocess_gray(image, size, self._device), (height, width)
 
     def extract(self, preprocessed: tuple[torch.Tensor, tuple[int, int]]) -> FrameFeatures:
-        """Step 1, per image: the RepVGG backbone."""
+        """Step 1, per image: the RepVGG backbone, and the transformer's first
+        self-attention where the matcher runs it on its own (``FrameFeatures.self_attended``)."""
         pixels, source_size = preprocessed
         with self._autocast():
             maps = self._backbone(pixels.contiguous(memory_format=self.placement.memory_format))  # [1/2, 1/4, 1/8]
-        return FrameFeatures(coarse=maps[-1], residuals=tuple(maps[:-1]),
-                             model_size=tuple(pixels.shape[-2:]), source_size=tuple(source_size))
+        features = FrameFeatures(coarse=maps[-1], residuals=tuple(maps[:-1]),
+                                 model_size=tuple(pixels.shape[-2:]), source_size=tuple(source_size))
+        if self._transformer is not None:
+            features.self_attended = self._attend_self(features.coarse)
+        return features
 
     def transform(self, features0: FrameFeatures, features1: FrameFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 2: the local feature transformer over both coarse maps -> two (1, C, h/8, w/8)."""
+        if self._transformer is not None:
+            attended = [self._attend_self(features.coarse) if features.self_attended is None
+                        else features.self_attended for features in (features0, features1)]
+            with self._autocast():
+                return self._transformer(*attended, self._position_embeddings(features0.coarse))
         coarse = torch.cat([features0.coarse, features1.coarse])
         channels, height, width = coarse.shape[-3:]
         with self._autocast():
-            cos, sin = self.model.efficientloftr.rotary_emb(coarse)
-            cos = cos.expand(2, -1, -1, -1).reshape(2, -1, channels)
-            sin = sin.expand(2, -1, -1, -1).reshape(2, -1, channels)
-            if self._transformer is not None:
-                coarse = self._transformer(coarse, (cos, sin))
-                return coarse[:1], coarse[1:]
+            cos, sin = (embedding.expand(2, -1, -1) for embedding in self._position_embeddings(coarse))
             coarse = self.model.efficientloftr.local_feature_transformer(
                 coarse.reshape(1, 2, channels, height, width), position_embeddings=(cos, sin))
         return coarse[:, 0], coarse[:, 1]
+
+    def _attend_self(self, coarse: torch.Tensor) -> torch.Tensor:
+        """One frame's coarse map after the transformer's first self-attention."""
+        with self._autocast():
+            return self._transformer.attend_self(coarse, self._position_embeddings(coarse))
+
+    def _position_embeddings(self, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) of one frame's aggregated cells, each (1, h/4 * w/4, C)
+        (they depend on the map's size only)."""
+        channels = coarse.shape[1]
+        cos, sin = self.model.efficientloftr.rotary_emb(coarse)
+        return cos.reshape(1, -1, channels), sin.reshape(1, -1, channels)
 
     def match_coarse(self, coarse0: torch.Tensor, coarse1: torch.Tensor,
                      threshold: float | None = None) -> CoarseMatches:

@@ -20,32 +20,39 @@ from kp_ros.core.eloftr_mlp import split_input_mlp
 
 
 class ChannelsLastTransformer(torch.nn.Module):
-    """``forward(maps (2, C, h, w), (cos, sin)) -> (2, C, h, w)`` channels_last, with the
-    layers (shared, not copied) of ``model.efficientloftr.local_feature_transformer`` and
-    the MLP products in ``mlp_form`` (kp_ros/core/eloftr_mlp.py)."""
+    """The layers (shared, not copied) of ``model.efficientloftr.local_feature_transformer``
+    on channels_last maps, the MLP products in ``mlp_form`` (kp_ros/core/eloftr_mlp.py), in
+    two parts: ``attend_self`` (the first layer's self-attention, which reads one frame
+    alone, so a stream runs it once per frame) and ``forward`` (the rest, on both frames)."""
 
     def __init__(self, model: torch.nn.Module, mlp_form: str):
         super().__init__()
         self.layers = model.efficientloftr.local_feature_transformer.layers
         self.mlp_form = mlp_form
 
-    def forward(self, maps: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attend_self(self, maps: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One frame's maps (1, C, h, w) and its (cos, sin) (1, h/4 * w/4, C) -> (1, C, h, w)
+        channels_last, after the first layer's self-attention."""
+        maps = maps.contiguous(memory_format=torch.channels_last)
+        return aggregated_attention(self.layers[0].self_attention, maps, self.mlp_form, None, position_embeddings)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both frames after ``attend_self`` (each (1, C, h, w) channels_last) and their
+        (cos, sin) -> both frames' (1, C, h, w) channels_last, as transformers' module on the two."""
         # One frame at a time, self-attention included (it is per frame): a batch of two
         # doubles every intermediate map, and at 1920x1080 the MLP's (2, I, h, w) hidden
         # maps (128 MiB each) are above cpu_heap's mmap threshold, so each is a fresh
         # mapping that page-faults in (under torch's profiler those ops took about twice
         # the time per cell of one frame's; end to end the step's peak memory fell, its
         # time within the machine's noise).
-        maps = maps.contiguous(memory_format=torch.channels_last)
-        first, second = maps[:1], maps[1:]
-        cos, sin = position_embeddings
-        first_embeddings, second_embeddings = (cos[:1], sin[:1]), (cos[-1:], sin[-1:])
-        for layer in self.layers:
-            first = aggregated_attention(layer.self_attention, first, self.mlp_form, None, first_embeddings)
-            second = aggregated_attention(layer.self_attention, second, self.mlp_form, None, second_embeddings)
+        for index, layer in enumerate(self.layers):
+            if index:
+                first = aggregated_attention(layer.self_attention, first, self.mlp_form, None, position_embeddings)
+                second = aggregated_attention(layer.self_attention, second, self.mlp_form, None, position_embeddings)
             first = aggregated_attention(layer.cross_attention, first, self.mlp_form, second)
             second = aggregated_attention(layer.cross_attention, second, self.mlp_form, first)
-        return torch.cat([first, second])
+        return first, second
 
 
 def aggregated_attention(block: torch.nn.Module, maps: torch.Tensor, mlp_form: str,
