@@ -16,7 +16,7 @@ threshold 0):
           "every inner cell matched" its fine stage's worst case.
 --paths picks a subset (default: all).
 Each (path, precision, resolution) runs in a fresh subprocess, so its peak memory is its
-own: ru_maxrss of that process (model, frames and one warm-up step included; the RSS
+own: ru_maxrss of that process (model, frames and the warm-up steps included; the RSS
 before the first step is given too), or torch.cuda.max_memory_allocated on CUDA. GFLOP
 per step from torch's FLOP counter (the new path counts fewer: the folded 1x1 branches).
 Ceilings: the best of a 1024^3 matmul and a 3x3 64->64 convolution per dtype (as in
@@ -84,6 +84,11 @@ def every_cell_matcher():
 
 # --- one point, in its own process -------------------------------------------------------------
 
+# Untimed steps first: the first pays oneDNN's kernel set-up, the first few grow the heap
+# the process then keeps (kp_ros/core/cpu_heap.py), each a little slower than the steady
+# state a stream runs in; their times are in the JSON (warm_up_ms).
+WARM_UP_STEPS = 2
+
 def child(args) -> dict:
     torch.set_flush_denormal(True)
     from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
@@ -118,15 +123,14 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     times, matches = [], 0
     with torch.inference_mode():
-        for k in range(args.runs + 1):  # the first is a warm-up
+        for k in range(WARM_UP_STEPS + args.runs):
             older, newer = frames[k % 2], frames[k % 2 + 1]
             start = time.perf_counter()
             result = step(older, newer)
             sync(device)
-            elapsed = getattr(step, "elapsed", time.perf_counter() - start)
-            if k:
-                times.append(elapsed)
+            times.append(getattr(step, "elapsed", time.perf_counter() - start))
             matches = len(result["scores"] if "scores" in result else result["matching_scores"])
+    warm_up, times = times[:WARM_UP_STEPS], times[WARM_UP_STEPS:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     if args.path.startswith("seed"):
@@ -135,7 +139,8 @@ def child(args) -> dict:
         model.reset()
         model.push(frames[0])
         gflop = count_gflop(model.push, frames[1])
-    return {"ms": 1e3 * float(np.median(times)), "runs": len(times), "gflop": gflop,
+    return {"ms": 1e3 * float(np.median(times)), "runs": len(times), "warm_up_ms": [1e3 * t for t in warm_up],
+            "gflop": gflop,
             "peak_gb": peak, "rss_before_gb": rss_before, "cuda_peak_gb": cuda_peak, "matches": matches}
 
 
@@ -154,7 +159,7 @@ def run_child(model_dir, path, precision, size, runs, device) -> dict:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 run, fp32, 640x480 and 1280x720")
-    parser.add_argument("--runs", type=int, default=2, help="timed steps per point (after one warm-up)")
+    parser.add_argument("--runs", type=int, default=3, help="timed steps per point (after WARM_UP_STEPS untimed)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--resolutions", default="480x640,720x1280,1080x1920")
@@ -186,7 +191,7 @@ def main(argv=None) -> str:
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss of the process"
     lines = [f"Device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {what}. "
              f"Full-size random-init EfficientLoFTR, TUM frames resized, threshold 0; median of "
-             f"{args.runs} stream steps after a warm-up, each point a fresh process. "
+             f"{args.runs} stream steps after {WARM_UP_STEPS} untimed ones, each point a fresh process. "
              f"Load average at start: {load_average()}.", ""]
     peak = ceilings(device, [p for p in precisions if not (device.type == "cpu" and p == "fp16")])
     lines += ["Machine ceilings (best of short runs): " + "; ".join(
