@@ -89,6 +89,7 @@ def every_cell_matcher():
 # state a stream runs in; their times are in the JSON (warm_up_ms).
 WARM_UP_STEPS = 2
 
+
 def child(args) -> dict:
     torch.set_flush_denormal(True)
     from kp_ros.core.eloftr import EfficientLoFTRStreamMatcher
