@@ -102,12 +102,14 @@ def window_offsets(size: int, device) -> torch.Tensor:
 # the newer frame's features too often). On CUDA: a share of the free memory.
 CPU_CHUNK_BYTES = 32 * 2 ** 20
 CUDA_FREE_SHARE = 0.125
-# Exponents are clamped to this before exp: torch's CPU exp takes a slow path for
+# The blocks' exponentials are exp2(x * log2(e)): torch's CPU exp takes a slow path for
 # arguments whose result underflows (about 10x the time per element, and most of a
-# similarity block is far below its row's or column's maximum). exp(-87) = 1.6e-38 is
-# still a normal float32; every sum here has a term of 1 (the maximum's), so the clamped
-# terms change no sum (they are far below its rounding).
-EXP_FLOOR = -87.0
+# similarity block is far below its row's or column's maximum), and even on normal
+# arguments costs about twice exp2, which runs at memory speed and has no such path.
+# x = S - max is formed first, exactly 0 at the maximum, so each sum keeps its term of
+# 1; the multiply rounds x by half an ulp (confidences within 4e-6 relative of exp's on
+# unit-norm features, as close as two blockings of the product are to each other).
+LOG2_E = 1.4426950408889634
 
 
 def whole_matrix_fits(rows: int, columns: int, device, chunk_bytes: int | None = None) -> bool:
@@ -243,11 +245,11 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
         if not skip_softmax:
             exponentials = product.like(block)
             new_max = torch.maximum(col_max, block.amax(0))
-            torch.sub(block, new_max, out=exponentials).clamp_(min=EXP_FLOOR).exp_()
+            _shifted_exp(block, new_max, exponentials)
             col_sum = col_sum * torch.exp(col_max - new_max) + exponentials.sum(0)
             col_max = new_max
             row_max = block.amax(1, keepdim=True)
-            torch.sub(block, row_max, out=exponentials).clamp_(min=EXP_FLOOR).exp_()
+            _shifted_exp(block, row_max, exponentials)
             # S - r / 2: half of 2 S - r, exactly (a power of two), in one pass instead of two.
             block.sub_((row_max + torch.log(exponentials.sum(1, keepdim=True))).mul_(0.5))
         # max with indices in one pass (first of ties), ~2.5x faster than amax then arg-max.
@@ -258,3 +260,8 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
     if skip_softmax:
         return best_col, best_row_of_col, None
     return best_col.mul_(2), best_row_of_col, col_max + torch.log(col_sum)
+
+
+def _shifted_exp(block: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """exp(block - shift) into ``out``, as exp2 (see LOG2_E)."""
+    return torch.sub(block, shift, out=out).mul_(LOG2_E).exp2_()
