@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -57,8 +58,12 @@ def main(argv=None) -> int:
     if stamps:
         args.count = len(stamps)
 
-    # SIGINT as a plain KeyboardInterrupt (ends the stream), not rclpy's context shutdown.
+    # SIGINT ends the stream (a second one the listening after it), as a flag read between
+    # rclpy calls: neither rclpy's context shutdown nor a KeyboardInterrupt raised inside
+    # one of its calls, which can leave the executor or a handle in use and hang the exit.
+    interrupts = []
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, lambda *_: interrupts.append(time.monotonic()))
     node = rclpy.create_node("plain_camera")
     reliability = (ReliabilityPolicy.RELIABLE if args.reliability == "reliable"
                    else ReliabilityPolicy.BEST_EFFORT)
@@ -77,11 +82,11 @@ def main(argv=None) -> int:
             depth=50, reliability=ReliabilityPolicy.RELIABLE))
 
     deadline = time.monotonic() + args.wait
-    while pub.get_subscription_count() < args.subscribers and time.monotonic() < deadline:
+    while pub.get_subscription_count() < args.subscribers and time.monotonic() < deadline and not interrupts:
         rclpy.spin_once(node, timeout_sec=0.05)
     matched = pub.get_subscription_count()
     end = time.monotonic() + args.settle
-    while time.monotonic() < end:
+    while time.monotonic() < end and not interrupts:
         rclpy.spin_once(node, timeout_sec=0.05)
 
     frames = [frame_bytes(args.height, args.width, i) for i in range(8)]
@@ -89,8 +94,10 @@ def main(argv=None) -> int:
     period, start = 1.0 / args.rate, time.monotonic()
 
     def publish_one(i: int) -> None:
-        while (now := time.monotonic()) < start + i * period:
-            rclpy.spin_once(node, timeout_sec=max(0.0, start + i * period - now))
+        while (now := time.monotonic()) < start + i * period and not interrupts:
+            rclpy.spin_once(node, timeout_sec=min(0.05, max(0.0, start + i * period - now)))
+        if interrupts:
+            return
         msg = Image(height=args.height, width=args.width, encoding="rgb8", step=3 * args.width,
                     data=frames[i % len(frames)])
         msg.header.stamp = Time(sec=args.first_stamp + i // 1000, nanosec=(i % 1000) * 1_000_000)
@@ -100,18 +107,14 @@ def main(argv=None) -> int:
         published[f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"] = time.monotonic()
         pub.publish(msg)
 
-    try:
-        for i in range(args.count):
-            publish_one(i)
-    except KeyboardInterrupt:  # SIGINT ends the stream early; the result covers what was sent
-        pass
+    for i in range(args.count):
+        publish_one(i)
+        if interrupts:  # the result covers what was sent
+            break
     seconds = time.monotonic() - start
-    try:
-        end = time.monotonic() + args.linger
-        while time.monotonic() < end:
-            rclpy.spin_once(node, timeout_sec=0.05)
-    except KeyboardInterrupt:
-        pass
+    end = time.monotonic() + args.linger
+    while time.monotonic() < end and len(interrupts) < 2:
+        rclpy.spin_once(node, timeout_sec=0.05)
     print(json.dumps({"sent": len(published), "matched": matched, "seconds": seconds,
                       "published": published, "arrivals": arrivals, "sizes": sizes}), flush=True)
     node.destroy_node()
