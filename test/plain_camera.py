@@ -35,6 +35,13 @@ def frame_bytes(height: int, width: int, index: int) -> bytes:
     return np.ascontiguousarray(big[:height, x:x + width]).tobytes()
 
 
+def spin_until(node, deadline: float, done) -> None:
+    """Spin ``node`` until ``deadline`` (monotonic s) or ``done()``, in slices of at most
+    50 ms, so a SIGINT flag is read soon after it is set."""
+    while (now := time.monotonic()) < deadline and not done():
+        rclpy.spin_once(node, timeout_sec=min(0.05, deadline - now))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--topic", default="/camera/image_raw")
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
     # one of its calls, which can leave the executor or a handle in use and hang the exit.
     interrupts = []
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGINT, lambda *_: interrupts.append(time.monotonic()))
+    signal.signal(signal.SIGINT, lambda signum, _frame: interrupts.append(signum))
     node = rclpy.create_node("plain_camera")
     reliability = (ReliabilityPolicy.RELIABLE if args.reliability == "reliable"
                    else ReliabilityPolicy.BEST_EFFORT)
@@ -81,23 +88,16 @@ def main(argv=None) -> int:
         node.create_subscription(Keypoints, args.listen, on_output, QoSProfile(
             depth=50, reliability=ReliabilityPolicy.RELIABLE))
 
-    deadline = time.monotonic() + args.wait
-    while pub.get_subscription_count() < args.subscribers and time.monotonic() < deadline and not interrupts:
-        rclpy.spin_once(node, timeout_sec=0.05)
+    spin_until(node, time.monotonic() + args.wait,
+               lambda: interrupts or pub.get_subscription_count() >= args.subscribers)
     matched = pub.get_subscription_count()
-    end = time.monotonic() + args.settle
-    while time.monotonic() < end and not interrupts:
-        rclpy.spin_once(node, timeout_sec=0.05)
+    spin_until(node, time.monotonic() + args.settle, lambda: interrupts)
 
     frames = [frame_bytes(args.height, args.width, i) for i in range(8)]
     published: dict[str, float] = {}
     period, start = 1.0 / args.rate, time.monotonic()
 
     def publish_one(i: int) -> None:
-        while (now := time.monotonic()) < start + i * period and not interrupts:
-            rclpy.spin_once(node, timeout_sec=min(0.05, max(0.0, start + i * period - now)))
-        if interrupts:
-            return
         msg = Image(height=args.height, width=args.width, encoding="rgb8", step=3 * args.width,
                     data=frames[i % len(frames)])
         msg.header.stamp = Time(sec=args.first_stamp + i // 1000, nanosec=(i % 1000) * 1_000_000)
@@ -108,13 +108,12 @@ def main(argv=None) -> int:
         pub.publish(msg)
 
     for i in range(args.count):
-        publish_one(i)
+        spin_until(node, start + i * period, lambda: interrupts)
         if interrupts:  # the result covers what was sent
             break
+        publish_one(i)
     seconds = time.monotonic() - start
-    end = time.monotonic() + args.linger
-    while time.monotonic() < end and len(interrupts) < 2:
-        rclpy.spin_once(node, timeout_sec=0.05)
+    spin_until(node, time.monotonic() + args.linger, lambda: len(interrupts) > 1)
     print(json.dumps({"sent": len(published), "matched": matched, "seconds": seconds,
                       "published": published, "arrivals": arrivals, "sizes": sizes}), flush=True)
     node.destroy_node()
