@@ -127,6 +127,34 @@ def test_underflowing_confidences_at_threshold_zero(chunk_bytes):
     assert_same(mutual_nearest(f0, f1, 0.1, False, 0.0, chunk_bytes=chunk_bytes), expected, tolerance)
 
 
+@pytest.mark.parametrize("chunk_bytes", BLOCKS)
+def test_columns_far_below_the_blocks_best_row(chunk_bytes, monkeypatch):
+    """Column log-sum-exps come from the row-shifted exponentials with one shared shift
+    (the block's best row maximum); columns whose share underflows against it are
+    recomputed with their own maxima, the few gathered, the whole block when most are."""
+    f0, f1 = features(150, 97, seed=7, scale=SCALE)
+    common = f0.mean(0)
+    f0 = f0 + 1.5 * common / common.norm()  # every row leans one way ...
+    f1[20:23] = -2.0 * 1.5 * common / common.norm() * torch.tensor([1.0, 1.2, 1.4])[:, None]
+    similarity = f0 @ f1.T / 0.1  # ... three columns the other: all their similarities < -17
+    assert (similarity.amax(1).max() - similarity.amax(0) > 62).sum() == 3
+    recomputed = []
+    column_lse = eloftr_ops._column_lse
+    monkeypatch.setattr(eloftr_ops, "_column_lse",
+                        lambda block, scratch: recomputed.append(block.shape[1]) or column_lse(block, scratch))
+    expected = reference_mutual(f0, f1, 0.1)
+    assert len(expected[0]) > 5
+    assert_same(mutual_nearest(f0, f1, 0.1, chunk_bytes=chunk_bytes), expected)
+    if chunk_bytes is None or chunk_bytes >= 4 * 150 * 97:
+        assert recomputed == [3]  # one block: its three far columns, gathered
+    # Similarities over far more than float32's exponent range: every column recomputed.
+    sharp0, sharp1 = features(150, 97, seed=8, scale=30.0)
+    recomputed.clear()
+    assert_same(mutual_nearest(sharp0, sharp1, 0.1, chunk_bytes=chunk_bytes), reference_mutual(sharp0, sharp1, 0.1),
+                tolerance=8 * torch.finfo(torch.float32).eps * float(2 * (sharp0 @ sharp1.T / 0.1).abs().max()))
+    assert recomputed and set(recomputed) == {97}
+
+
 def test_no_candidates_gives_empty_tensors():
     f0, f1 = features(20, 30, seed=6)
     i_ids, j_ids, scores = mutual_nearest(f0, f1, 0.1, threshold=1.0)

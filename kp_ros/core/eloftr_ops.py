@@ -226,32 +226,30 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
     """Pass 1: per column the best row of ``2 S - r`` (of S when ``skip_softmax``), its
     value, and the column log-sum-exps c (None when ``skip_softmax``).
 
-    Per block (the similarities and their exponentials, see ``_BlockProduct``): the
-    running column maxima and sums of exp(S - column max) (c, as a running log-sum-exp);
-    r = m + log sum_j exp(S - m) with m the row maxima; then S - r / 2 in place, its
-    column maxima and arg-max (the maxima doubled at the end: those of 2 S - r). Each
-    exponential is shifted by its own row's or column's maximum, so nothing overflows
-    and no sum underflows, whatever the similarities' range.
+    Per block (the similarities and their exponentials, see ``_BlockProduct``):
+    r = m + log sum_j exp(S - m) with m the row maxima (whole rows are in the block); the
+    block's share of c from those same row-shifted exponentials (``_block_column_lse``),
+    merged into a running log-sum-exp; then S - r / 2 in place, its column maxima and
+    arg-max (the maxima doubled at the end: those of 2 S - r). r and each block's share of
+    c are functions of the row's or column's own values only, so exact duplicates of a
+    row or a column get exactly equal values in any block, and ties stay ties.
     """
     rows, columns = features0.shape[0], product.features1.shape[0]
     device = features0.device
     best_col = torch.full((columns,), -torch.inf, device=device)
     best_row_of_col = torch.zeros(columns, dtype=torch.long, device=device)
-    col_max = torch.full((columns,), -torch.inf, device=device)
-    col_sum = torch.zeros(columns, device=device)
+    col_lse = torch.full((columns,), -torch.inf, device=device, dtype=_LSE_DTYPE)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = product(features0[start:stop]).div_(temperature)
         if not skip_softmax:
             exponentials = product.like(block)
-            new_max = torch.maximum(col_max, block.amax(0))
-            _shifted_exp(block, new_max, exponentials)
-            col_sum = col_sum * torch.exp(col_max - new_max) + exponentials.sum(0)
-            col_max = new_max
             row_max = block.amax(1, keepdim=True)
             _shifted_exp(block, row_max, exponentials)
+            row_lse = row_max + torch.log(exponentials.sum(1, keepdim=True))
+            col_lse = torch.logaddexp(col_lse, _block_column_lse(block, exponentials, row_max[:, 0]))
             # S - r / 2: half of 2 S - r, exactly (a power of two), in one pass instead of two.
-            block.sub_((row_max + torch.log(exponentials.sum(1, keepdim=True))).mul_(0.5))
+            block.sub_(row_lse.mul_(0.5))
         # max with indices in one pass (first of ties), ~2.5x faster than amax then arg-max.
         value, row_of_value = block.max(0)
         better = value > best_col  # strict: an earlier block keeps a tie
@@ -259,7 +257,51 @@ def _row_pass(features0: torch.Tensor, product: _BlockProduct, temperature: floa
         best_row_of_col = torch.where(better, row_of_value + start, best_row_of_col)
     if skip_softmax:
         return best_col, best_row_of_col, None
-    return best_col.mul_(2), best_row_of_col, col_max + torch.log(col_sum)
+    return best_col.mul_(2), best_row_of_col, col_lse.to(best_col.dtype)
+
+
+# The column log-sum-exps are accumulated in float64 (vectors of one value per cell): the
+# merge of many blocks' shares then adds no float32 rounding.
+_LSE_DTYPE = torch.float64
+# A column whose share in a block sums below this (relative to the block's largest row
+# maximum) is recomputed with its own maximum as the shift: the terms the shared shift
+# underflows (each below 2^-126) are then at most rows * 2^-36 of its sum.
+_MIN_SHARED_SHIFT_SUM = 2.0 ** -90
+# Above this share of such columns the whole block is recomputed (no gathered copy):
+# similarities spread over far more than float32's exponent range, as with random-init
+# weights (row maxima from 1e10 to 1e12), leave almost every column there.
+_MAX_GATHERED_SHARE = 0.25
+
+
+def _block_column_lse(block: torch.Tensor, exponentials: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """log sum_i exp(S_ij) over the block's rows, per column j, from the row-shifted
+    exponentials E = exp(S - m) (m the row maxima): sum_i exp(S_ij) = e^g sum_i E_ij
+    exp(m_i - g) with g the largest m, one matrix-vector product instead of the five
+    elementwise passes (column maxima, shift, scale, exp2, sum) a column-shifted
+    exponential takes. The weights exp(m - g) come from float64, so the shares carry
+    only E's own rounding. Columns whose share underflows against g (a column whose best
+    row in the block is far below the block's best) are recomputed with their own
+    maxima as the shift, as ``_column_lse``. Runs after E is complete and before the
+    block is changed."""
+    shift = row_max.max()
+    weights = torch.exp(row_max.to(_LSE_DTYPE) - shift.to(_LSE_DTYPE)).to(block.dtype)
+    sums = torch.mv(exponentials.t(), weights)
+    lse = torch.log(sums.to(_LSE_DTYPE)).add_(shift.to(_LSE_DTYPE))
+    low = torch.nonzero(sums < _MIN_SHARED_SHIFT_SUM)[:, 0]
+    if len(low) > _MAX_GATHERED_SHARE * len(sums):
+        return _column_lse(block, exponentials)
+    if len(low):
+        columns = block[:, low]
+        lse[low] = _column_lse(columns, torch.empty_like(columns))
+    return lse
+
+
+def _column_lse(block: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Per column, max + log sum exp(S - max) in _LSE_DTYPE (``scratch``: a tensor of
+    ``block``'s shape, overwritten)."""
+    own_max = block.amax(0)
+    own_sums = _shifted_exp(block, own_max, scratch).sum(0)
+    return torch.log(own_sums.to(_LSE_DTYPE)).add_(own_max.to(_LSE_DTYPE))
 
 
 def _shifted_exp(block: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
