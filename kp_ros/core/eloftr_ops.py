@@ -271,6 +271,8 @@ _MIN_SHARED_SHIFT_SUM = 2.0 ** -90
 # similarities spread over far more than float32's exponent range, as with random-init
 # weights (row maxima from 1e10 to 1e12), leave almost every column there.
 _MAX_GATHERED_SHARE = 0.25
+# ln(2^90): a row maximum this far below the block's best adds only underflowing terms.
+_FAR_BELOW = 90 * 0.6931471805599453
 
 
 def _block_column_lse(block: torch.Tensor, exponentials: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
@@ -284,6 +286,9 @@ def _block_column_lse(block: torch.Tensor, exponentials: torch.Tensor, row_max: 
     maxima as the shift, as ``_column_lse``. Runs after E is complete and before the
     block is changed."""
     shift = row_max.max()
+    if (row_max < shift - _FAR_BELOW).sum() > _MAX_GATHERED_SHARE * len(row_max):
+        # Many rows far below the best: most columns would be recomputed, skip the product.
+        return _column_lse(block, exponentials)
     weights = torch.exp(row_max.to(_LSE_DTYPE) - shift.to(_LSE_DTYPE)).to(block.dtype)
     sums = torch.mv(exponentials.t(), weights)
     lse = torch.log(sums.to(_LSE_DTYPE)).add_(shift.to(_LSE_DTYPE))
