@@ -6,6 +6,8 @@ reference's own unfold / dual softmax.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -271,8 +273,9 @@ _MIN_SHARED_SHIFT_SUM = 2.0 ** -90
 # similarities spread over far more than float32's exponent range, as with random-init
 # weights (row maxima from 1e10 to 1e12), leave almost every column there.
 _MAX_GATHERED_SHARE = 0.25
-# ln(2^90): a row maximum this far below the block's best adds only underflowing terms.
-_FAR_BELOW = 90 * 0.6931471805599453
+# A row maximum this far below the block's best (the same bound, in natural-log units)
+# adds only terms below it.
+_FAR_BELOW = -math.log(_MIN_SHARED_SHIFT_SUM)
 
 
 def _block_column_lse(block: torch.Tensor, exponentials: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
@@ -284,7 +287,7 @@ def _block_column_lse(block: torch.Tensor, exponentials: torch.Tensor, row_max: 
     only E's own rounding. Columns whose share underflows against g (a column whose best
     row in the block is far below the block's best) are recomputed with their own
     maxima as the shift, as ``_column_lse``. Runs after E is complete and before the
-    block is changed."""
+    block is changed; E may be overwritten (the whole-block recomputation's scratch)."""
     shift = row_max.max()
     if (row_max < shift - _FAR_BELOW).sum() > _MAX_GATHERED_SHARE * len(row_max):
         # Many rows far below the best: most columns would be recomputed, skip the product.
